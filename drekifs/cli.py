@@ -1,0 +1,308 @@
+"""The ``drekifs`` command: mount, umount, world, urn, path.
+
+Exit status: 0 success; 1 the thing asked about is wrong (world errors with --check, a bad URN,
+a path outside a mount, a failed mount); 2 bad usage; 3 the world's source could not be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .urn import URN, URNError, check_key_part
+
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+EXIT_SOURCE = 3
+
+
+def demo_zone() -> Path:
+    return Path(str(resources.files("drekifs") / "data" / "demo.zone"))
+
+
+# -- world source options, shared by mount and world -------------------------------------------
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the world comes from (default: the bundled demo world)")
+    g.add_argument(
+        "--world", metavar="DOMAIN",
+        help="the world's DNS domain (default with --zone: the zone's $ORIGIN)",
+    )
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--zone", metavar="FILE", type=Path, help="read the world from a zone file")
+    src.add_argument(
+        "--dns", metavar="HOST[:PORT]", action="append",
+        help="ask these DNS servers (repeatable); with --world alone, the system resolver",
+    )
+    g.add_argument(
+        "--min-refresh", type=float, default=1.0, metavar="S",
+        help="never look at DNS more often than this, whatever the TTLs (default 1)",
+    )
+    g.add_argument(
+        "--max-refresh", type=float, default=300.0, metavar="S",
+        help="look at DNS at least this often (default 300)",
+    )
+
+
+def source_config(args: argparse.Namespace):
+    from .world.sources import parse_server
+    from .world.watch import SourceConfig
+
+    world = args.world.lower().rstrip(".") if args.world else None
+    zone = args.zone
+    servers = None
+    if args.dns:
+        try:
+            servers = [parse_server(s) for s in args.dns]
+        except ValueError as e:
+            raise SystemExit(_usage(str(e)))
+    elif zone is None and world is None:
+        zone = demo_zone()
+    if zone is not None:
+        zone = Path(os.path.abspath(zone))
+    return SourceConfig(
+        domain=world, zone=zone, servers=servers,
+        min_refresh=args.min_refresh, max_refresh=args.max_refresh, poll=args.min_refresh,
+    )
+
+
+def _usage(message: str) -> int:
+    print(f"drekifs: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    import trio
+
+    from .world.render import render_errors, render_json, render_tree
+    from .world.resolve import SourceError
+    from .world.watch import fetch_world
+
+    config = source_config(args)
+    try:
+        world = trio.run(fetch_world, config)
+    except SourceError as e:
+        print(f"drekifs: cannot read the world from {config.describe()}: {e}", file=sys.stderr)
+        return EXIT_SOURCE
+    if args.json:
+        sys.stdout.write(render_json(world))
+    elif not args.check:
+        sys.stdout.write(render_tree(world))
+    if args.check:
+        if world.errors:
+            print(f"{len(world.errors)} world errors in {world.domain}:")
+            sys.stdout.write(render_errors(world))
+            return EXIT_PROBLEM
+        print(f"{world.domain}: no world errors ({len(world.regions)} regions, "
+              f"{len(world.nodes)} nodes)")
+    elif world.errors and not args.json:
+        print(f"\n{len(world.errors)} world errors (drekifs world --check lists them)",
+              file=sys.stderr)
+    return 0
+
+
+def default_data_dir(world: str | None, zone: Path | None, node: str | None) -> Path:
+    base = Path("/var/lib/drekifs") if os.getuid() == 0 else (
+        Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "drekifs"
+    )
+    world_part = world or (zone.stem if zone else "world")
+    return base / world_part / (node.replace("/", "_") if node else "default")
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .daemon import MountConfig, mount
+
+    config = source_config(args)
+    if args.data_dir is None:
+        args.data_dir = default_data_dir(config.domain, config.zone, args.node)
+    options = [o for opt in args.o or [] for o in opt.split(",") if o]
+    return mount(
+        MountConfig(
+            mountpoint=Path(args.mountpoint),
+            source=config,
+            data_dir=Path(os.path.abspath(args.data_dir)),
+            node=args.node,
+            fuse_options=options,
+            foreground=args.foreground,
+            cache_timeout=args.cache_timeout,
+            log_level=args.log_level,
+            log_file=Path(os.path.abspath(args.log_file)) if args.log_file else None,
+        )
+    )
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .daemon import MountError, unmount
+
+    try:
+        message = unmount(Path(args.mountpoint), timeout=args.timeout)
+    except MountError as e:
+        print(f"drekifs: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    if args.verbose:
+        print(message)
+    return 0
+
+
+def _getxattr(path: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, "user.dreki.urn", follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+
+
+def urn_of_path(path: str | bytes) -> URN:
+    """The URN of a path on a drekifs mount, existing or not (yet).
+
+    The nearest existing ancestor tells its URN (xattr ``user.dreki.urn``); the rest of the
+    path must then be a key inside a store.
+    """
+    raw = os.fsencode(path)
+    full = os.path.abspath(raw)
+    tail: list[bytes] = []
+    current = full
+    while True:
+        try:
+            value = _getxattr(current)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise ValueError(f"{os.fsdecode(raw)} is not inside a drekifs mount") from None
+            raise ValueError(f"{os.fsdecode(current)}: {os.strerror(e.errno)}") from None
+        if value is not None:
+            break
+        parent, name = os.path.split(current)
+        if parent == current:
+            raise ValueError(f"{os.fsdecode(raw)} is not inside a drekifs mount")
+        tail.insert(0, name)
+        current = parent
+    urn = URN.parse(value.decode("utf-8", "surrogateescape"))
+    if not tail:
+        return urn
+    if urn.store is None:
+        raise ValueError(
+            f"{os.fsdecode(raw)}: {os.fsdecode(tail[0])!r} is no region, node or store of {urn}"
+        )
+    for part in tail:
+        why = check_key_part(part)
+        if why:
+            raise ValueError(f"{os.fsdecode(raw)}: key part {os.fsdecode(part)!r} {why}")
+    return URN(urn.world, urn.segments, urn.store, (*urn.key, *tail))
+
+
+def cmd_urn(args: argparse.Namespace) -> int:
+    try:
+        urn = urn_of_path(args.path)
+    except (ValueError, URNError) as e:
+        print(f"drekifs: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    print(urn)
+    return 0
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    from .daemon import drekifs_mounts
+
+    try:
+        urn = URN.parse(args.urn)
+    except URNError as e:
+        print(f"drekifs: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    mount = args.mount
+    if mount is None:
+        mounts = [m for m, world in drekifs_mounts().items() if world == urn.world]
+        mount = mounts[0] if mounts else "/dreki"
+    sys.stdout.buffer.write(urn.to_path(mount) + b"\n")
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drekifs",
+        description="A fleet of machines as files: the world from DNS, mounted with FUSE.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "mount", help="mount the world",
+        description="Mount the world at MOUNTPOINT. Returns once the mount serves, then runs in "
+        "the background (--foreground stays attached). With no world options, serves the "
+        "bundled demo world as its first node.",
+    )
+    add_source_options(p)
+    p.add_argument("--node", metavar="NAME",
+                   help="this peer's node: DNS name, name relative to the world, path, or "
+                   "unique label (default: the first node by DNS name)")
+    p.add_argument("--data-dir", metavar="DIR", type=Path,
+                   help="where the daemon keeps its state (default: "
+                   "/var/lib/drekifs/WORLD/NODE as root)")
+    p.add_argument("-o", metavar="OPTIONS", action="append",
+                   help="FUSE mount options, comma separated (e.g. ro, allow_other)")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay attached and log to stderr (for systemd); Ctrl-C unmounts")
+    p.add_argument("--cache-timeout", type=float, default=3600.0, metavar="S",
+                   help="how long the kernel may cache names and attributes (changes are "
+                   "invalidated as they happen; default 3600)")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    p.add_argument("--log-file", metavar="FILE",
+                   help="log here (default: stderr in the foreground, DATA_DIR/drekifs.log "
+                   "in the background)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount and wait for the daemon to exit",
+                       description="Unmount MOUNTPOINT cleanly and wait for its daemon to exit. "
+                       "A stale mount (daemon killed) is removed.")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="how long to wait for the daemon to exit (default 60)")
+    p.add_argument("-v", "--verbose", action="store_true", help="say what was done")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("world", help="print the world's tree, or check it",
+                       description="Read the world and print it as a tree with friendly names "
+                       "and node addresses. --check lists world errors and exits 1 if any.")
+    add_source_options(p)
+    p.add_argument("--check", action="store_true", help="list world errors; exit 1 if any")
+    p.add_argument("--json", action="store_true", help="print the world as JSON")
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("urn", help="print the URN of a path",
+                       description="Print the URN of PATH (on a drekifs mount), alone on a line.")
+    p.add_argument("path", metavar="PATH")
+    p.set_defaults(func=cmd_urn)
+
+    p = sub.add_parser("path", help="print the path of a URN",
+                       description="Print the path of URN below a mount point (default: the "
+                       "drekifs mount of that world, else /dreki).")
+    p.add_argument("--mount", metavar="M", help="the mount point to use")
+    p.add_argument("urn", metavar="URN")
+    p.set_defaults(func=cmd_path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

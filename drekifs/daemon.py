@@ -1,0 +1,399 @@
+"""The daemon's life: load the world, mount, serve, follow the world, unmount.
+
+``drekifs mount`` forks (before any trio or FUSE state exists) and returns only when the child
+has proved the mount serves requests, by reading ``.dreki/pid`` through the kernel. The child
+then runs until unmounted: by ``drekifs umount`` / ``umount`` (the session ends and it exits) or
+by SIGTERM, SIGINT or SIGHUP (it unmounts itself). ``drekifs umount`` waits for it to exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .world.model import World
+from .world.resolve import SourceError
+from .world.snapshot import Snapshot
+from .world.watch import SourceConfig
+
+log = logging.getLogger("drekifs")
+
+FS_TYPE = "fuse.drekifs"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class MountError(Exception):
+    """Mounting cannot go on; the message says why, for the user."""
+
+
+@dataclass
+class MountConfig:
+    mountpoint: Path
+    source: SourceConfig
+    data_dir: Path
+    node: str | None = None
+    fuse_options: list[str] = field(default_factory=list)
+    foreground: bool = False
+    cache_timeout: float = 3600.0
+    log_level: str = "INFO"
+    log_file: Path | None = None
+
+
+# -- mount table ---------------------------------------------------------------------------------
+
+
+def _unescape_mountinfo(text: str) -> str:
+    return (
+        text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
+
+
+def drekifs_mounts() -> dict[str, str]:
+    """Mount point -> source (the world's domain) of every drekifs mount of this machine."""
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] == FS_TYPE:
+                    out[_unescape_mountinfo(parts[1])] = _unescape_mountinfo(parts[0])
+    except OSError:
+        pass
+    return out
+
+
+def is_stale(mountpoint: Path) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def lazy_unmount(mountpoint: Path) -> None:
+    """Detach a mount whose daemon is gone ("Transport endpoint is not connected")."""
+    for cmd in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        try:
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return
+        except FileNotFoundError:
+            continue
+
+
+def daemon_pid(mountpoint: Path) -> int:
+    return int((mountpoint / ".dreki" / "pid").read_text().strip())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie nobody reaps (no init in a container) has exited all the same
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def unmount(mountpoint: Path, timeout: float = 60.0) -> str:
+    """Unmount cleanly and wait for the daemon to exit. Returns what was done."""
+    mountpoint = Path(os.path.abspath(mountpoint))
+    if is_stale(mountpoint):
+        lazy_unmount(mountpoint)
+        return f"{mountpoint}: the daemon was gone; stale mount removed"
+    if str(mountpoint) not in drekifs_mounts():
+        raise MountError(f"{mountpoint} is not a drekifs mount")
+    try:
+        pid = daemon_pid(mountpoint)
+    except (OSError, ValueError) as e:
+        raise MountError(f"{mountpoint}: cannot read the daemon's pid: {e}") from None
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        if "busy" in result.stderr.lower():
+            raise MountError(f"{mountpoint} is busy: a process still uses it (see fuser -m)")
+        result = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise MountError(f"{mountpoint} unmounted, but daemon {pid} still runs after {timeout}s")
+        time.sleep(0.02)
+    return f"{mountpoint} unmounted; daemon {pid} exited"
+
+
+# -- the daemon ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, config: MountConfig) -> None:
+        self.config = config
+        self.started_ns = time.time_ns()
+        self.ops = None
+        self.node = None
+        self.watcher = None
+        self.external_unmount = False
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        import pyfuse3
+        import trio
+
+        from .fs.namespace import Namespace
+        from .fs.operations import Operations
+        from .world.watch import WorldWatcher
+
+        config = self.config
+        self.watcher = watcher = WorldWatcher(config.source, config.data_dir, self._world_changed)
+        try:
+            snap = await watcher.load()
+        except SourceError as e:
+            raise MountError(f"cannot load the world: {e}") from None
+        self.node = self._pick_node(snap.world)
+        status = self._status_files()
+        ns = Namespace(snap, status.names(), started_ns=self.started_ns)
+        self.ops = ops = Operations(ns, status, config.data_dir, config.cache_timeout)
+
+        options = set(pyfuse3.default_options)
+        options |= {f"fsname={snap.world.domain}", "subtype=drekifs"}
+        if os.getuid() == 0:
+            options.add("allow_other")  # others may read, as permission bits say
+        options |= set(config.fuse_options)
+        try:
+            pyfuse3.init(ops, str(config.mountpoint), options)
+        except RuntimeError as e:
+            raise MountError(f"cannot mount {config.mountpoint}: {e}") from None
+        log.info(
+            "mounted world %s at %s as node %s (pid %d)",
+            snap.world.domain, config.mountpoint, self.node, os.getpid(),
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve, nursery)
+                nursery.start_soon(watcher.run)
+                nursery.start_soon(ops.invalidator.run)
+                nursery.start_soon(self._on_signals, nursery)
+                nursery.start_soon(self._announce_ready, ready)
+        finally:
+            pyfuse3.close(unmount=not self.external_unmount)
+            log.info("unmounted %s", config.mountpoint)
+
+    def _pick_node(self, world: World) -> str | None:
+        if self.config.node is None:
+            first = world.first_node()
+            return first.name if first else None
+        node = world.node_by_label(self.config.node)
+        if node is None:
+            names = ", ".join(sorted(world.nodes)[:10]) or "none"
+            raise MountError(
+                f"node {self.config.node!r} is not in world {world.domain} (nodes: {names})"
+            )
+        return node.name
+
+    def _status_files(self):
+        from .fs import status
+        from .world.render import render_errors, render_json, render_tree
+
+        files = status.StatusFiles()
+        memo: dict[str, tuple[int, bytes]] = {}
+
+        def per_world(name: str, render: Callable[[World], str]) -> Callable[[], bytes]:
+            # Rendered once per world, not once per getattr.
+            def content() -> bytes:
+                snap = self.watcher.snapshot
+                hit = memo.get(name)
+                if hit is None or hit[0] != id(snap):
+                    hit = (id(snap), render(snap.world).encode())
+                    memo[name] = hit
+                return hit[1]
+
+            return content
+
+        def errors() -> str:
+            text = render_errors(self.watcher.world)
+            if self.watcher.source_error:
+                text += f"source: {self.watcher.source_error} (serving the last good world)\n"
+            return text
+
+        files.add("pid", status.pid_text)
+        files.add("world", per_world("world", render_tree))
+        files.add("world.json", per_world("world.json", render_json))
+        files.add("world-errors", errors, volatile=True)
+        files.add("requests", lambda: status.counters_text(self.ops.counts), volatile=True)
+        return files
+
+    def _world_changed(self, old: Snapshot | None, new: Snapshot) -> None:
+        if self.ops is None:
+            return  # the first world, before the mount
+        from .fs.namespace import Namespace
+
+        ns = Namespace(new, self.ops.status.names(), started_ns=self.started_ns)
+        self.ops.set_namespace(ns, changed_status=("world", "world.json"))
+        if self.node and self.node not in new.world.nodes:
+            log.error("this node, %s, is no longer in the world", self.node)
+
+    async def _serve(self, nursery) -> None:
+        import pyfuse3
+
+        await pyfuse3.main()
+        # main() returns when the kernel ends the session: somebody unmounted us.
+        self.external_unmount = True
+        nursery.cancel_scope.cancel()
+
+    async def _on_signals(self, nursery) -> None:
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                return
+
+    async def _announce_ready(self, ready: Callable[[], None]) -> None:
+        import trio
+
+        pid_file = self.config.mountpoint / ".dreki" / "pid"
+
+        def check() -> str:
+            return pid_file.read_text().strip()
+
+        # Through the kernel and back: the mount answers requests.
+        with trio.fail_after(30):
+            seen = await trio.to_thread.run_sync(check)
+        if seen != str(os.getpid()):
+            raise MountError(f"{pid_file} says {seen!r}, expected {os.getpid()}")
+        ready()
+
+
+# -- starting it ---------------------------------------------------------------------------------
+
+
+def setup_logging(level: str, log_file: Path | None) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def prepare_mountpoint(mountpoint: Path) -> None:
+    if is_stale(mountpoint):
+        log.warning("%s: stale mount of a dead daemon; removing it", mountpoint)
+        lazy_unmount(mountpoint)
+    if str(mountpoint) in drekifs_mounts():
+        try:
+            pid = daemon_pid(mountpoint)
+        except (OSError, ValueError):
+            pid = "?"
+        raise MountError(f"{mountpoint} is already a drekifs mount (daemon {pid})")
+    try:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MountError(f"cannot create mount point {mountpoint}: {e}") from None
+    if not mountpoint.is_dir():
+        raise MountError(f"mount point {mountpoint} is not a directory")
+
+
+def run_daemon(config: MountConfig, ready: Callable[[], None]) -> None:
+    import trio
+
+    trio.run(Daemon(config).run, ready)
+
+
+def mount(config: MountConfig) -> int:
+    """``drekifs mount``: returns the exit status for the calling process."""
+    config.mountpoint = Path(os.path.abspath(config.mountpoint))
+    try:
+        prepare_mountpoint(config.mountpoint)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except MountError as e:
+        print(f"drekifs: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"drekifs: data directory {config.data_dir}: {e}", file=sys.stderr)
+        return 1
+    if config.foreground:
+        setup_logging(config.log_level, config.log_file)
+        try:
+            run_daemon(config, lambda: _notify_ready(config))
+        except MountError as e:
+            log.error("%s", e)
+            return 1
+        except KeyboardInterrupt:
+            pass
+        return 0
+    return _mount_in_background(config)
+
+
+def _notify_ready(config: MountConfig) -> None:
+    log.info("serving %s", config.mountpoint)
+    sock = os.environ.get("NOTIFY_SOCKET")
+    if sock:  # systemd Type=notify
+        import socket
+
+        addr = "\0" + sock[1:] if sock.startswith("@") else sock
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.send(b"READY=1\nSTATUS=serving\n")
+
+
+def _mount_in_background(config: MountConfig) -> int:
+    """Fork; the parent waits for the child's word on a pipe and returns only once served."""
+    log_file = config.log_file or config.data_dir / "drekifs.log"
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        status = 1
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1):
+                os.dup2(devnull, fd)
+            setup_logging(config.log_level, log_file)
+
+            def ready() -> None:
+                os.write(write_fd, b"ready\n")
+                os.dup2(devnull, 2)  # from now on, only the log file
+
+            run_daemon(config, ready)
+            status = 0
+        except MountError as e:
+            log.error("%s", e)
+            os.write(write_fd, f"error {e}\n".encode())
+        except BaseException as e:  # everything reaches the waiting parent
+            log.exception("daemon failed")
+            try:
+                os.write(write_fd, f"error {type(e).__name__}: {e}\n".encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    message = b""
+    with os.fdopen(read_fd, "rb") as r:
+        message = r.readline()
+    if message.startswith(b"ready"):
+        return 0
+    if message.startswith(b"error "):
+        print(f"drekifs: {message[6:].decode().strip()}", file=sys.stderr)
+    else:
+        print(f"drekifs: the daemon exited before serving; see {log_file}", file=sys.stderr)
+    os.waitpid(pid, 0)
+    return 1

@@ -1,0 +1,59 @@
+"""Telling the kernel to forget cached entries and attributes, off the request path.
+
+pyfuse3's invalidate functions block until the kernel is done, and the kernel may wait for a
+request this very thread would have to answer: called from a request handler they deadlock. So
+requests are queued here, coalesced, and carried out by one task in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import pyfuse3
+import trio
+
+log = logging.getLogger(__name__)
+
+
+class Invalidator:
+    def __init__(self) -> None:
+        self._inodes: set[int] = set()
+        self._entries: dict[tuple[int, bytes], int] = {}
+        self._wake = trio.Event()
+        self.done = 0  # invalidations carried out, for tests and .dreki
+
+    def inode(self, ino: int) -> None:
+        self._inodes.add(ino)
+        self._wake.set()
+
+    def entry(self, parent: int, name: bytes, deleted: int = 0) -> None:
+        self._entries[(parent, name)] = deleted
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._inodes) + len(self._entries)
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            entries, self._entries = self._entries, {}
+            inodes, self._inodes = self._inodes, set()
+            await trio.to_thread.run_sync(self._apply, entries, inodes)
+
+    def _apply(self, entries: dict[tuple[int, bytes], int], inodes: set[int]) -> None:
+        for (parent, name), deleted in entries.items():
+            self._call(pyfuse3.invalidate_entry, parent, name, deleted)
+        for ino in inodes:
+            self._call(pyfuse3.invalidate_inode, ino)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except OSError as e:
+            # ENOENT: the kernel had nothing cached. Anything else is worth a line.
+            if e.errno != errno.ENOENT:
+                log.warning("%s%r: %s", fn.__name__, args, e)
+        self.done += 1

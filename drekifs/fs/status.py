@@ -1,0 +1,50 @@
+"""The files of ``/dreki/.dreki/``: the daemon's state, as text and JSON.
+
+Each file is a name, a function that renders its content now, and whether it changes on its own
+(volatile: never cached by the kernel) or only when the daemon says so (stable: cached, and
+invalidated when its source changes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StatusFile:
+    name: str
+    render: Callable[[], bytes]
+    volatile: bool = False
+
+
+class StatusFiles:
+    def __init__(self) -> None:
+        self.files: dict[str, StatusFile] = {}
+
+    def add(self, name: str, render: Callable[[], bytes | str], volatile: bool = False) -> None:
+        def as_bytes() -> bytes:
+            out = render()
+            return out.encode() if isinstance(out, str) else out
+
+        self.files[name] = StatusFile(name, as_bytes, volatile)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+    def get(self, name: str) -> StatusFile | None:
+        return self.files.get(name)
+
+
+def counters_text(counts: dict[str, int]) -> str:
+    return "".join(f"{k} {v}\n" for k, v in sorted(counts.items()))
+
+
+def counters_json(counts: dict[str, int]) -> str:
+    return json.dumps(dict(sorted(counts.items())), indent=2) + "\n"
+
+
+def pid_text() -> str:
+    return f"{os.getpid()}\n"
