@@ -1,0 +1,40 @@
+# drekifs — `make demo` and `make test` work on a fresh Debian machine, as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+DEMO_MOUNT ?= /tmp/dreki
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test deps test-deps venv lint bench clean
+
+deps:
+	@PYTHON=$(PYTHON) packaging/install-deps.sh
+
+test-deps:
+	@PYTHON=$(PYTHON) packaging/install-deps.sh --test
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: deps
+	@$(MAKE) --no-print-directory venv
+	@DREKIFS=$(CURDIR)/$(VENV)/bin/drekifs packaging/demo.sh $(DEMO_MOUNT)
+
+lint: venv
+	$(VENV)/bin/ruff check drekifs tests bench
+
+test: test-deps
+	@$(MAKE) --no-print-directory venv
+	@$(MAKE) --no-print-directory lint
+	$(VENV)/bin/pytest -q -ra tests
+
+bench: test-deps
+	@$(MAKE) --no-print-directory venv
+	$(VENV)/bin/python bench/find_world.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
