@@ -72,10 +72,15 @@ def drekifs_mounts() -> dict[str, str]:
 
 
 def is_stale(mountpoint: Path) -> bool:
+    """A mount whose daemon is gone. stat() alone can be answered from the kernel's cache;
+    listing the directory always asks the daemon."""
     try:
         os.stat(mountpoint)
+        if str(mountpoint) in drekifs_mounts():
+            os.listdir(mountpoint)
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        # ENOTCONN once the device is closed; ECONNABORTED on some kernels after an abort.
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 

@@ -91,7 +91,7 @@ def _label_problem(label: bytes, reserved: frozenset[str]) -> tuple[str, str] | 
         return DOT_NAME, "starts with '.'"
     text = label.decode("ascii", "replace")
     if text in reserved:
-        return RESERVED, f"is named like a store ({text!r})"
+        return RESERVED, "is reserved for a store"
     if not label or any(c not in b"abcdefghijklmnopqrstuvwxyz0123456789_-" for c in label):
         return BAD_NAME, "has characters other than a-z, 0-9, '_' and '-'"
     return None
@@ -110,7 +110,7 @@ class _Builder:
         # region -> [(member, first label)] for edges that passed the name checks
         self.edges: dict[str, list[tuple[str, bytes]]] = {}
         self.dangling: set[str] = set()
-        self.skipped: set[str] = set()  # past max_names: not looked up, not served
+        self.skipped: set[str] = set()  # reported otherwise, or past max_names: not served
 
     def error(self, kind: str, names: Iterable[str], message: str) -> None:
         self.errors.append(WorldError(kind, tuple(names), message))
@@ -183,6 +183,8 @@ class _Builder:
                 [name],
                 f"{name} has _name._dreki records but no _node._dreki SRV; not served",
             )
+            self.skipped.add(name)
+            return []
         self.dangling.add(name)
         return []
 

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""floorfs: the smallest proper pyfuse3 filesystem, serving a fixed tree from a dict.
+
+It is the floor any pyfuse3 filesystem can reach on a walk of a read-only tree: lookup, getattr,
+opendir, readdir (through ``readdir_reply``, so pyfuse3's READDIRPLUS hands the attributes to the
+kernel), releasedir, and long entry/attr timeouts (3600 s, drekifs's default). Everything else is
+pyfuse3's default answer (mostly ENOSYS, which the kernel remembers for xattrs and flush).
+
+Every FUSE request is counted per operation, the ones pyfuse3 answers by default included. The
+counts go to ``--counts FILE`` as JSON ``{"seq": N, "counts": {op: n}}`` (written atomically) on
+SIGUSR1 and on exit, so reading them costs no FUSE request.
+
+    python bench/floorfs.py TREE.json MOUNTPOINT [--counts FILE] [--timeout S]
+
+TREE.json is ``{"dirs": ["a", "a/b", ...], "files": ["a/f", ...]}``: paths relative to the root,
+"/"-separated; parents are created as needed. The process prints ``ready PID`` on stdout once the
+mount answers requests, and serves until unmounted (``fusermount3 -u``) or sent SIGTERM/SIGINT
+(it then unmounts itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import inspect
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+STARTED_NS = time.time_ns()  # every inode's atime, mtime and ctime
+
+
+@dataclass(slots=True)
+class Node:
+    """One inode of the tree: a directory (with ordered children) or an empty file."""
+
+    ino: int
+    mode: int
+    children: dict[bytes, int] = field(default_factory=dict)
+    order: list[tuple[bytes, int]] = field(default_factory=list)
+
+
+class FloorFS(pyfuse3.Operations):
+    """A read-only tree held in a dict, with every attribute computed once."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, dirs: list[str], files: list[str], timeout: float = 3600.0) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, DIR_MODE)}
+        self._by_path: dict[str, int] = {"": ROOT_INODE}
+        for path in sorted(dirs):
+            self._add(path, DIR_MODE)
+        for path in sorted(files):
+            self._add(path, FILE_MODE)
+        self.attrs = {ino: self._make_attrs(n, timeout) for ino, n in self.nodes.items()}
+
+    def _add(self, path: str, mode: int) -> int:
+        path = path.strip("/")
+        if path in self._by_path:
+            return self._by_path[path]
+        parent_path, _, name = path.rpartition("/")
+        parent = self.nodes[self._add(parent_path, DIR_MODE)]
+        ino = len(self.nodes) + ROOT_INODE
+        self.nodes[ino] = Node(ino, mode)
+        self._by_path[path] = ino
+        parent.children[name.encode()] = ino
+        parent.order.append((name.encode(), ino))
+        return ino
+
+    def _make_attrs(self, node: Node, timeout: float) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.st_mode = node.mode
+        subdirs = sum(1 for _, i in node.order if stat.S_ISDIR(self.nodes[i].mode))
+        attr.st_nlink = 2 + subdirs if stat.S_ISDIR(node.mode) else 1
+        attr.st_uid = os.getuid()
+        attr.st_gid = os.getgid()
+        attr.st_size = 0
+        attr.st_blksize = 4096
+        attr.st_blocks = 0
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = STARTED_NS
+        attr.entry_timeout = attr.attr_timeout = timeout
+        return attr
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        node = self.nodes.get(parent_inode)
+        ino = node.children.get(name) if node is not None else None
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        return self.attrs[ino]
+
+    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        try:
+            return self.attrs[inode]
+        except KeyError:
+            raise FUSEError(errno.ENOENT) from None
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        if not stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        order = self.nodes[fh].order
+        attrs = self.attrs
+        for i in range(start_id, len(order)):
+            name, ino = order[i]
+            if not pyfuse3.readdir_reply(token, name, attrs[ino], i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+
+# Every request the kernel can send, implemented above or answered by pyfuse3's defaults.
+REQUESTS = tuple(
+    name for name, fn in inspect.getmembers(pyfuse3.Operations, inspect.iscoroutinefunction)
+    if not name.startswith("_")
+)
+
+
+def _counted(op: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(fn)
+    async def handler(self: FloorFS, *args: Any) -> Any:
+        self.counts[op] += 1
+        return await fn(self, *args)
+
+    return handler
+
+
+for _op in REQUESTS:
+    setattr(FloorFS, _op, _counted(_op, getattr(FloorFS, _op)))
+
+
+class CountsFile:
+    """The counters as JSON in a file, replaced atomically; ``seq`` grows with every dump."""
+
+    def __init__(self, path: Path | None, counts: Counter[str]) -> None:
+        self.path = path
+        self.counts = counts
+        self.seq = 0
+
+    def dump(self) -> None:
+        if self.path is None:
+            return
+        self.seq += 1
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"seq": self.seq, "counts": dict(sorted(self.counts.items()))}))
+        os.replace(tmp, self.path)
+
+
+async def serve(fs: FloorFS, mountpoint: Path, counts_file: CountsFile) -> None:
+    """Serve until unmounted or signalled; dump the counters on SIGUSR1."""
+    unmount = True
+
+    async def main_loop(cancel: trio.CancelScope) -> None:
+        nonlocal unmount
+        await pyfuse3.main()
+        unmount = False  # the kernel ended the session: somebody unmounted us
+        cancel.cancel()
+
+    async def announce_ready() -> None:
+        with trio.fail_after(30):  # through the kernel and back: the mount answers
+            await trio.to_thread.run_sync(os.stat, mountpoint)
+        print(f"ready {os.getpid()}", flush=True)
+
+    async def on_signals(cancel: trio.CancelScope) -> None:
+        signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*signals) as received:
+            async for signum in received:
+                if signum == signal.SIGUSR1:
+                    counts_file.dump()
+                else:
+                    cancel.cancel()
+                    return
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(main_loop, nursery.cancel_scope)
+            nursery.start_soon(on_signals, nursery.cancel_scope)
+            nursery.start_soon(announce_ready)
+    finally:
+        pyfuse3.close(unmount=unmount)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tree", type=Path, help='JSON: {"dirs": [...], "files": [...]}')
+    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("--counts", type=Path, metavar="FILE",
+                        help="write the request counters here on SIGUSR1 and on exit")
+    parser.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                        help="entry and attribute timeout (default 3600, as drekifs)")
+    args = parser.parse_args(argv)
+
+    tree = json.loads(args.tree.read_text())
+    fs = FloorFS(tree.get("dirs", []), tree.get("files", []), args.timeout)
+    mountpoint = args.mountpoint.resolve()
+    counts_file = CountsFile(args.counts, fs.counts)
+
+    options = set(pyfuse3.default_options) | {"fsname=floorfs", "subtype=floorfs"}
+    if os.getuid() == 0:
+        options.add("allow_other")  # as drekifs does when run as root
+    pyfuse3.init(fs, str(mountpoint), options)
+    try:
+        trio.run(serve, fs, mountpoint, counts_file)
+    finally:
+        counts_file.dump()
+        summary = " ".join(f"{k}={v}" for k, v in sorted(fs.counts.items()))
+        print(f"floorfs: {len(fs.nodes)} inodes; requests: {summary}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
