@@ -3,8 +3,8 @@
 
 It is the floor any pyfuse3 filesystem can reach on a walk of a read-only tree: lookup, getattr,
 opendir, readdir (through ``readdir_reply``, so pyfuse3's READDIRPLUS hands the attributes to the
-kernel), releasedir, and long entry/attr timeouts (3600 s, drekifs's default). Everything else is
-pyfuse3's default answer (mostly ENOSYS, which the kernel remembers for xattrs and flush).
+kernel), releasedir, statfs, and long entry/attr timeouts (3600 s, drekifs's default). Everything
+else is pyfuse3's default answer (mostly ENOSYS, which the kernel remembers for xattrs and flush).
 
 Every FUSE request is counted per operation, the ones pyfuse3 answers by default included. The
 counts go to ``--counts FILE`` as JSON ``{"seq": N, "counts": {op: n}}`` (written atomically) on
@@ -133,6 +133,15 @@ class FloorFS(pyfuse3.Operations):
 
     async def releasedir(self, fh: int) -> None:
         pass
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        # find (gnulib fts) asks fstatfs for most directories it reads and caches only a
+        # success: answering ENOSYS would cost a STATFS per directory, which drekifs never pays.
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = 4096
+        out.f_namemax = 255
+        out.f_files = len(self.nodes)
+        return out
 
 
 # Every request the kernel can send, implemented above or answered by pyfuse3's defaults.
