@@ -30,21 +30,30 @@ def demo_zone() -> Path:
 def add_source_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where the world comes from (default: the bundled demo world)")
     g.add_argument(
-        "--world", metavar="DOMAIN",
+        "--world",
+        metavar="DOMAIN",
         help="the world's DNS domain (default with --zone: the zone's $ORIGIN)",
     )
     src = g.add_mutually_exclusive_group()
     src.add_argument("--zone", metavar="FILE", type=Path, help="read the world from a zone file")
     src.add_argument(
-        "--dns", metavar="HOST[:PORT]", action="append",
+        "--dns",
+        metavar="HOST[:PORT]",
+        action="append",
         help="ask these DNS servers (repeatable); with --world alone, the system resolver",
     )
     g.add_argument(
-        "--min-refresh", type=float, default=1.0, metavar="S",
+        "--min-refresh",
+        type=float,
+        default=1.0,
+        metavar="S",
         help="never look at DNS more often than this, whatever the TTLs (default 1)",
     )
     g.add_argument(
-        "--max-refresh", type=float, default=300.0, metavar="S",
+        "--max-refresh",
+        type=float,
+        default=300.0,
+        metavar="S",
         help="look at DNS at least this often (default 300)",
     )
 
@@ -60,14 +69,18 @@ def source_config(args: argparse.Namespace):
         try:
             servers = [parse_server(s) for s in args.dns]
         except ValueError as e:
-            raise SystemExit(_usage(str(e)))
+            raise SystemExit(_usage(str(e))) from None
     elif zone is None and world is None:
         zone = demo_zone()
     if zone is not None:
         zone = Path(os.path.abspath(zone))
     return SourceConfig(
-        domain=world, zone=zone, servers=servers,
-        min_refresh=args.min_refresh, max_refresh=args.max_refresh, poll=args.min_refresh,
+        domain=world,
+        zone=zone,
+        servers=servers,
+        min_refresh=args.min_refresh,
+        max_refresh=args.max_refresh,
+        poll=args.min_refresh,
     )
 
 
@@ -101,17 +114,23 @@ def cmd_world(args: argparse.Namespace) -> int:
             print(f"{len(world.errors)} world errors in {world.domain}:")
             sys.stdout.write(render_errors(world))
             return EXIT_PROBLEM
-        print(f"{world.domain}: no world errors ({len(world.regions)} regions, "
-              f"{len(world.nodes)} nodes)")
+        print(
+            f"{world.domain}: no world errors ({len(world.regions)} regions, "
+            f"{len(world.nodes)} nodes)"
+        )
     elif world.errors and not args.json:
-        print(f"\n{len(world.errors)} world errors (drekifs world --check lists them)",
-              file=sys.stderr)
+        print(
+            f"\n{len(world.errors)} world errors (drekifs world --check lists them)",
+            file=sys.stderr,
+        )
     return 0
 
 
 def default_data_dir(world: str | None, zone: Path | None, node: str | None) -> Path:
-    base = Path("/var/lib/drekifs") if os.getuid() == 0 else (
-        Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "drekifs"
+    base = (
+        Path("/var/lib/drekifs")
+        if os.getuid() == 0
+        else (Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "drekifs")
     )
     world_part = world or (zone.stem if zone else "world")
     return base / world_part / (node.replace("/", "_") if node else "default")
@@ -236,58 +255,98 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "mount", help="mount the world",
+        "mount",
+        help="mount the world",
         description="Mount the world at MOUNTPOINT. Returns once the mount serves, then runs in "
         "the background (--foreground stays attached). With no world options, serves the "
         "bundled demo world as its first node.",
     )
     add_source_options(p)
-    p.add_argument("--node", metavar="NAME",
-                   help="this peer's node: DNS name, name relative to the world, path, or "
-                   "unique label (default: the first node by DNS name)")
-    p.add_argument("--data-dir", metavar="DIR", type=Path,
-                   help="where the daemon keeps its state (default: "
-                   "/var/lib/drekifs/WORLD/NODE as root)")
-    p.add_argument("-o", metavar="OPTIONS", action="append",
-                   help="FUSE mount options, comma separated (e.g. ro, allow_other)")
-    p.add_argument("-f", "--foreground", action="store_true",
-                   help="stay attached and log to stderr (for systemd); Ctrl-C unmounts")
-    p.add_argument("--cache-timeout", type=float, default=3600.0, metavar="S",
-                   help="how long the kernel may cache names and attributes (changes are "
-                   "invalidated as they happen; default 3600)")
-    p.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
-    p.add_argument("--log-file", metavar="FILE",
-                   help="log here (default: stderr in the foreground, DATA_DIR/drekifs.log "
-                   "in the background)")
+    p.add_argument(
+        "--node",
+        metavar="NAME",
+        help="this peer's node: DNS name, name relative to the world, path, or "
+        "unique label (default: the first node by DNS name)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        type=Path,
+        help="where the daemon keeps its state (default: /var/lib/drekifs/WORLD/NODE as root)",
+    )
+    p.add_argument(
+        "-o",
+        metavar="OPTIONS",
+        action="append",
+        help="FUSE mount options, comma separated (e.g. ro, allow_other)",
+    )
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay attached and log to stderr (for systemd); Ctrl-C unmounts",
+    )
+    p.add_argument(
+        "--cache-timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="how long the kernel may cache names and attributes (changes are "
+        "invalidated as they happen; default 3600)",
+    )
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+    )
+    p.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="log here (default: stderr in the foreground, DATA_DIR/drekifs.log in the background)",
+    )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_mount)
 
-    p = sub.add_parser("umount", help="unmount and wait for the daemon to exit",
-                       description="Unmount MOUNTPOINT cleanly and wait for its daemon to exit. "
-                       "A stale mount (daemon killed) is removed.")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                   help="how long to wait for the daemon to exit (default 60)")
+    p = sub.add_parser(
+        "umount",
+        help="unmount and wait for the daemon to exit",
+        description="Unmount MOUNTPOINT cleanly and wait for its daemon to exit. "
+        "A stale mount (daemon killed) is removed.",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long to wait for the daemon to exit (default 60)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="say what was done")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("world", help="print the world's tree, or check it",
-                       description="Read the world and print it as a tree with friendly names "
-                       "and node addresses. --check lists world errors and exits 1 if any.")
+    p = sub.add_parser(
+        "world",
+        help="print the world's tree, or check it",
+        description="Read the world and print it as a tree with friendly names "
+        "and node addresses. --check lists world errors and exits 1 if any.",
+    )
     add_source_options(p)
     p.add_argument("--check", action="store_true", help="list world errors; exit 1 if any")
     p.add_argument("--json", action="store_true", help="print the world as JSON")
     p.set_defaults(func=cmd_world)
 
-    p = sub.add_parser("urn", help="print the URN of a path",
-                       description="Print the URN of PATH (on a drekifs mount), alone on a line.")
+    p = sub.add_parser(
+        "urn",
+        help="print the URN of a path",
+        description="Print the URN of PATH (on a drekifs mount), alone on a line.",
+    )
     p.add_argument("path", metavar="PATH")
     p.set_defaults(func=cmd_urn)
 
-    p = sub.add_parser("path", help="print the path of a URN",
-                       description="Print the path of URN below a mount point (default: the "
-                       "drekifs mount of that world, else /dreki).")
+    p = sub.add_parser(
+        "path",
+        help="print the path of a URN",
+        description="Print the path of URN below a mount point (default: the "
+        "drekifs mount of that world, else /dreki).",
+    )
     p.add_argument("--mount", metavar="M", help="the mount point to use")
     p.add_argument("urn", metavar="URN")
     p.set_defaults(func=cmd_path)

@@ -8,6 +8,7 @@ by SIGTERM, SIGINT or SIGHUP (it unmounts itself). ``drekifs umount`` waits for 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -52,7 +53,9 @@ class MountConfig:
 
 def _unescape_mountinfo(text: str) -> str:
     return (
-        text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        text.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
         .replace("\\134", "\\")
     )
 
@@ -134,7 +137,9 @@ def unmount(mountpoint: Path, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while _alive(pid):
         if time.monotonic() > deadline:
-            raise MountError(f"{mountpoint} unmounted, but daemon {pid} still runs after {timeout}s")
+            raise MountError(
+                f"{mountpoint} unmounted, but daemon {pid} still runs after {timeout}s"
+            )
         time.sleep(0.02)
     return f"{mountpoint} unmounted; daemon {pid} exited"
 
@@ -181,7 +186,10 @@ class Daemon:
             raise MountError(f"cannot mount {config.mountpoint}: {e}") from None
         log.info(
             "mounted world %s at %s as node %s (pid %d)",
-            snap.world.domain, config.mountpoint, self.node, os.getpid(),
+            snap.world.domain,
+            config.mountpoint,
+            self.node,
+            os.getpid(),
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -384,10 +392,8 @@ def _mount_in_background(config: MountConfig) -> int:
             os.write(write_fd, f"error {e}\n".encode())
         except BaseException as e:  # everything reaches the waiting parent
             log.exception("daemon failed")
-            try:
+            with contextlib.suppress(OSError):
                 os.write(write_fd, f"error {type(e).__name__}: {e}\n".encode())
-            except OSError:
-                pass
         finally:
             os._exit(status)
     os.close(write_fd)

@@ -191,9 +191,7 @@ class URN:
             elif not store:
                 raise URNError(text, "store", store, "is empty")
             elif not is_valid_store_name(store):
-                raise URNError(
-                    text, "store", store, "is not a store name ([a-z0-9][a-z0-9_-]*)"
-                )
+                raise URNError(text, "store", store, "is not a store name ([a-z0-9][a-z0-9_-]*)")
         if len(rest) == 2:
             key_text = rest[1]
             if not key_text:

@@ -145,14 +145,14 @@ def test_world_directories_are_read_only(mount_world) -> None:
         (lambda: os.mkdir(eu / "new"), errno.EPERM),
         (lambda: os.rmdir(eu / "fr"), errno.EPERM),
         (lambda: os.rename(eu / "fr", eu / "fr2"), errno.EPERM),
-        (lambda: open(eu / "f", "w"), errno.EPERM),
+        (lambda: os.open(eu / "f", os.O_CREAT | os.O_WRONLY), errno.EPERM),
         (lambda: os.symlink("x", eu / "l"), errno.EPERM),
         (lambda: os.chmod(eu, 0o777), errno.EPERM),
         (lambda: os.utime(eu), errno.EPERM),
         (lambda: os.setxattr(eu, "user.x", b"1"), errno.EPERM),
         (lambda: os.setxattr(eu, "user.dreki.urn", b"1"), errno.EPERM),
         (lambda: os.setxattr(eu, "system.posix_acl_access", ACL), errno.EOPNOTSUPP),
-        (lambda: open(m.path / ".dreki" / "pid", "w"), errno.EPERM),
+        (lambda: os.open(m.path / ".dreki" / "pid", os.O_WRONLY), errno.EPERM),
         (lambda: os.unlink(m.path / ".dreki" / "pid"), errno.EPERM),
         (lambda: os.mkdir(m.path / "global" / "d"), errno.EROFS),
         (lambda: os.link(m.path / ".dreki" / "pid", m.path / "global" / "h"), errno.EPERM),
@@ -189,11 +189,27 @@ def test_mount_twice_is_refused(mount_world) -> None:
 
 
 def test_mount_errors_are_reported(tmp_path: Path, zone_file) -> None:
-    r = drekifs("mount", "--zone", tmp_path / "none.zone", "--data-dir", tmp_path / "d",
-                tmp_path / "m", check=False)
+    r = drekifs(
+        "mount",
+        "--zone",
+        tmp_path / "none.zone",
+        "--data-dir",
+        tmp_path / "d",
+        tmp_path / "m",
+        check=False,
+    )
     assert r.returncode == 1 and "does not exist" in r.stderr
-    r = drekifs("mount", "--zone", zone_file(small_world()), "--node", "nosuch",
-                "--data-dir", tmp_path / "d", tmp_path / "m", check=False)
+    r = drekifs(
+        "mount",
+        "--zone",
+        zone_file(small_world()),
+        "--node",
+        "nosuch",
+        "--data-dir",
+        tmp_path / "d",
+        tmp_path / "m",
+        check=False,
+    )
     assert r.returncode == 1 and "node 'nosuch' is not in world w.test" in r.stderr
     assert not is_mounted(tmp_path / "m")
 
@@ -216,7 +232,8 @@ def test_foreground_ctrl_c_unmounts(tmp_path: Path) -> None:
     mnt = tmp_path / "fg"
     proc = subprocess.Popen(
         [DREKIFS, "mount", "--foreground", "--data-dir", str(tmp_path / "d"), str(mnt)],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(lambda: (mnt / ".dreki" / "pid").exists(), timeout=20, what="mount")

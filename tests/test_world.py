@@ -38,8 +38,12 @@ def test_demo_world_is_the_drawing() -> None:
     assert world.errors == []
     nodes = {"/".join(loc.segments) for loc in world.locations() if loc.is_node}
     assert nodes == {
-        "eu/fr/ovh/sbg1/node1", "eu/fr/ovh/rbx1/node2", "eu/fr/scw/dc2/node3",
-        "eu/fr/scw/dc5/node4", "eu/de/hzn/fsn1/node6", "eu/ch/exo/gnv/node5",
+        "eu/fr/ovh/sbg1/node1",
+        "eu/fr/ovh/rbx1/node2",
+        "eu/fr/scw/dc2/node3",
+        "eu/fr/scw/dc5/node4",
+        "eu/de/hzn/fsn1/node6",
+        "eu/ch/exo/gnv/node5",
     }
     node3 = world.nodes["node3.dc2.scw.fr.eu.inf.random.sh"]
     assert str(node3.address) == "localhost:7103"
@@ -57,10 +61,17 @@ def test_node_listed_by_two_regions_appears_under_both() -> None:
 def test_every_world_error_is_named_and_the_rest_served() -> None:
     world = world_of(broken_world())
     assert paths(world) == BROKEN_VALID_PATHS
-    assert kinds(world) == sorted([
-        "cycle", "dangling", "reserved-name", "dot-name", "sibling-clash", "contradictory",
-        "malformed",
-    ])
+    assert kinds(world) == sorted(
+        [
+            "cycle",
+            "dangling",
+            "reserved-name",
+            "dot-name",
+            "sibling-clash",
+            "contradictory",
+            "malformed",
+        ]
+    )
     text = render_errors(world)
     for expected in [
         "cycle eu.b.test -> fr.eu.b.test -> eu.b.test",

@@ -39,6 +39,7 @@ def check_follows(m, change, revert) -> None:
     os.stat(db1)
     os.stat(db1 / "local")
     eu_mtime = os.stat(m.path / "eu").st_mtime_ns
+    de_store_mtime = os.stat(de / "global").st_mtime_ns
     world_before = (m.path / ".dreki" / "world").read_text()
 
     change()
@@ -51,6 +52,7 @@ def check_follows(m, change, revert) -> None:
     assert de_after.st_nlink == de_before.st_nlink + 1
     assert de_after.st_mtime_ns > de_before.st_mtime_ns
     assert os.stat(m.path / "eu").st_mtime_ns == eu_mtime  # eu's own entries did not change
+    assert os.stat(de / "global").st_mtime_ns == de_store_mtime
     world_after = (m.path / ".dreki" / "world").read_text()
     assert "new" in world_after and world_after != world_before
     assert "changed" in m.log() and "added new.de.eu" in m.log()
@@ -106,8 +108,18 @@ def test_last_good_world_served_when_dns_fails(mount_world, nsd, tmp_path: Path)
     assert listing(m.path / "eu/fr") == {"web1", "db1", "shared", "global"}
     assert "serving the last good world" in m.log()
     # A fresh data directory and no DNS: the mount fails and says why.
-    r = drekifs("mount", "--world", "w.test", "--dns", server.server, "--data-dir",
-                tmp_path / "fresh", tmp_path / "m2", check=False, timeout=60)
+    r = drekifs(
+        "mount",
+        "--world",
+        "w.test",
+        "--dns",
+        server.server,
+        "--data-dir",
+        tmp_path / "fresh",
+        tmp_path / "m2",
+        check=False,
+        timeout=60,
+    )
     assert r.returncode == 1 and "cannot load the world" in r.stderr
     # DNS back: the error clears.
     server.start()

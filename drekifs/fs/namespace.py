@@ -97,8 +97,14 @@ class Namespace:
         last_change = max(snapshot.changed_ns.values(), default=snapshot.mtime_ns(()))
 
         root = self._add(
-            URN(world.domain), Kind.ROOT, WORLD_DIR_MODE, snapshot.mtime_ns(()), 0, b"",
-            world.domain, ino=ROOT_INODE,
+            URN(world.domain),
+            Kind.ROOT,
+            WORLD_DIR_MODE,
+            snapshot.mtime_ns(()),
+            0,
+            b"",
+            world.domain,
+            ino=ROOT_INODE,
         )
         by_path: dict[tuple[str, ...], Entry] = {(): root}
         for count, loc in enumerate(world.locations(limit=MAX_PATHS + 1)):
@@ -122,18 +128,35 @@ class Namespace:
                 entry = root
             stores = node_stores if loc.is_node else ("global",)
             for store in stores:
+                # Dated from when the location appeared: a region gaining a member does not
+                # touch its stores.
                 self._add(
-                    entry.urn.with_store(store), Kind.STORE, STORE_DIR_MODE, entry.mtime_ns,
-                    entry.ino, store.encode(), loc.name,
+                    entry.urn.with_store(store),
+                    Kind.STORE,
+                    STORE_DIR_MODE,
+                    snapshot.created(loc.segments),
+                    entry.ino,
+                    store.encode(),
+                    loc.name,
                 )
         status = self._add(
-            URN(world.domain, (), STATUS_STORE), Kind.STATUS_DIR, WORLD_DIR_MODE,
-            started_ns, ROOT_INODE, STATUS_STORE.encode(), world.domain,
+            URN(world.domain, (), STATUS_STORE),
+            Kind.STATUS_DIR,
+            WORLD_DIR_MODE,
+            started_ns,
+            ROOT_INODE,
+            STATUS_STORE.encode(),
+            world.domain,
         )
         for name in status_files:
             e = self._add(
-                URN(world.domain, (), STATUS_STORE, (name.encode(),)), Kind.STATUS_FILE,
-                STATUS_FILE_MODE, last_change, status.ino, name.encode(), world.domain,
+                URN(world.domain, (), STATUS_STORE, (name.encode(),)),
+                Kind.STATUS_FILE,
+                STATUS_FILE_MODE,
+                last_change,
+                status.ino,
+                name.encode(),
+                world.domain,
             )
             e.status = name
         for e in self.entries.values():

@@ -327,7 +327,12 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def rename(
-        self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int,
+        self,
+        parent_old: int,
+        name_old: bytes,
+        parent_new: int,
+        name_new: bytes,
+        flags: int,
         ctx: Any,
     ) -> None:
         p = self._entry(parent_old)

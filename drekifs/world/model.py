@@ -185,8 +185,7 @@ class World:
                 for n in self.nodes.values()
             },
             "errors": [
-                {"kind": e.kind, "names": list(e.names), "message": e.message}
-                for e in self.errors
+                {"kind": e.kind, "names": list(e.names), "message": e.message} for e in self.errors
             ],
         }
 
@@ -208,7 +207,5 @@ class World:
                 )
                 for name, n in data["nodes"].items()
             },
-            errors=[
-                WorldError(e["kind"], tuple(e["names"]), e["message"]) for e in data["errors"]
-            ],
+            errors=[WorldError(e["kind"], tuple(e["names"]), e["message"]) for e in data["errors"]],
         )

@@ -304,7 +304,9 @@ class _Builder:
         for name in edges:
             edges[name] = [e for e in edges[name] if e[0]]
 
-    def _dirnames(self, region: str, members: list[tuple[str, bytes]]) -> tuple[tuple[str, str], ...]:
+    def _dirnames(
+        self, region: str, members: list[tuple[str, bytes]]
+    ) -> tuple[tuple[str, str], ...]:
         by_label: dict[str, list[str]] = defaultdict(list)
         for member, label in members:
             by_label[label.decode("ascii")].append(member)

@@ -5,10 +5,12 @@ Schema of ``<data-dir>/world.json`` (version 1)::
     {"version": 1,
      "world": <World.to_json()>,
      "resolved_at": <unix seconds of the last successful resolution>,
-     "changed_ns": {"<path of a directory, '' for the root>": <ns since the epoch>, ...}}
+     "changed_ns": {"<path of a directory, '' for the root>": <ns since the epoch>, ...},
+     "created_ns": {"<path>": <ns since the epoch when that path first appeared>, ...}}
 
 ``changed_ns`` gives directory mtimes that survive remounts: a directory's time moves only when
 its entries change, so rsync, tar and backup tools see no change where there was none.
+``created_ns`` dates what hangs below a location but is not part of the world (its stores).
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ class Snapshot:
     world: World
     resolved_at: float
     changed_ns: dict[str, int] = field(default_factory=dict)
+    created_ns: dict[str, int] = field(default_factory=dict)
 
     def mtime_ns(self, segments: tuple[str, ...]) -> int:
         return self.changed_ns.get("/".join(segments), int(self.resolved_at * 1e9))
+
+    def created(self, segments: tuple[str, ...]) -> int:
+        path = "/".join(segments)
+        return self.created_ns.get(path) or self.mtime_ns(segments)
 
 
 def _entries(world: World) -> dict[str, tuple[str, ...]]:
@@ -51,12 +58,14 @@ def advance(old: Snapshot | None, world: World, now: float) -> Snapshot:
     new_entries = _entries(world)
     old_entries = _entries(old.world) if old else {}
     changed: dict[str, int] = {}
+    created: dict[str, int] = {}
     for path, names in new_entries.items():
         if old is not None and old_entries.get(path) == names and path in old.changed_ns:
             changed[path] = old.changed_ns[path]
         else:
             changed[path] = now_ns
-    return Snapshot(world, now, changed)
+        created[path] = old.created_ns.get(path, now_ns) if old and path in old_entries else now_ns
+    return Snapshot(world, now, changed, created)
 
 
 def load(data_dir: str | os.PathLike) -> Snapshot | None:
@@ -70,6 +79,7 @@ def load(data_dir: str | os.PathLike) -> Snapshot | None:
             World.from_json(data["world"]),
             float(data["resolved_at"]),
             {str(k): int(v) for k, v in data["changed_ns"].items()},
+            {str(k): int(v) for k, v in data.get("created_ns", {}).items()},
         )
     except FileNotFoundError:
         return None
@@ -87,6 +97,7 @@ def save(data_dir: str | os.PathLike, snap: Snapshot) -> None:
         "world": snap.world.to_json(),
         "resolved_at": snap.resolved_at,
         "changed_ns": snap.changed_ns,
+        "created_ns": snap.created_ns,
     }
     tmp = directory / (FILENAME + ".tmp")
     with open(tmp, "w") as f:

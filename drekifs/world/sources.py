@@ -191,12 +191,11 @@ class DnsAnswers:
                     return Answer(OK, _records(q.rdtype, chain.answer), chain.minimum_ttl)
                 status = NXDOMAIN if rcode == dns.rcode.NXDOMAIN else NODATA
                 return Answer(status, (), chain.minimum_ttl)
-        raise SourceError(f"no DNS server answered {q.name} {q.rdtype}: " + "; ".join(problems[-3:]))
+        reasons = "; ".join(problems[-3:])
+        raise SourceError(f"no DNS server answered {q.name} {q.rdtype}: {reasons}")
 
 
-async def world_from_dns(
-    domain: str, answers: DnsAnswers, concurrency: int = 32, **kw
-) -> World:
+async def world_from_dns(domain: str, answers: DnsAnswers, concurrency: int = 32, **kw) -> World:
     """Resolve over DNS, one breadth-first level at a time, ``concurrency`` queries in flight."""
     import trio
 

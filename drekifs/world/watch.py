@@ -136,8 +136,11 @@ class WorldWatcher:
             removed = sorted(set(old.world.nodes) - set(w.nodes))
             log.info(
                 "world %s changed: %d regions, %d nodes (added %s, removed %s)",
-                w.domain, len(w.regions), len(w.nodes),
-                ", ".join(added) or "none", ", ".join(removed) or "none",
+                w.domain,
+                len(w.regions),
+                len(w.nodes),
+                ", ".join(added) or "none",
+                ", ".join(removed) or "none",
             )
         old_errors = set(old.world.errors) if old else set()
         for e in w.errors:
