@@ -70,6 +70,8 @@ def source_config(args: argparse.Namespace):
             servers = [parse_server(s) for s in args.dns]
         except ValueError as e:
             raise SystemExit(_usage(str(e))) from None
+        if world is None:
+            raise SystemExit(_usage("--dns needs the world's domain: --world DOMAIN"))
     elif zone is None and world is None:
         zone = demo_zone()
     if zone is not None:

@@ -56,6 +56,8 @@ def test_usage_errors() -> None:
     assert r.returncode == 2 and "not allowed with" in r.stderr
     r = drekifs("world", "--world", "w.test", "--dns", "host:99999", check=False)
     assert r.returncode == 2 and "bad port" in r.stderr
+    r = drekifs("world", "--dns", "127.0.0.1", check=False)
+    assert r.returncode == 2 and "--world DOMAIN" in r.stderr
     r = drekifs(check=False)
     assert r.returncode == 2
 

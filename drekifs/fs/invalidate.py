@@ -56,4 +56,6 @@ class Invalidator:
             # ENOENT: the kernel had nothing cached. Anything else is worth a line.
             if e.errno != errno.ENOENT:
                 log.warning("%s%r: %s", fn.__name__, args, e)
+        except Exception:  # never let a failed invalidation end the mount
+            log.exception("%s%r failed", fn.__name__, args)
         self.done += 1
