@@ -105,26 +105,26 @@ def cmd_world(args: argparse.Namespace) -> int:
     try:
         world = trio.run(fetch_world, config)
     except SourceError as e:
-        print(f"drekifs: cannot read the world from {config.describe()}: {e}", file=sys.stderr)
+        print(f"drekifs: cannot read the world: {e}", file=sys.stderr)
         return EXIT_SOURCE
     if args.json:
         sys.stdout.write(render_json(world))
     elif not args.check:
         sys.stdout.write(render_tree(world))
+    count = f"{len(world.errors)} world error" + ("" if len(world.errors) == 1 else "s")
     if args.check:
+        out = sys.stderr if args.json else sys.stdout  # keep --json output valid JSON
         if world.errors:
-            print(f"{len(world.errors)} world errors in {world.domain}:")
-            sys.stdout.write(render_errors(world))
+            print(f"{count} in {world.domain}:", file=out)
+            out.write(render_errors(world))
             return EXIT_PROBLEM
         print(
             f"{world.domain}: no world errors ({len(world.regions)} regions, "
-            f"{len(world.nodes)} nodes)"
+            f"{len(world.nodes)} nodes)",
+            file=out,
         )
     elif world.errors and not args.json:
-        print(
-            f"\n{len(world.errors)} world errors (drekifs world --check lists them)",
-            file=sys.stderr,
-        )
+        print(f"\n{count} (drekifs world --check lists them)", file=sys.stderr)
     return 0
 
 

@@ -43,6 +43,8 @@ _STORE_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _ESCAPE_RE = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 MAX_NAME_BYTES = 255
+# No member is named like a store (the world forbids it), so a segment never is one.
+RESERVED_SEGMENTS = frozenset({"global", "local"})
 
 
 class URNError(ValueError):
@@ -177,6 +179,10 @@ class URN:
                 raise URNError(text, f"segment {i}", seg, "is empty (stray ':'?)")
             if seg.startswith("."):
                 raise URNError(text, f"segment {i}", seg, "starts with '.'")
+            if seg in RESERVED_SEGMENTS:
+                raise URNError(
+                    text, f"segment {i}", seg, "is a store name (write '::' before a store)"
+                )
             if not is_valid_dirname(seg):
                 raise URNError(
                     text, f"segment {i}", seg, "is not a member name (a-z, 0-9, _, -, dots)"

@@ -140,3 +140,9 @@ def test_parse_never_crashes(text: str) -> None:
         assert e.part and e.reason
     else:
         assert URN.parse(str(urn)) == urn
+
+
+def test_a_segment_is_never_a_store_name() -> None:
+    with pytest.raises(URNError) as info:
+        URN.parse("inf.random.sh:global")
+    assert info.value.part == "segment 1" and "store name" in info.value.reason

@@ -246,3 +246,25 @@ def test_any_zone_resolves_to_a_servable_tree(zone: Zone) -> None:
         assert len(loc.segments) <= 10
     again = model.World.from_json(json.loads(json.dumps(world.to_json())))
     assert again.same_shape(world)
+
+
+def test_clash_with_an_invalid_full_name_and_root_node_records() -> None:
+    zone = (
+        Zone("k.test")
+        .raw("_dreki IN SRV 0 0 1 web.a.k.test.")
+        .raw("_dreki IN SRV 0 0 1 web.b\\032c.k.test.")
+        .raw("_node._dreki IN SRV 0 0 7000 localhost.")
+        .node("web.a")
+        .node("web.b\\032c")
+    )
+    world = world_of(zone)
+    assert paths(world) == {"web.a.k.test"}
+    assert kinds(world) == ["bad-name", "contradictory", "sibling-clash"]
+    assert "the world root k.test has node records" in render_errors(world)
+
+
+def test_too_large_is_reported_once() -> None:
+    zone = Zone("t.test").region("@", [f"n{i}" for i in range(30)])
+    for i in range(30):
+        zone.node(f"n{i}")
+    assert kinds(world_of(zone, max_names=10)) == ["too-large"]

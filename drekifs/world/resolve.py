@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 
+from ..urn import is_valid_dirname
 from .model import (
     BAD_NAME,
     CONTRADICTORY,
@@ -110,6 +111,7 @@ class _Builder:
         # region -> [(member, first label)] for edges that passed the name checks
         self.edges: dict[str, list[tuple[str, bytes]]] = {}
         self.dangling: set[str] = set()
+        self.skipped_for_size = 0
         self.skipped: set[str] = set()  # reported otherwise, or past max_names: not served
 
     def error(self, kind: str, names: Iterable[str], message: str) -> None:
@@ -151,6 +153,13 @@ class _Builder:
             self.see_ttl(a)
         is_root = name == self.domain
         has_node = node_srv.status == OK and bool(node_srv.records) and not is_root
+        if is_root and any(a.status == OK and a.records for a in (node_srv, ntxt, pid)):
+            self.error(
+                CONTRADICTORY,
+                [name],
+                f"the world root {name} has node records; the root is always a region,"
+                " they are ignored",
+            )
         has_region = (member_srv.status == OK and bool(member_srv.records)) or (
             rtxt.status == OK and bool(rtxt.records)
         )
@@ -165,11 +174,16 @@ class _Builder:
             self.nodes[name] = self._node(name, node_srv, ntxt, pid)
             return []
         if has_region or is_root:
-            if not is_root and (ntxt.status == OK or pid.status == OK):
+            node_records = [
+                what
+                for what, a in (("_name._dreki TXT", ntxt), ("_node._name._dreki TXT", pid))
+                if a.status == OK and a.records
+            ]
+            if not is_root and node_records:
                 self.error(
                     CONTRADICTORY,
                     [name],
-                    f"{name} is a region but has node records (_name._dreki TXT); ignored",
+                    f"{name} is a region but has node records ({', '.join(node_records)}); ignored",
                 )
             if is_root and not has_region:
                 self.error(
@@ -226,7 +240,7 @@ class _Builder:
                 self.error(
                     kind,
                     [region, rec.target],
-                    f"member {rec.target} of {region}: directory name {label!r} {why}; ignored",
+                    f"member {rec.target} of {region}: directory name '{label}' {why}; ignored",
                 )
                 continue
             members.append((rec.target, rec.first_label))
@@ -321,7 +335,16 @@ class _Builder:
                 f"members of {region} share the name {label!r}: {', '.join(names)};"
                 " each served under its full DNS name",
             )
-            children.extend((n, n) for n in names)
+            for n in names:
+                if is_valid_dirname(n):
+                    children.append((n, n))
+                else:
+                    self.error(
+                        BAD_NAME,
+                        [region, n],
+                        f"member {n} of {region} clashes and its full name is not a valid"
+                        " directory name; ignored",
+                    )
         return tuple(sorted(children))
 
     def _check_peer_ids(self, nodes: dict[str, Node]) -> None:
@@ -356,11 +379,14 @@ def resolve(
                 if member in seen:
                     continue
                 if len(seen) >= max_names:
-                    b.error(
-                        TOO_LARGE,
-                        [member],
-                        f"the world has more than {max_names} names; {member} and beyond ignored",
-                    )
+                    if not b.skipped_for_size:
+                        b.error(
+                            TOO_LARGE,
+                            [member],
+                            f"the world has more than {max_names} names;"
+                            f" {member} and beyond ignored",
+                        )
+                    b.skipped_for_size += 1
                     b.skipped.add(member)
                     continue
                 seen.add(member)

@@ -23,7 +23,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.zone
 
-from .model import SOURCE, World, WorldError
+from .model import Address, World
 from .resolve import NODATA, NXDOMAIN, OK, Answer, Query, SourceError, SrvRecord, resolve_sync
 
 MAX_CNAME_CHAIN = 8
@@ -72,8 +72,9 @@ def read_zone(path: str | os.PathLike, world: str | None = None) -> dns.zone.Zon
     """Parse a zone file; the world is ``world`` or the file's own $ORIGIN."""
     origin = dns.name.from_text(world) if world else None
     try:
-        with open(path, encoding="utf-8") as f:
-            return dns.zone.from_file(f, origin=origin, relativize=False, check_origin=False)
+        return dns.zone.from_file(
+            os.fspath(path), origin=origin, relativize=False, check_origin=False
+        )
     except FileNotFoundError:
         raise SourceError(f"zone file {path} does not exist") from None
     except dns.zone.UnknownOrigin:
@@ -233,13 +234,9 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
-def source_error(message: str) -> WorldError:
-    return WorldError(SOURCE, (), message)
-
-
 def describe_source(zone: str | Path | None, servers: list[tuple[str, int]] | None) -> str:
     if zone:
         return f"zone file {zone}"
     if servers:
-        return "DNS " + ", ".join(f"{h}:{p}" for h, p in servers)
+        return "DNS " + ", ".join(str(Address(h, p)) for h, p in servers)
     return "the system resolver"

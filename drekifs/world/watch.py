@@ -83,6 +83,14 @@ class WorldWatcher:
     async def load(self) -> snapshots.Snapshot:
         """The first world: from the source, else the last good one on disk, else SourceError."""
         stored = snapshots.load(self.data_dir) if self.data_dir else None
+        if stored is not None and self.config.domain and stored.world.domain != self.config.domain:
+            log.warning(
+                "%s holds world %s, not %s: not used",
+                self.data_dir,
+                stored.world.domain,
+                self.config.domain,
+            )
+            stored = None
         self.snapshot = stored
         try:
             await self.refresh()
