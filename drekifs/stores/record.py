@@ -1,0 +1,117 @@
+"""One entry of a store, as kept on disk (msgpack) and handed to the filesystem.
+
+Record fields, with their msgpack map keys::
+
+    k  kind        0 file, 1 directory, 2 symlink, 3 tombstone (a deleted global entry)
+    e  eid         entry id, unique in its store on this peer and never reused (inode numbers)
+    p  perm        permission bits (0o7777)
+    u  uid, g gid
+    m  mtime_ns    c  ctime_ns
+    s  size        bytes in the value (files), length of the target (symlinks)
+    x  xattrs      {name: value} for user.* attributes
+    l  target      symlink target
+    v  version     [hlc, peer, [[peer, hlc], ...]]  (global store only)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field, replace
+
+import msgpack
+
+from .version import Version
+
+FILE, DIR, SYMLINK, TOMBSTONE = 0, 1, 2, 3
+KIND_NAMES = {FILE: "file", DIR: "dir", SYMLINK: "symlink", TOMBSTONE: "tombstone"}
+_S_IFMT = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}
+
+
+class StoreError(Exception):
+    """A store operation refused, with the errno a filesystem would give."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.errno = code
+        super().__init__(f"{message}: {os.strerror(code)}")
+
+
+def refuse(code: int, message: str) -> StoreError:
+    return StoreError(code, message)
+
+
+ENOENT, EEXIST, ENOTDIR, EISDIR, ENOTEMPTY = (
+    errno.ENOENT,
+    errno.EEXIST,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOTEMPTY,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    kind: int
+    eid: int
+    perm: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    size: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    target: bytes = b""
+    version: Version | None = None
+
+    @property
+    def mode(self) -> int:
+        return _S_IFMT[self.kind] | self.perm
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == DIR
+
+    @property
+    def alive(self) -> bool:
+        return self.kind != TOMBSTONE
+
+    def but(self, **changes) -> Record:
+        return replace(self, **changes)
+
+    def pack(self) -> bytes:
+        d: dict = {
+            "k": self.kind,
+            "e": self.eid,
+            "p": self.perm,
+            "u": self.uid,
+            "g": self.gid,
+            "m": self.mtime_ns,
+            "c": self.ctime_ns,
+            "s": self.size,
+        }
+        if self.xattrs:
+            d["x"] = self.xattrs
+        if self.target:
+            d["l"] = self.target
+        if self.version is not None:
+            d["v"] = self.version.to_wire()
+        return msgpack.packb(d, use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Record:
+        d = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        v = d.get("v")
+        return cls(
+            d["k"],
+            d["e"],
+            d["p"],
+            d["u"],
+            d["g"],
+            d["m"],
+            d["c"],
+            d["s"],
+            d.get("x") or {},
+            d.get("l", b""),
+            Version.from_wire(v) if v else None,
+        )

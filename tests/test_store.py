@@ -1,0 +1,101 @@
+"""The LMDB store on its own: entries, errnos, renames, group commits, reopening."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from drekifs.stores.lmdbstore import LmdbStore, children_prefix, entry_key, split_key
+from drekifs.stores.record import DIR, FILE, SYMLINK, Record, StoreError
+from drekifs.stores.version import HybridClock, Version
+
+LOC = "n1.w.test"
+
+
+def open_store(path: Path, replicated: bool = True, max_value: int = 1 << 20) -> LmdbStore:
+    return LmdbStore("global", path, peer="p1", replicated=replicated, max_value=max_value)
+
+
+def code(fn, *args, **kw) -> int:
+    with pytest.raises(StoreError) as info:
+        fn(*args, **kw)
+    return info.value.errno
+
+
+def test_keys() -> None:
+    for parts in [(), (b"a",), (b"a", b"b", b"c")]:
+        assert split_key(entry_key(LOC, parts)) == (LOC, parts)
+    assert entry_key(LOC, (b"a", b"b")).startswith(children_prefix(LOC, (b"a",)))
+
+
+async def test_entries_and_errnos(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    d = s.create(LOC, (b"d",), DIR, 0o755, 0, 0)
+    f = s.create(LOC, (b"d", b"f"), FILE, 0o644, 0, 0)
+    s.create(LOC, (b"l",), SYMLINK, 0o777, 0, 0, target=b"d/f")
+    assert d.eid != f.eid
+    assert s.write_value(LOC, (b"d", b"f"), f.eid, b"hello").size == 5
+    assert s.read(f.eid) == b"hello" and s.read(f.eid, 1, 3) == b"ell"
+    assert set(s.children(LOC, ())) == {b"d", b"l"}
+    assert code(s.create, LOC, (b"d",), FILE, 0o644, 0, 0) == errno.EEXIST
+    assert code(s.create, LOC, (b"x", b"y"), FILE, 0o644, 0, 0) == errno.ENOENT
+    assert code(s.create, LOC, (b"l", b"y"), FILE, 0o644, 0, 0) == errno.ENOTDIR
+    assert code(s.remove, LOC, (b"d",), is_dir=True) == errno.ENOTEMPTY
+    assert code(s.remove, LOC, (b"d",), is_dir=False) == errno.EISDIR
+    assert code(s.remove, LOC, (b"d", b"f"), is_dir=True) == errno.ENOTDIR
+    assert code(s.write_value, LOC, (b"d", b"f"), f.eid, b"x" * (1 << 20 | 1)) == errno.EFBIG
+    await s.sync()
+    assert s.committed == s.changes
+    # Reopened: everything is there, entry ids go on from where they were.
+    s.env.close()
+    s = open_store(tmp_path)
+    assert s.read(f.eid) == b"hello"
+    assert s.locate(f.eid) == (LOC, (b"d", b"f"))
+    assert s.create(LOC, (b"g",), FILE, 0o644, 0, 0).eid > f.eid
+
+
+async def test_rename_moves_subtrees_and_keeps_ids(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    s.create(LOC, (b"a",), DIR, 0o755, 0, 0)
+    s.create(LOC, (b"a", b"b"), DIR, 0o755, 0, 0)
+    f = s.create(LOC, (b"a", b"b", b"f"), FILE, 0o644, 0, 0)
+    s.write_value(LOC, (b"a", b"b", b"f"), f.eid, b"data")
+    s.create(LOC, (b"z",), DIR, 0o755, 0, 0)
+    assert code(s.rename, LOC, (b"a",), (b"a", b"b", b"c")) == errno.EINVAL
+    assert code(s.rename, LOC, (b"a",), (b"z",), noreplace=True) == errno.EEXIST
+    s.rename(LOC, (b"a",), (b"z",))  # onto an empty directory
+    assert s.get(LOC, (b"a",)) is None
+    assert s.locate(f.eid) == (LOC, (b"z", b"b", b"f"))
+    assert s.read(f.eid) == b"data"
+    await s.commit()
+    assert set(s.children(LOC, ())) == {b"z"}
+    # Tombstones stay in a replicated store, with versions that saw what they replace.
+    tomb = s._record(entry_key(LOC, (b"a", b"b", b"f")))
+    assert tomb is not None and not tomb.alive and tomb.version is not None
+    assert tomb.version.covers(f.version)
+
+
+async def test_unlinked_while_open_write_goes_nowhere(tmp_path: Path) -> None:
+    s = open_store(tmp_path, replicated=False)
+    f = s.create(LOC, (b"f",), FILE, 0o644, 0, 0)
+    s.remove(LOC, (b"f",), is_dir=False)
+    g = s.create(LOC, (b"f",), FILE, 0o644, 0, 0)
+    assert s.write_value(LOC, (b"f",), f.eid, b"old") is None
+    assert s.get(LOC, (b"f",)).eid == g.eid and s.read(g.eid) == b""
+
+
+def test_record_round_trip() -> None:
+    r = Record(FILE, 7, 0o640, 1, 2, 3, 4, 5, {b"user.a": b"1"}, b"", Version(9, "p", (("q", 3),)))
+    assert Record.unpack(r.pack()) == r
+
+
+def test_versions() -> None:
+    clock = HybridClock(lambda: 1_000_000_000)
+    a = Version(clock.now(), "a")
+    b = a.successor(clock.now(), "b")
+    c = Version(clock.now(), "c")
+    assert b.covers(a) and not a.covers(b)
+    assert b.concurrent(c) and c.beats(b)
+    assert clock.now() > c.hlc
