@@ -7,7 +7,7 @@ pyfuse3 filesystem: the floor any pyfuse3 filesystem can reach. ``find MOUNT > /
 timed on each, cold and warm, and the FUSE requests of every walk are counted. bench/README.md
 explains how to read the output.
 
-    python bench/find_world.py [--rounds N] [--warm N] [--no-drop-caches] [--check]
+    python bench/find_world.py [--rounds N] [--warm N] [--no-drop-caches] [--samples] [--check]
 
 Run as root (mount, tmpfs, drop_caches). Everything it mounts or creates is removed at the end,
 whatever happens.
@@ -52,8 +52,20 @@ COLD_DROP = "cold (drop)"
 WARM = "warm"
 
 OP_ORDER = (
-    "lookup", "getattr", "opendir", "readdir", "releasedir", "forget", "getxattr", "listxattr",
-    "statfs", "access", "open", "read", "flush", "release",
+    "lookup",
+    "getattr",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "forget",
+    "getxattr",
+    "listxattr",
+    "statfs",
+    "access",
+    "open",
+    "read",
+    "flush",
+    "release",
 )
 
 
@@ -214,7 +226,23 @@ Counts = dict[str, int]
 
 
 def difference(after: Counts, before: Counts) -> Counts:
-    return {op: after.get(op, 0) - before.get(op, 0) for op in set(after) | set(before)}
+    """``after - before`` per operation, the unchanged ones left out."""
+    diff = {op: after.get(op, 0) - before.get(op, 0) for op in set(after) | set(before)}
+    return {op: n for op, n in diff.items() if n}
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time used so far by every thread of process ``pid`` (None: not known)."""
+    if pid is None:
+        return None
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])  # nanoseconds on a CPU
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
 
 
 # -- the three filesystems -------------------------------------------------------------------------
@@ -242,6 +270,10 @@ class Target:
         """Cumulative FUSE requests per operation; None when not a FUSE filesystem."""
         return None
 
+    def server_pid(self) -> int | None:
+        """The process serving the FUSE requests; None when not a FUSE filesystem."""
+        return None
+
     def cleanup(self) -> None:
         """Unmount whatever is left, stop what was started; best effort, never raises."""
         force_unmount(self.mountpoint)
@@ -253,8 +285,18 @@ class Tmpfs(Target):
     name = "tmpfs"
 
     def mount(self) -> None:
-        run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0555", "drekifs-bench",
-             str(self.mountpoint)], MOUNT_TIMEOUT)
+        run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=64m,mode=0555",
+                "drekifs-bench",
+                str(self.mountpoint),
+            ],
+            MOUNT_TIMEOUT,
+        )
         root = self.mountpoint
         for d in self.world.dirs:
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -289,9 +331,18 @@ class Floor(Target):
         self.seq = 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(FLOORFS), str(self.tree), str(self.mountpoint),
-                 "--counts", str(self.counts_file)],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd="/",
+                [
+                    sys.executable,
+                    str(FLOORFS),
+                    str(self.tree),
+                    str(self.mountpoint),
+                    "--counts",
+                    str(self.counts_file),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                cwd="/",
             )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], MOUNT_TIMEOUT)
@@ -301,6 +352,19 @@ class Floor(Target):
             raise BenchError(f"floorfs did not serve within {MOUNT_TIMEOUT:.0f} s: {tail}")
 
     def counts(self) -> Counts:
+        """The counters once they stop moving: the kernel sends the last RELEASEDIRs of a walk
+        after find has exited, and a signal does not queue behind them as a request would."""
+        last = self._dump()
+        deadline = time.monotonic() + COUNTS_TIMEOUT
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            now = self._dump()
+            if now == last:
+                return now
+            last = now
+        raise BenchError(f"floorfs counters still moving after {COUNTS_TIMEOUT:.0f} s")
+
+    def _dump(self) -> Counts:
         assert self.proc is not None
         self.seq += 1
         self.proc.send_signal(signal.SIGUSR1)
@@ -312,8 +376,11 @@ class Floor(Target):
                     return data["counts"]
             except (OSError, ValueError, KeyError):
                 pass
-            time.sleep(0.005)
+            time.sleep(0.002)
         raise BenchError(f"floorfs wrote no counters within {COUNTS_TIMEOUT:.0f} s")
+
+    def server_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def unmount(self) -> None:
         proc, self.proc = self.proc, None
@@ -360,25 +427,42 @@ class Drekifs(Target):
         return out.stdout.strip()
 
     def mount(self) -> None:
-        run(self.command("mount", "--zone", str(self.zone), "--data-dir", str(self.data_dir),
-                         str(self.mountpoint)), MOUNT_TIMEOUT)
+        run(
+            self.command(
+                "mount",
+                "--zone",
+                str(self.zone),
+                "--data-dir",
+                str(self.data_dir),
+                str(self.mountpoint),
+            ),
+            MOUNT_TIMEOUT,
+        )
         self.pid = int((self.mountpoint / ".dreki" / "pid").read_text())
 
     def counts(self) -> Counts:
         text = (self.mountpoint / ".dreki" / "requests").read_text()
         return {op: int(n) for op, n in (line.split() for line in text.splitlines())}
 
+    def server_pid(self) -> int | None:
+        return self.pid
+
     def unmount(self) -> None:
         pid, self.pid = self.pid, None
-        run(self.command("umount", "--timeout", str(UNMOUNT_TIMEOUT), str(self.mountpoint)),
-            UNMOUNT_TIMEOUT + 10)
+        run(
+            self.command("umount", "--timeout", str(UNMOUNT_TIMEOUT), str(self.mountpoint)),
+            UNMOUNT_TIMEOUT + 10,
+        )
         if pid is not None and _alive(pid):
             raise BenchError(f"drekifs daemon {pid} still runs after drekifs umount")
 
     def cleanup(self) -> None:
         if is_mounted(self.mountpoint):
-            run(self.command("umount", "--timeout", str(UNMOUNT_TIMEOUT), str(self.mountpoint)),
-                UNMOUNT_TIMEOUT + 10, check=False)
+            run(
+                self.command("umount", "--timeout", str(UNMOUNT_TIMEOUT), str(self.mountpoint)),
+                UNMOUNT_TIMEOUT + 10,
+                check=False,
+            )
         force_unmount(self.mountpoint)
         if self.pid is not None:
             stop_process(self.pid)
@@ -393,8 +477,12 @@ def walk(mountpoint: Path) -> float:
     start = time.perf_counter()
     try:
         result = subprocess.run(
-            ["find", str(mountpoint)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, timeout=WALK_TIMEOUT, cwd="/",
+            ["find", str(mountpoint)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            timeout=WALK_TIMEOUT,
+            cwd="/",
         )
     except subprocess.TimeoutExpired:
         raise BenchError(f"find {mountpoint}: not done after {WALK_TIMEOUT:.0f} s") from None
@@ -417,8 +505,9 @@ def check_tree(target: Target, world: World) -> None:
     if seen != expected:
         missing = sorted(expected - seen)[:5]
         extra = sorted(seen - expected)[:5]
-        raise BenchError(f"{target.name} does not serve the expected tree: "
-                         f"missing {missing}, unexpected {extra}")
+        raise BenchError(
+            f"{target.name} does not serve the expected tree: missing {missing}, unexpected {extra}"
+        )
 
 
 @dataclass
@@ -426,11 +515,16 @@ class Samples:
     """What was measured on one target: walk times (s) and FUSE requests per walk, by kind."""
 
     times: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # the FUSE daemon's CPU time (s)
     requests: dict[str, list[Counts]] = field(default_factory=dict)
     overhead: list[Counts] = field(default_factory=list)  # reading the counters, per reading
 
     def median_time(self, kind: str) -> float | None:
         values = self.times.get(kind)
+        return statistics.median(values) if values else None
+
+    def median_cpu(self, kind: str) -> float | None:
+        values = self.cpu.get(kind)
         return statistics.median(values) if values else None
 
     def median_requests(self, kind: str) -> Counts:
@@ -440,46 +534,73 @@ class Samples:
 
 
 def timed_walk(target: Target, kind: str, samples: Samples, before: Counts | None) -> Counts | None:
-    """Walk once; record the time and the walk's own FUSE requests. Returns fresh counters.
+    """Walk once; record its time, and its FUSE requests and daemon CPU time. Returns fresh
+    counters, for the next walk's ``before``.
 
     The counters are read twice after the walk: the second reading costs exactly what the
     readings around the walk cost (the end of the one before, the start of the one after), so
-    that cost is measured each time and subtracted.
+    that cost, in requests and in CPU time, is measured each time and subtracted.
     """
+    pid = target.server_pid()
+    cpu0 = cpu_seconds(pid)
     samples.times.setdefault(kind, []).append(walk(target.mountpoint))
     if before is None:
         return None
     after = target.counts()
+    cpu1 = cpu_seconds(pid)
     again = target.counts()
+    cpu2 = cpu_seconds(pid)
     assert after is not None and again is not None
     overhead = difference(again, after)
     samples.overhead.append(overhead)
-    walk_only = difference(difference(after, before), overhead)
-    samples.requests.setdefault(kind, []).append({k: v for k, v in walk_only.items() if v})
+    samples.requests.setdefault(kind, []).append(difference(difference(after, before), overhead))
+    if cpu0 is not None and cpu1 is not None and cpu2 is not None:
+        samples.cpu.setdefault(kind, []).append((cpu1 - cpu0) - (cpu2 - cpu1))
     return again
 
 
-def measure(target: Target, world: World, rounds: int, warm: int, drop: bool) -> Samples:
-    """``rounds`` fresh mounts; on each: a cold walk, ``warm`` warm walks, a walk after
-    drop_caches. The tree is checked once, at the end of the first round."""
-    samples = Samples()
-    for r in range(rounds):
-        target.mount()
-        try:
-            before = target.counts()
-            before = timed_walk(target, COLD_MOUNT, samples, before)
-            for _ in range(warm):
-                before = timed_walk(target, WARM, samples, before)
-            if drop:
+def measure_round(
+    targets: list[Target],
+    world: World,
+    results: dict[str, Samples],
+    warm: int,
+    drop: bool,
+    first: int,
+    check: bool,
+) -> None:
+    """One round: mount every target afresh, then walk them in turn, ``first`` going first —
+    a cold walk each, ``warm`` warm walks each, a walk each after drop_caches — so that a busy
+    moment of the machine hits all of them alike. On ``check``, compare every tree with the
+    world's at the end."""
+    order = targets[first:] + targets[:first]
+    mounted: list[Target] = []
+    try:
+        for t in targets:
+            t.mount()
+            mounted.append(t)
+        before = {t.name: t.counts() for t in targets}
+        for t in order:
+            before[t.name] = timed_walk(t, COLD_MOUNT, results[t.name], before[t.name])
+        for _ in range(warm):
+            for t in order:
+                before[t.name] = timed_walk(t, WARM, results[t.name], before[t.name])
+        if drop:
+            for t in order:
                 if not drop_caches():
-                    raise BenchError("cannot write /proc/sys/vm/drop_caches (use --no-drop-caches)")
-                timed_walk(target, COLD_DROP, samples, target.counts())
-            if r == 0:
-                check_tree(target, world)
-        finally:
-            target.unmount()
-        print(f"  {target.name}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return samples
+                    raise BenchError("cannot write /proc/sys/vm/drop_caches; --no-drop-caches")
+                timed_walk(t, COLD_DROP, results[t.name], t.counts())
+        if check:
+            for t in targets:
+                check_tree(t, world)
+    finally:
+        errors = []
+        for t in reversed(mounted):
+            try:
+                t.unmount()
+            except BenchError as e:
+                errors.append(e)
+    if errors:  # reached only when no other error is on its way
+        raise errors[0]
 
 
 def find_startup(work: Path, repeat: int = 5) -> float:
@@ -513,49 +634,116 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
+def paired(a: list[float] | None, b: list[float] | None) -> float | None:
+    """Median of ``a[i] / b[i]``: walks i of both targets were taken one right after the other,
+    so what the machine was doing at that moment cancels out."""
+    if not a or not b or len(a) != len(b) or not all(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def ordered_ops(counts: Iterable[Counts]) -> list[str]:
     ops = {op for c in counts for op, n in c.items() if n}
     known = [op for op in OP_ORDER if op in ops]
     return known + sorted(ops - set(known))
 
 
-def report(world: World, kinds: list[str], results: dict[str, Samples], startup: float,
-           rounds: int, warm: int) -> bool:
+def report(
+    world: World,
+    kinds: list[str],
+    results: dict[str, Samples],
+    startup: float,
+    rounds: int,
+    warm: int,
+) -> bool:
     """Print the tables and the targets; True when every target is met."""
     tmpfs, floor, dreki = results["tmpfs"], results["floor"], results["drekifs"]
 
     print()
-    print("Time of `find MOUNT > /dev/null`, ms: median of "
-          f"{rounds} cold and {rounds * warm} warm walks")
-    rows = [["walk", "tmpfs", "floor", "drekifs", "drekifs/floor", "drekifs/tmpfs",
-             "floor/tmpfs"]]
+    print(
+        "Time of `find MOUNT > /dev/null`, ms: median of "
+        f"{rounds} cold and {rounds * warm} warm walks"
+    )
+    rows = [
+        [
+            "walk",
+            "tmpfs",
+            "floor",
+            "drekifs",
+            "drekifs/floor",
+            "paired",
+            "drekifs/tmpfs",
+            "floor/tmpfs",
+        ]
+    ]
     for kind in kinds:
         t, f, d = (s.median_time(kind) for s in (tmpfs, floor, dreki))
-        rows.append([kind, ms(t), ms(f), ms(d), ratio(d, f), ratio(d, t), ratio(f, t)])
+        pair = paired(dreki.times.get(kind), floor.times.get(kind))
+        rows.append([kind, ms(t), ms(f), ms(d), ratio(d, f), times(pair), ratio(d, t), ratio(f, t)])
     print(table(rows))
-    print(f"(find's own start-up, on an empty directory: {ms(startup)} ms, in every time above)")
+    print(
+        f"(find's own start-up, on an empty directory: {ms(startup)} ms, in every time above;"
+        " paired: the median of drekifs/floor over walks taken one right after the other)"
+    )
 
     print()
-    print(f"FUSE requests per directory during one walk ({world.n_dirs} directories, "
-          f"{world.n_entries} entries; median over walks)")
-    medians = {(k, name): results[name].median_requests(k) for k in kinds
-               for name in ("floor", "drekifs")}
-    header = ["op"] + [f"{name} {k}" for k in kinds for name in ("floor", "drekifs")]
-    rows = [header]
-    for op in ordered_ops(medians.values()):
-        rows.append([op] + [f"{medians[k, n].get(op, 0) / world.n_dirs:.3f}"
-                            for k in kinds for n in ("floor", "drekifs")])
-    rows.append(["total/dir"] + [f"{sum(medians[k, n].values()) / world.n_dirs:.3f}"
-                                 for k in kinds for n in ("floor", "drekifs")])
-    rows.append(["total/walk"] + [str(sum(medians[k, n].values()))
-                                  for k in kinds for n in ("floor", "drekifs")])
+    print(
+        "CPU time of the FUSE daemon during one walk, ms (median; steadier than wall time on "
+        "a busy machine)"
+    )
+    rows = [
+        ["walk", "floor", "drekifs", "drekifs/floor", "paired", "floor us/req", "drekifs us/req"]
+    ]
+    for kind in kinds:
+        f, d = floor.median_cpu(kind), dreki.median_cpu(kind)
+        per_req = [
+            "-" if c is None or not n else f"{c * 1e6 / n:.0f}"
+            for c, n in (
+                (f, sum(floor.median_requests(kind).values())),
+                (d, sum(dreki.median_requests(kind).values())),
+            )
+        ]
+        pair = paired(dreki.cpu.get(kind), floor.cpu.get(kind))
+        rows.append([kind, ms(f), ms(d), ratio(d, f), times(pair), *per_req])
     print(table(rows))
+
+    print()
+    print(
+        f"FUSE requests per directory during one walk ({world.n_dirs} directories, "
+        f"{world.n_entries} entries; median over walks)"
+    )
+    medians = {
+        (k, name): results[name].median_requests(k) for k in kinds for name in ("floor", "drekifs")
+    }
+    ops = ordered_ops([*medians.values(), dict.fromkeys(OP_ORDER[:5], 1)])
+    rows = [["walk", "fs", *ops, "total", "per walk"]]
+    for kind in kinds:
+        for name in ("floor", "drekifs"):
+            m = medians[kind, name]
+            total = sum(m.values())
+            rows.append(
+                [
+                    kind,
+                    name,
+                    *(f"{m.get(op, 0) / world.n_dirs:.3f}" for op in ops),
+                    f"{total / world.n_dirs:.3f}",
+                    str(total),
+                ]
+            )
+    print(table(rows, left=2))
     if dreki.overhead:
         cost = dreki.overhead[-1]
         text = ", ".join(f"{op} {cost[op]}" for op in ordered_ops([cost]))
-        steady = all(o == cost for o in dreki.overhead)
-        print(f"(reading drekifs's .dreki/requests costs {text}: measured after every walk "
-              f"{'(always the same)' if steady else '(it varied)'} and subtracted)")
+        varied = sorted({str(o) for o in dreki.overhead if o != cost})
+        seen = "always the same" if not varied else "also seen: " + ", ".join(varied)
+        print(
+            f"(reading drekifs's .dreki/requests costs {text}: measured after every walk "
+            f"and subtracted; {seen})"
+        )
 
     print()
     print("Targets")
@@ -570,12 +758,17 @@ def report(world: World, kinds: list[str], results: dict[str, Samples], startup:
         per_walk = [medians[k, "drekifs"].get(op, 0) for k in kinds]
         met = all(n < PER_ENTRY_LIMIT * world.n_entries for n in per_walk)
         detail = ", ".join(f"{n} {k}" for n, k in zip(per_walk, kinds, strict=True))
-        verdict(met, f"no {op.upper()} per entry during the walk (drekifs: {detail}; "
-                f"limit < {PER_ENTRY_LIMIT * world.n_entries:.0f} per walk)")
-    ratios = {k: (dreki.median_time(k) or 0) / (floor.median_time(k) or 1) for k in kinds}
-    detail = ", ".join(f"{r:.2f}x {k}" for k, r in ratios.items())
-    verdict(all(r <= TARGET_RATIO for r in ratios.values()),
-            f"drekifs within {TARGET_RATIO}x of the floor ({detail})")
+        verdict(
+            met,
+            f"no {op.upper()} per entry during the walk (drekifs: {detail}; "
+            f"limit < {PER_ENTRY_LIMIT * world.n_entries:.0f} per walk)",
+        )
+    ratios = {k: paired(dreki.times.get(k), floor.times.get(k)) for k in kinds}
+    detail = ", ".join(f"{times(r)} {k}" for k, r in ratios.items())
+    verdict(
+        all(r is not None and r <= TARGET_RATIO for r in ratios.values()),
+        f"drekifs within {TARGET_RATIO}x of the floor, paired wall time ({detail})",
+    )
     return all_met
 
 
@@ -593,12 +786,20 @@ def print_samples(kinds: list[str], results: dict[str, Samples]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="fresh mounts per filesystem, one cold walk each (default 5)")
-    parser.add_argument("--warm", type=int, default=5,
-                        help="warm walks after each cold one (default 5)")
-    parser.add_argument("--no-drop-caches", action="store_true",
-                        help="skip the cold walk after echo 3 > /proc/sys/vm/drop_caches")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="fresh mounts per filesystem, one cold walk each (default 5)",
+    )
+    parser.add_argument(
+        "--warm", type=int, default=5, help="warm walks after each cold one (default 5)"
+    )
+    parser.add_argument(
+        "--no-drop-caches",
+        action="store_true",
+        help="skip the cold walk after echo 3 > /proc/sys/vm/drop_caches",
+    )
     parser.add_argument("--samples", action="store_true", help="print every walk's time")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is not met")
     args = parser.parse_args(argv)
@@ -619,20 +820,32 @@ def main(argv: list[str] | None = None) -> int:
         targets = [Tmpfs(work, world), Floor(work, world), Drekifs(work, world)]
         dreki = targets[2]
         assert isinstance(dreki, Drekifs)
-        print(f"world {DOMAIN}: {len(world.regions)} regions ({TOP_REGIONS} top-level, each "
-              f"with {SUB_REGIONS} sub-regions), {len(world.nodes)} nodes "
-              f"({NODES_PER_REGION} in every region)")
+        print(
+            f"world {DOMAIN}: {len(world.regions)} regions ({TOP_REGIONS} top-level, each "
+            f"with {SUB_REGIONS} sub-regions), {len(world.nodes)} nodes "
+            f"({NODES_PER_REGION} in every region)"
+        )
         print(f"  drekifs world --check: {dreki.check_world()}")
-        print(f"tree: {world.n_dirs} directories (root, regions, nodes, their global/local "
-              f"stores, .dreki) and {len(world.files)} files (.dreki/*), on each filesystem")
-        print(f"cold (mount): the first walk after a fresh mount; "
-              f"{'cold (drop): after echo 3 > drop_caches; ' if drop else ''}"
-              f"warm: repeated at once")
+        print(
+            f"tree: {world.n_dirs} directories (root, regions, nodes, their global/local "
+            f"stores, .dreki) and {len(world.files)} files (.dreki/*), on each filesystem"
+        )
+        print(
+            f"cold (mount): the first walk after a fresh mount; "
+            f"{'cold (drop): after echo 3 > drop_caches; ' if drop else ''}"
+            f"warm: repeated at once"
+        )
         print("(tmpfs keeps its whole tree in the dentry cache: it has no cold state)")
         print(f"work directory: {work}", flush=True)
 
         startup = find_startup(work)
-        results = {t.name: measure(t, world, args.rounds, args.warm, drop) for t in targets}
+        results = {t.name: Samples() for t in targets}
+        for r in range(args.rounds):
+            measure_round(
+                targets, world, results, args.warm, drop, first=r % len(targets), check=r == 0
+            )
+            sys.stdout.flush()
+            print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         met = report(world, kinds, results, startup, args.rounds, args.warm)
         if args.samples:
             print_samples(kinds, results)

@@ -146,7 +146,8 @@ class FloorFS(pyfuse3.Operations):
 
 # Every request the kernel can send, implemented above or answered by pyfuse3's defaults.
 REQUESTS = tuple(
-    name for name, fn in inspect.getmembers(pyfuse3.Operations, inspect.iscoroutinefunction)
+    name
+    for name, fn in inspect.getmembers(pyfuse3.Operations, inspect.iscoroutinefunction)
     if not name.startswith("_")
 )
 
@@ -219,10 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tree", type=Path, help='JSON: {"dirs": [...], "files": [...]}')
     parser.add_argument("mountpoint", type=Path)
-    parser.add_argument("--counts", type=Path, metavar="FILE",
-                        help="write the request counters here on SIGUSR1 and on exit")
-    parser.add_argument("--timeout", type=float, default=3600.0, metavar="S",
-                        help="entry and attribute timeout (default 3600, as drekifs)")
+    parser.add_argument(
+        "--counts",
+        type=Path,
+        metavar="FILE",
+        help="write the request counters here on SIGUSR1 and on exit",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="entry and attribute timeout (default 3600, as drekifs)",
+    )
     args = parser.parse_args(argv)
 
     tree = json.loads(args.tree.read_text())
