@@ -87,7 +87,9 @@ async def test_unlinked_while_open_write_goes_nowhere(tmp_path: Path) -> None:
 
 
 def test_record_round_trip() -> None:
-    r = Record(FILE, 7, 0o640, 1, 2, 3, 4, 5, {b"user.a": b"1"}, b"", Version(9, "p", (("q", 3),)))
+    r = Record(
+        FILE, 7, 0o640, 1, 2, 3, 4, 5, {b"user.a": b"1"}, b"", Version(9, "p", (("q", 3),)), 8, 2
+    )
     assert Record.unpack(r.pack()) == r
 
 

@@ -84,6 +84,9 @@ class _Layer:
     def __bool__(self) -> bool:
         return bool(self.entries or self.values or self.eids)
 
+    def __len__(self) -> int:
+        return len(self.entries) + len(self.values)
+
 
 @dataclass
 class StoreStats:
@@ -256,12 +259,20 @@ class LmdbStore:
             raise StoreError(errno.ENOTDIR, f"{self._label(loc, parts[:-1])} is not a directory")
         return parent
 
-    def _touch_dir(self, loc: str, parts: Parts, now: int) -> None:
+    def _touch_dir(self, loc: str, parts: Parts, now: int, subdirs: int = 0) -> None:
         """A directory's entries changed: its mtime and ctime move (its version does not: a
         directory's content is its children's business, not a replicated write)."""
         rec = self.get(loc, parts)
         if rec is not None:
-            self._put(entry_key(loc, parts), rec.but(mtime_ns=now, ctime_ns=now))
+            self._put(
+                entry_key(loc, parts),
+                rec.but(
+                    mtime_ns=now,
+                    ctime_ns=now,
+                    atime_ns=now,
+                    subdirs=max(0, rec.subdirs + subdirs),
+                ),
+            )
 
     def _label(self, loc: str, parts: Parts) -> str:
         return f"{self.name}@{loc}:/" + "/".join(p.decode("utf-8", "replace") for p in parts)
@@ -297,10 +308,11 @@ class LmdbStore:
             {},
             target,
             self._version(previous),
+            now,
         )
         self._put(key, rec)
         self._pending.eids[eid] = key
-        self._touch_dir(loc, parts[:-1], now)
+        self._touch_dir(loc, parts[:-1], now, 1 if kind == DIR else 0)
         self._notify(loc, parts, origin)
         return rec
 
@@ -311,7 +323,13 @@ class LmdbStore:
             )
 
     def write_value(
-        self, loc: str, parts: Parts, eid: int, value: bytes, origin: object = None
+        self,
+        loc: str,
+        parts: Parts,
+        eid: int,
+        value: bytes,
+        origin: object = None,
+        mtime_ns: int | None = None,
     ) -> Record | None:
         """Set a file's bytes. None when the entry is gone or is another one now (the file was
         unlinked or replaced while open): the write has nowhere to go."""
@@ -321,7 +339,14 @@ class LmdbStore:
         if rec is None or not rec.alive or rec.eid != eid:
             return None
         now = self._now()
-        new = rec.but(size=len(value), mtime_ns=now, ctime_ns=now, version=self._version(rec))
+        mtime = mtime_ns or now
+        new = rec.but(
+            size=len(value),
+            mtime_ns=mtime,
+            atime_ns=mtime,
+            ctime_ns=now,
+            version=self._version(rec),
+        )
         self._put(key, new)
         self._pending.values[eid] = bytes(value)
         self._notify(loc, parts, origin)
@@ -337,13 +362,9 @@ class LmdbStore:
         if "perm" in fields:
             fields["perm"] &= 0o7777
         version = rec.version if rec.is_dir else self._version(rec)
-        new = rec.but(version=version, **fields)
-        if parts:
-            self._put(key, new)
-        else:
-            self._put(key, new.but(eid=0))
+        self._put(key, rec.but(version=version, **fields))
         self._notify(loc, parts, origin)
-        return new
+        return self.get(loc, parts)  # type: ignore[return-value]
 
     def remove(self, loc: str, parts: Parts, *, is_dir: bool, origin: object = None) -> Record:
         """unlink (``is_dir`` False) or rmdir (True), with their errnos."""
@@ -359,7 +380,7 @@ class LmdbStore:
             raise StoreError(errno.ENOTEMPTY, f"{label} is not empty")
         now = self._now()
         self._drop(loc, parts, rec, now)
-        self._touch_dir(loc, parts[:-1], now)
+        self._touch_dir(loc, parts[:-1], now, -1 if rec.is_dir else 0)
         self._notify(loc, parts, origin)
         return rec
 
@@ -414,6 +435,8 @@ class LmdbStore:
             if target.is_dir and self.has_children(loc, dst):
                 raise StoreError(errno.ENOTEMPTY, f"{label} is not empty")
             self._drop(loc, dst, target, now)
+            if target.is_dir:
+                self._touch_dir(loc, dst[:-1], now, -1)
         moved = list(self.walk(loc, src))
         for old_parts, old in moved:
             new_parts = dst + old_parts[len(src) :]
@@ -430,8 +453,9 @@ class LmdbStore:
                 self._put(old_key, tomb)
             else:
                 self._put(old_key, None)
-        self._touch_dir(loc, src[:-1], now)
-        self._touch_dir(loc, dst[:-1], now)
+        shift = 1 if rec.is_dir else 0
+        self._touch_dir(loc, src[:-1], now, -shift)
+        self._touch_dir(loc, dst[:-1], now, shift)
         self._notify(loc, src, origin)
         self._notify(loc, dst, origin)
 
@@ -491,9 +515,7 @@ class LmdbStore:
                 self._pending = _merge(batch, self._pending)
                 self._inflight = _Layer()
                 self.commit_error = str(e)
-                log.error(
-                    "store %s: cannot commit %d changes: %s", self.name, len(batch.entries), e
-                )
+                log.error("store %s: cannot commit %d changes: %s", self.name, len(batch), e)
                 raise StoreError(errno.ENOSPC if "MAP_FULL" in str(e) else errno.EIO, str(e)) from e
             self._inflight = _Layer()
             self.commit_error = None

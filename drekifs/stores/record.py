@@ -11,6 +11,8 @@ Record fields, with their msgpack map keys::
     x  xattrs      {name: value} for user.* attributes
     l  target      symlink target
     v  version     [hlc, peer, [[peer, hlc], ...]]  (global store only)
+    a  atime_ns    when set apart from mtime (utimensat); reads never change it
+    n  subdirs     number of subdirectories (directories), for their link count
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class Record:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     target: bytes = b""
     version: Version | None = None
+    atime_ns: int = 0
+    subdirs: int = 0
 
     @property
     def mode(self) -> int:
@@ -96,6 +100,10 @@ class Record:
             d["l"] = self.target
         if self.version is not None:
             d["v"] = self.version.to_wire()
+        if self.atime_ns and self.atime_ns != self.mtime_ns:
+            d["a"] = self.atime_ns
+        if self.subdirs:
+            d["n"] = self.subdirs
         return msgpack.packb(d, use_bin_type=True)
 
     @classmethod
@@ -114,4 +122,6 @@ class Record:
             d.get("x") or {},
             d.get("l", b""),
             Version.from_wire(v) if v else None,
+            d.get("a", d["m"]),
+            d.get("n", 0),
         )

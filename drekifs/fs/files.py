@@ -1,0 +1,100 @@
+"""Open files: per-inode write buffers, committed to the store on fsync and on release.
+
+A file's bytes are read from the store until somebody writes; then the whole value is held in
+a buffer here, changed in place by each WRITE, and handed to the store (one new version) on
+fsync and at the latest on release. FLUSH is not implemented (ENOSYS): the kernel then skips it
+for every close, which saves one request per file; limits are checked at WRITE time, so the
+error that matters (EFBIG) reaches the writer, and fsync reports the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..stores.lmdbstore import LmdbStore, Parts
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """What the handles of one inode share."""
+
+    ino: int
+    store: LmdbStore
+    loc: str
+    eid: int
+    handles: int = 0
+    buffer: bytearray | None = None  # the whole value, once written (or kept after unlink)
+    dirty: bool = False
+    mtime_ns: int = 0  # of the last write, while dirty
+
+    def load(self) -> bytearray:
+        if self.buffer is None:
+            self.buffer = bytearray(self.store.read(self.eid))
+        return self.buffer
+
+    def write(self, offset: int, data: bytes) -> int:
+        buf = self.load()
+        end = offset + len(data)
+        self.store.check_size(end)
+        if offset > len(buf):
+            buf.extend(bytes(offset - len(buf)))
+        buf[offset:end] = data
+        self.dirty = True
+        self.mtime_ns = time.time_ns()
+        return len(data)
+
+    def truncate(self, size: int) -> None:
+        self.store.check_size(size)
+        buf = self.load()
+        if size < len(buf):
+            del buf[size:]
+        else:
+            buf.extend(bytes(size - len(buf)))
+        self.dirty = True
+        self.mtime_ns = time.time_ns()
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self.buffer is not None:
+            return bytes(self.buffer[offset : offset + size])
+        return self.store.read(self.eid, offset, size)
+
+    def commit(self, parts: Parts | None, origin: object) -> None:
+        """Hand a dirty buffer to the store (in memory; the store's writer takes it to disk).
+
+        ``parts`` is where the entry is now, or None when it is gone: then the bytes are kept
+        for the handles still open, and go nowhere.
+        """
+        if not self.dirty:
+            return
+        self.dirty = False
+        if parts is not None:
+            self.store.write_value(
+                self.loc, parts, self.eid, bytes(self.buffer or b""), origin, self.mtime_ns
+            )
+
+
+@dataclass
+class OpenFiles:
+    by_ino: dict[int, OpenFile] = field(default_factory=dict)
+    by_fh: dict[int, OpenFile] = field(default_factory=dict)
+    next_fh: int = 1 << 62  # above every store inode, below world inodes' use as handles
+
+    def open(self, ino: int, store: LmdbStore, loc: str, eid: int) -> tuple[int, OpenFile]:
+        f = self.by_ino.get(ino)
+        if f is None:
+            f = self.by_ino[ino] = OpenFile(ino, store, loc, eid)
+        f.handles += 1
+        fh = self.next_fh
+        self.next_fh += 1
+        self.by_fh[fh] = f
+        return fh, f
+
+    def close(self, fh: int) -> OpenFile | None:
+        f = self.by_fh.pop(fh, None)
+        if f is None:
+            return None
+        f.handles -= 1
+        if f.handles == 0:
+            self.by_ino.pop(f.ino, None)
+        return f
