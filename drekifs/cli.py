@@ -86,6 +86,29 @@ def source_config(args: argparse.Namespace):
     )
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """12, 64k, 1M, 1MiB, 2G: bytes."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    number = t[: len(t) - len(unit)]
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 1048576, 64k, 1MiB)")
+    return int(number) * _UNITS[unit]
+
+
+def store_name(text: str) -> str:
+    from .urn import is_valid_store_name
+
+    if not is_valid_store_name(text) or text in ("global", "local"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a store name ([a-z0-9][a-z0-9_-]*, not global or local)"
+        )
+    return text
+
+
 def _usage(message: str) -> int:
     print(f"drekifs: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -156,6 +179,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             cache_timeout=args.cache_timeout,
             log_level=args.log_level,
             log_file=Path(os.path.abspath(args.log_file)) if args.log_file else None,
+            stores=args.store or [],
+            max_global_value=args.max_global_value,
+            max_local_value=args.max_local_value,
         )
     )
 
@@ -303,6 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-file",
         metavar="FILE",
         help="log here (default: stderr in the foreground, DATA_DIR/drekifs.log in the background)",
+    )
+    p.add_argument(
+        "--store",
+        metavar="NAME",
+        action="append",
+        type=store_name,
+        help="another local store of this node, beside 'local' (repeatable)",
+    )
+    p.add_argument(
+        "--max-global-value",
+        metavar="SIZE",
+        type=parse_size,
+        default=1 << 20,
+        help="largest value of a global key (EFBIG beyond; default 1MiB)",
+    )
+    p.add_argument(
+        "--max-local-value",
+        metavar="SIZE",
+        type=parse_size,
+        default=64 << 20,
+        help="largest value of a local key (EFBIG beyond; default 64MiB)",
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_mount)

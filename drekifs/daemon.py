@@ -20,6 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .fs.inodes import StoreSlots
+from .stores.lmdbstore import LmdbStore
+from .stores.version import HybridClock
 from .world.model import World
 from .world.resolve import SourceError
 from .world.snapshot import Snapshot
@@ -46,6 +49,9 @@ class MountConfig:
     cache_timeout: float = 3600.0
     log_level: str = "INFO"
     log_file: Path | None = None
+    stores: list[str] = field(default_factory=list)  # local stores beyond "local"
+    max_global_value: int = 1 << 20
+    max_local_value: int = 64 << 20
 
 
 # -- mount table ---------------------------------------------------------------------------------
@@ -153,6 +159,7 @@ class Daemon:
         self.started_ns = time.time_ns()
         self.ops = None
         self.node = None
+        self.stores: dict[str, LmdbStore] = {}
         self.watcher = None
         self.external_unmount = False
 
@@ -171,9 +178,18 @@ class Daemon:
         except SourceError as e:
             raise MountError(f"cannot load the world: {e}") from None
         self.node = self._pick_node(snap.world)
+        self.stores = stores = self._open_stores(snap.world)
         status = self._status_files()
-        ns = Namespace(snap, status.names(), started_ns=self.started_ns)
-        self.ops = ops = Operations(ns, status, config.data_dir, config.cache_timeout)
+        ns = Namespace(snap, status.names(), self._node_stores, self.started_ns)
+        self.ops = ops = Operations(
+            ns,
+            status,
+            config.data_dir,
+            config.cache_timeout,
+            stores,
+            self.node,
+            StoreSlots(config.data_dir / "stores" / "slots.json"),
+        )
 
         options = set(pyfuse3.default_options)
         options |= {f"fsname={snap.world.domain}", "subtype=drekifs"}
@@ -198,9 +214,44 @@ class Daemon:
                 nursery.start_soon(ops.invalidator.run)
                 nursery.start_soon(self._on_signals, nursery)
                 nursery.start_soon(self._announce_ready, ready)
+                for store in stores.values():
+                    nursery.start_soon(store.run_writer)
         finally:
             pyfuse3.close(unmount=not self.external_unmount)
             log.info("unmounted %s", config.mountpoint)
+            with trio.CancelScope(shield=True):
+                # Whatever the kernel handed us is on disk before the daemon exits.
+                await ops.commit_open_files()
+                for store in stores.values():
+                    await store.close()
+
+    def _open_stores(self, world: World) -> dict[str, LmdbStore]:
+        config = self.config
+        node = world.nodes.get(self.node or "")
+        peer = node.peer_id if node else "unknown"
+        base = config.data_dir / "stores"
+        clock = HybridClock()
+        common = {"peer": peer, "clock": clock, "uid": os.getuid(), "gid": os.getgid()}
+        stores = {
+            "global": LmdbStore(
+                "global",
+                base / "global",
+                replicated=True,
+                max_value=config.max_global_value,
+                **common,
+            )
+        }
+        for name in ("local", *config.stores):
+            stores[name] = LmdbStore(
+                name, base / name, replicated=False, max_value=config.max_local_value, **common
+            )
+        return stores
+
+    def _node_stores(self, node: str) -> tuple[str, ...]:
+        """The stores under a node's directory: this node's own, or global and local."""
+        if node == self.node:
+            return ("global", "local", *self.config.stores)
+        return ("global", "local")
 
     def _pick_node(self, world: World) -> str | None:
         if self.config.node is None:
@@ -244,6 +295,7 @@ class Daemon:
         files.add("world.json", per_world("world.json", render_json))
         files.add("world-errors", errors, volatile=True)
         files.add("requests", lambda: status.counters_text(self.ops.counts), volatile=True)
+        files.add("stores", lambda: status.stores_text(self.stores.values()), volatile=True)
         return files
 
     def _world_changed(self, old: Snapshot | None, new: Snapshot) -> None:
@@ -251,7 +303,7 @@ class Daemon:
             return  # the first world, before the mount
         from .fs.namespace import Namespace
 
-        ns = Namespace(new, self.ops.status.names(), started_ns=self.started_ns)
+        ns = Namespace(new, self.ops.status.names(), self._node_stores, self.started_ns)
         self.ops.set_namespace(ns, changed_status=("world", "world.json"))
         if self.node and self.node not in new.world.nodes:
             log.error("this node, %s, is no longer in the world", self.node)

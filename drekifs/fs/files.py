@@ -76,25 +76,18 @@ class OpenFile:
 
 @dataclass
 class OpenFiles:
-    by_ino: dict[int, OpenFile] = field(default_factory=dict)
-    by_fh: dict[int, OpenFile] = field(default_factory=dict)
-    next_fh: int = 1 << 62  # above every store inode, below world inodes' use as handles
+    """Open inodes, each shared by all its handles."""
 
-    def open(self, ino: int, store: LmdbStore, loc: str, eid: int) -> tuple[int, OpenFile]:
+    by_ino: dict[int, OpenFile] = field(default_factory=dict)
+
+    def open(self, ino: int, store: LmdbStore, loc: str, eid: int) -> OpenFile:
         f = self.by_ino.get(ino)
         if f is None:
             f = self.by_ino[ino] = OpenFile(ino, store, loc, eid)
         f.handles += 1
-        fh = self.next_fh
-        self.next_fh += 1
-        self.by_fh[fh] = f
-        return fh, f
-
-    def close(self, fh: int) -> OpenFile | None:
-        f = self.by_fh.pop(fh, None)
-        if f is None:
-            return None
-        f.handles -= 1
-        if f.handles == 0:
-            self.by_ino.pop(f.ino, None)
         return f
+
+    def close(self, f: OpenFile) -> None:
+        f.handles -= 1
+        if f.handles == 0 and self.by_ino.get(f.ino) is f:
+            del self.by_ino[f.ino]

@@ -64,27 +64,23 @@ def alias_of(segments: tuple[str, ...], taken: set[int]) -> int:
 
 
 class StoreSlots:
-    """Store name <-> slot, persisted so that inode numbers survive remounts."""
+    """Store name <-> slot, persisted (when ``path`` is given) so inode numbers survive remounts."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self.slots: dict[str, int] = dict(FIXED_SLOTS)
-        with contextlib.suppress(FileNotFoundError):
-            self.slots.update(json.loads(path.read_text()))
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.slots.update(json.loads(path.read_text()))
 
     def slot(self, name: str) -> int:
         if name not in self.slots:
             self.slots[name] = max(self.slots.values()) + 1
             if self.slots[name] > SLOT_MASK:
                 raise ValueError("too many stores")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.slots, sort_keys=True))
-            os.replace(tmp, self.path)
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.slots, sort_keys=True))
+                os.replace(tmp, self.path)
         return self.slots[name]
-
-    def name(self, slot: int) -> str | None:
-        for name, s in self.slots.items():
-            if s == slot:
-                return name
-        return None

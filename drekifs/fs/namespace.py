@@ -19,11 +19,13 @@ import enum
 import hashlib
 import logging
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..urn import STATUS_STORE, URN
 from ..world.model import World
 from ..world.snapshot import Snapshot
+from .inodes import alias_of
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class Entry:
     order: list[int] = field(default_factory=list)  # children's inodes, sorted
     nlink: int = 1
     status: str | None = None  # the status file's name
+    alias: int = 0  # store roots: which path of their location (inodes.py)
 
     def after(self, cursor: int) -> int:
         """Index in ``order`` of the first child whose inode is greater than ``cursor``."""
@@ -86,13 +89,18 @@ class Namespace:
         self,
         snapshot: Snapshot,
         status_files: tuple[str, ...] = (),
-        node_stores: tuple[str, ...] = ("global", "local"),
+        node_stores: Callable[[str], tuple[str, ...]] | None = None,
         started_ns: int = 0,
     ) -> None:
+        """``node_stores(node)`` names the stores of a node (default: global and local)."""
         self.snapshot = snapshot
         self.world: World = snapshot.world
         self.entries: dict[int, Entry] = {}
         self.truncated = False
+        # (location, alias) -> path, and (location, store) -> its roots, one per path.
+        self.alias_paths: dict[tuple[str, int], tuple[str, ...]] = {}
+        self.store_roots: dict[tuple[str, str], list[Entry]] = {}
+        aliases_taken: dict[str, set[int]] = {}
         world = self.world
         last_change = max(snapshot.changed_ns.values(), default=snapshot.mtime_ns(()))
 
@@ -126,11 +134,19 @@ class Namespace:
                 by_path[loc.segments] = entry
             else:
                 entry = root
-            stores = node_stores if loc.is_node else ("global",)
+            stores = (
+                (node_stores(loc.name) if node_stores else ("global", "local"))
+                if loc.is_node
+                else ("global",)
+            )
+            taken = aliases_taken.setdefault(loc.name, set())
+            alias = alias_of(loc.segments, taken)
+            taken.add(alias)
+            self.alias_paths[(loc.name, alias)] = loc.segments
             for store in stores:
                 # Dated from when the location appeared: a region gaining a member does not
                 # touch its stores.
-                self._add(
+                root_entry = self._add(
                     entry.urn.with_store(store),
                     Kind.STORE,
                     STORE_DIR_MODE,
@@ -139,6 +155,8 @@ class Namespace:
                     store.encode(),
                     loc.name,
                 )
+                root_entry.alias = alias
+                self.store_roots.setdefault((loc.name, store), []).append(root_entry)
         status = self._add(
             URN(world.domain, (), STATUS_STORE),
             Kind.STATUS_DIR,

@@ -1,8 +1,11 @@
-"""FUSE requests, translated: the kernel asks, the namespace and the status files answer.
+"""FUSE requests, translated: the kernel asks; the namespace, the stores and the status files
+answer.
 
-Every handler goes through :func:`request`, which counts it and turns an unexpected exception
-into EIO with a log line naming the URN: pyfuse3 ends the whole mount on any exception that is
-not a FUSEError, and no request may do that.
+Two kinds of inodes: the world's directories (regions, nodes, store roots, ``.dreki``), from the
+namespace; and store entries, whose numbers carry the store and entry id (inodes.py). Every
+handler goes through :func:`request`, which counts it and turns an unexpected exception into EIO
+with a log line naming the URN: pyfuse3 ends the whole mount on any exception that is not a
+FUSEError, and no request may do that.
 """
 
 from __future__ import annotations
@@ -12,15 +15,23 @@ import functools
 import itertools
 import logging
 import os
+import stat
 import time
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from ..stores.lmdbstore import LmdbStore, Parts
+from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
+from ..urn import URN
+from . import inodes
+from .files import OpenFile, OpenFiles
 from .invalidate import Invalidator
 from .namespace import Entry, Kind, Namespace, diff
 from .status import StatusFiles
@@ -29,10 +40,15 @@ log = logging.getLogger(__name__)
 
 XATTR_URN = b"user.dreki.urn"
 XATTR_STORE = b"user.dreki.store"
+XATTR_VERSION = b"user.dreki.version"
+XATTR_OWNER = b"user.dreki.owner"
 ACL_PREFIX = b"system.posix_acl_"
+MAX_NAME = 255
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 # Failures that are part of normal life: not worth a log line each.
-QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.ENOSYS})
+QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.ENOSYS, errno.EEXIST})
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -50,11 +66,45 @@ def request(fn: F) -> F:
             if e.errno not in QUIET_ERRNOS:
                 log.info("%s %s: %s", op, self.describe(op, args), os.strerror(e.errno))
             raise
+        except StoreError as e:
+            if e.errno not in QUIET_ERRNOS:
+                log.info("%s %s: %s", op, self.describe(op, args), e)
+            raise FUSEError(e.errno) from None
         except Exception:
             log.exception("%s %s failed unexpectedly; answered EIO", op, self.describe(op, args))
             raise FUSEError(errno.EIO) from None
 
     return handler  # type: ignore[return-value]
+
+
+@dataclass(slots=True)
+class StoreNode:
+    """A directory or file inside a store, as one request sees it."""
+
+    ino: int
+    store: LmdbStore
+    loc: str
+    segments: tuple[str, ...]  # the location's path: which alias of it
+    alias: int
+    parts: Parts
+    rec: Record
+    root: Entry | None = None  # set for a store's root (a world inode)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.rec.is_dir
+
+
+@dataclass(slots=True)
+class DirHandle:
+    node: Entry | StoreNode
+    listing: list[tuple[int, bytes]] | None = None  # store directories: (inode, name) by inode
+
+
+@dataclass(slots=True)
+class FileHandle:
+    file: OpenFile | None = None  # store files
+    content: bytes | None = None  # status files
 
 
 class Operations(pyfuse3.Operations):
@@ -68,21 +118,31 @@ class Operations(pyfuse3.Operations):
         status: StatusFiles,
         data_dir: Path | None = None,
         cache_timeout: float = 3600.0,
+        stores: dict[str, LmdbStore] | None = None,
+        node: str | None = None,
+        slots: inodes.StoreSlots | None = None,
     ) -> None:
         super().__init__()
         self.ns = namespace
         self.status = status
         self.data_dir = data_dir
         self.cache_timeout = cache_timeout
+        self.stores = stores or {}
+        self.node = node
+        self.slots = slots or inodes.StoreSlots()
+        self.by_slot = {self.slots.slot(name): s for name, s in self.stores.items()}
         self.invalidator = Invalidator()
         self.counts: Counter[str] = Counter()
         self.uid = os.getuid()
         self.gid = os.getgid()
-        self._handles: dict[int, bytes] = {}
+        self.files = OpenFiles()
+        self._handles: dict[int, DirHandle | FileHandle] = {}
         self._next_fh = itertools.count(1)
         self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}
+        for store in self.stores.values():
+            store.watchers.append(functools.partial(self._store_changed, store))
 
-    # -- namespace changes -----------------------------------------------------------------
+    # -- namespace and store changes -------------------------------------------------------
 
     def set_namespace(self, new: Namespace, changed_status: tuple[str, ...] = ()) -> None:
         """Serve ``new`` from now on and have the kernel forget what changed."""
@@ -100,58 +160,165 @@ class Operations(pyfuse3.Operations):
             if e is not None:
                 self.invalidator.inode(e.ino)
 
-    # -- helpers ---------------------------------------------------------------------------
+    def _store_changed(self, store: LmdbStore, loc: str, parts: Parts, origin: object) -> None:
+        """A change that did not come through this mount: the kernel's caches must drop it,
+        on every path of the location (queued: invalidating here could deadlock)."""
+        if origin is self or not parts:
+            return
+        slot = self.slots.slot(store.name)
+        parent = store.get(loc, parts[:-1])
+        rec = store.get(loc, parts)
+        for root in self.ns.store_roots.get((loc, store.name), ()):
+            if len(parts) == 1:
+                parent_ino = root.ino
+            elif parent is not None:
+                parent_ino = inodes.pack(root.alias, slot, parent.eid)
+            else:
+                continue
+            self.invalidator.entry(parent_ino, parts[-1])
+            self.invalidator.inode(parent_ino)
+            if rec is not None:
+                self.invalidator.inode(inodes.pack(root.alias, slot, rec.eid))
+
+    # -- resolving inodes ------------------------------------------------------------------
 
     def describe(self, op: str, args: tuple) -> str:
         """The URN a request is about, for log lines."""
         try:
-            if op in ("read", "release", "flush", "fsync", "readdir", "releasedir", "write"):
+            if op in ("read", "write", "release", "flush", "fsync", "readdir", "releasedir"):
+                handle = self._handles.get(args[0])
+                if isinstance(handle, FileHandle) and handle.file is not None:
+                    return str(self._urn_of(self._node(handle.file.ino)))
+                if isinstance(handle, DirHandle):
+                    return str(self._urn_of(handle.node))
                 return f"fh {args[0]}"
             if op == "statfs":
                 return self.ns.world.domain
-            entry = self.ns.get(args[0]) if args else None
-            if entry is None:
-                return f"inode {args[0]}" if args else ""
+            node = self._node(args[0]) if args else None
+            urn = self._urn_of(node)
             if op in ("lookup", "mkdir", "mknod", "create", "unlink", "rmdir", "symlink"):
-                return str(entry.urn.child(args[1]))
+                return str(urn.child(args[1]))
             if op == "rename":
-                return f"{entry.urn.child(args[1])} -> inode {args[2]} {args[3]!r}"
-            if op == "link":
-                return f"{entry.urn} -> inode {args[1]} {args[2]!r}"
-            return str(entry.urn)
+                new_parent = self._urn_of(self._node(args[2]))
+                return f"{urn.child(args[1])} -> {new_parent.child(args[3])}"
+            return str(urn)
         except Exception:  # a log line must never fail the request
             return repr(args[:2])
 
-    def _entry(self, ino: int) -> Entry:
+    def _urn_of(self, node: Entry | StoreNode | None) -> URN:
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        if isinstance(node, Entry):
+            return node.urn
+        if node.root is not None:
+            return node.root.urn
+        return URN(self.ns.world.domain, node.segments, node.store.name, node.parts)
+
+    def _node(self, ino: int) -> Entry | StoreNode:
+        """What an inode is now; ENOENT when it is gone."""
+        if inodes.is_store_inode(ino):
+            si = inodes.unpack(ino)
+            store = self.by_slot.get(si.slot)
+            if store is not None:
+                where = store.locate(si.eid)
+                if where is not None:
+                    loc, parts = where
+                    segments = self.ns.alias_paths.get((loc, si.alias))
+                    rec = store.get(loc, parts)
+                    if segments is not None and rec is not None and rec.eid == si.eid:
+                        return StoreNode(ino, store, loc, segments, si.alias, parts, rec)
+            raise FUSEError(errno.ENOENT)
         e = self.ns.get(ino)
         if e is None:
             raise FUSEError(errno.ENOENT)
+        if e.kind is Kind.STORE:
+            store = self._store_at(e)
+            if store is not None:
+                rec = store.get(e.location, ())
+                return StoreNode(ino, store, e.location, e.urn.segments, e.alias, (), rec, e)
         return e
 
-    def _attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
-        if e.kind is Kind.STATUS_FILE:
-            return self._status_attrs(e)
-        attr = self._attr_cache.get(e.ino)
+    def _store_at(self, e: Entry) -> LmdbStore | None:
+        """The store served at a store root: global everywhere, local ones on this node only."""
+        name = e.urn.store or ""
+        if name == "global" or e.location == self.node:
+            return self.stores.get(name)
+        return None
+
+    def _store_node(self, ino: int) -> StoreNode:
+        node = self._node(ino)
+        if isinstance(node, StoreNode):
+            return node
+        raise self._refuse(node)
+
+    def _child(self, parent: StoreNode, name: bytes) -> StoreNode | None:
+        parts = (*parent.parts, name)
+        rec = parent.store.get(parent.loc, parts)
+        if rec is None:
+            return None
+        ino = inodes.pack(parent.alias, self.slots.slot(parent.store.name), rec.eid)
+        return StoreNode(ino, parent.store, parent.loc, parent.segments, parent.alias, parts, rec)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > MAX_NAME:
+            raise FUSEError(errno.ENAMETOOLONG)
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def _attrs(self, node: Entry | StoreNode) -> pyfuse3.EntryAttributes:
+        if isinstance(node, StoreNode):
+            return self._store_attrs(node)
+        if node.kind is Kind.STATUS_FILE:
+            return self._status_attrs(node)
+        attr = self._attr_cache.get(node.ino)
         if attr is not None:
             return attr
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = e.ino
-        attr.st_mode = e.mode
-        attr.st_nlink = e.nlink
+        attr.st_ino = node.ino
+        attr.st_mode = node.mode
+        attr.st_nlink = node.nlink
         attr.st_uid = self.uid
         attr.st_gid = self.gid
         attr.st_size = 0
         attr.st_blksize = 4096
         attr.st_blocks = 0
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = e.mtime_ns
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
         attr.entry_timeout = attr.attr_timeout = self.cache_timeout
-        self._attr_cache[e.ino] = attr
+        if node.kind is not Kind.STORE:
+            self._attr_cache[node.ino] = attr
         return attr
 
-    def _status_attrs(self, e: Entry, content: bytes | None = None) -> pyfuse3.EntryAttributes:
+    def _store_attrs(self, node: StoreNode) -> pyfuse3.EntryAttributes:
+        rec = node.rec
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.st_mode = rec.mode
+        attr.st_uid = rec.uid
+        attr.st_gid = rec.gid
+        attr.st_blksize = 4096
+        attr.entry_timeout = attr.attr_timeout = self.cache_timeout
+        size, mtime = rec.size, rec.mtime_ns
+        if rec.is_dir:
+            attr.st_nlink = 2 + rec.subdirs
+            size = 0
+        else:
+            attr.st_nlink = 1
+            f = self.files.by_ino.get(node.ino)
+            if f is not None and f.dirty:
+                size, mtime = len(f.buffer or b""), f.mtime_ns
+        if node.root is not None and not rec.mtime_ns:
+            mtime = node.root.mtime_ns  # a root nobody wrote in yet
+        attr.st_size = size
+        attr.st_blocks = (size + 511) // 512
+        attr.st_mtime_ns = mtime
+        attr.st_atime_ns = rec.atime_ns or mtime
+        attr.st_ctime_ns = rec.ctime_ns or mtime
+        return attr
+
+    def _status_attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
         spec = self.status.get(e.status or "")
-        if content is None:
-            content = spec.render() if spec else b""
+        content = spec.render() if spec else b""
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = e.ino
         attr.st_mode = e.mode
@@ -161,169 +328,149 @@ class Operations(pyfuse3.Operations):
         attr.st_size = len(content)
         attr.st_blksize = 4096
         attr.st_blocks = (len(content) + 511) // 512
-        mtime = time.time_ns() if spec and spec.volatile else e.mtime_ns
+        volatile = bool(spec and spec.volatile)
+        mtime = time.time_ns() if volatile else e.mtime_ns
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
-        timeout = 0.0 if spec and spec.volatile else self.cache_timeout
         attr.entry_timeout = self.cache_timeout
-        attr.attr_timeout = timeout
+        attr.attr_timeout = 0.0 if volatile else self.cache_timeout
         return attr
 
-    def _refuse(self, e: Entry) -> FUSEError:
-        """The errno for changing something in ``e``: world dirs and .dreki are read-only."""
-        if e.kind is Kind.STORE:
-            return FUSEError(errno.EROFS)  # writable from the stores issue on
-        return FUSEError(errno.EPERM)
+    def _refuse(self, node: Entry | StoreNode) -> FUSEError:
+        """The errno for changing something that cannot change here."""
+        if isinstance(node, Entry) and node.kind is Kind.STORE:
+            return FUSEError(errno.EROFS)  # another node's store: not served by this peer yet
+        return FUSEError(errno.EPERM)  # world directories and .dreki are read-only
 
     # -- lookups and attributes ------------------------------------------------------------
 
     @request
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_name(name)
+        parent = self._node(parent_inode)
+        if isinstance(parent, StoreNode):
+            child = self._child(parent, name)
+            if child is None:
+                raise FUSEError(errno.ENOENT)
+            return self._store_attrs(child)
         e = self.ns.child(parent_inode, name)
         if e is None:
-            if self.ns.get(parent_inode) is None:
-                raise FUSEError(errno.ENOENT)
-            if len(name) > 255:
-                raise FUSEError(errno.ENAMETOOLONG)
             raise FUSEError(errno.ENOENT)
-        return self._attrs(e)
+        return self._attrs(self._node(e.ino))
 
     @request
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._attrs(self._entry(inode))
+        return self._attrs(self._node(inode))
 
     @request
     async def forget(self, inode_list: Any) -> None:
-        pass  # world inodes are derived from the namespace: nothing to free
+        pass  # inodes are derived (namespace, store entry ids): nothing to free
 
     @request
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
-        raise self._refuse(self._entry(inode))
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = self._store_node(inode)
+        store, loc, parts = node.store, node.loc, node.parts
+        f = self.files.by_ino.get(inode)
+        if fields.update_size:
+            if node.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if f is not None:
+                f.truncate(attr.st_size)
+            else:
+                value = bytearray(store.read(node.rec.eid))
+                store.check_size(attr.st_size)
+                del value[attr.st_size :]
+                value.extend(bytes(attr.st_size - len(value)))
+                store.write_value(loc, parts, node.rec.eid, bytes(value), self)
+        changes: dict[str, Any] = {}
+        if fields.update_mode:
+            changes["perm"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_ctime:
+            changes["ctime_ns"] = attr.st_ctime_ns
+        if changes:
+            if f is not None and f.dirty and "mtime_ns" in changes:
+                f.commit(parts, self)  # the explicit time must win over the write's
+            store.update(loc, parts, self, **changes)
+        return self._attrs(self._node(inode))
 
     @request
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        self._entry(inode)
+        node = self._node(inode)
+        if isinstance(node, StoreNode) and node.rec.kind == SYMLINK:
+            return node.rec.target
         raise FUSEError(errno.EINVAL)
 
-    # -- directories -----------------------------------------------------------------------
+    # -- creating and removing -------------------------------------------------------------
 
-    @request
-    async def opendir(self, inode: int, ctx: Any) -> int:
-        e = self._entry(inode)
-        if not e.kind.is_dir:
+    def _create(
+        self, parent_inode: int, name: bytes, kind: int, mode: int, ctx: Any, target: bytes = b""
+    ) -> StoreNode:
+        self._check_name(name)
+        parent = self._store_node(parent_inode)
+        if not parent.is_dir:
             raise FUSEError(errno.ENOTDIR)
-        return inode  # cursors are inodes: a handle needs no state
-
-    @request
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        e = self.ns.get(fh)
-        if e is None:
-            return  # removed while listed: the listing ends
-        entries = self.ns.entries
-        order = e.order
-        for i in range(e.after(start_id), len(order)):
-            child = entries[order[i]]
-            if not pyfuse3.readdir_reply(token, child.name, self._attrs(child), child.ino):
-                break
-
-    @request
-    async def releasedir(self, fh: int) -> None:
-        pass
-
-    # -- files -----------------------------------------------------------------------------
-
-    @request
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        e = self._entry(inode)
-        if e.kind.is_dir:
-            raise FUSEError(errno.EISDIR)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise FUSEError(errno.EPERM)
-        spec = self.status.get(e.status or "")
-        content = spec.render() if spec else b""
-        fh = next(self._next_fh)
-        self._handles[fh] = content
-        # Volatile files bypass the page cache, so a read is never cut at a stale size.
-        volatile = bool(spec and spec.volatile)
-        return pyfuse3.FileInfo(fh=fh, direct_io=volatile, keep_cache=not volatile)
-
-    @request
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        content = self._handles.get(fh)
-        if content is None:
-            raise FUSEError(errno.EBADF)
-        return content[off : off + size]
-
-    @request
-    async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
-
-    # -- extended attributes ---------------------------------------------------------------
-
-    @request
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        # Asked for security.capability before every write: answer without looking anything up.
-        if name == XATTR_URN:
-            return self._entry(inode).urn_bytes
-        if name == XATTR_STORE:
-            e = self._entry(inode)
-            if e.urn.store is not None:
-                return e.urn.store.encode()
-        raise FUSEError(errno.ENODATA)
-
-    @request
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        e = self._entry(inode)
-        return [XATTR_URN, XATTR_STORE] if e.urn.store is not None else [XATTR_URN]
-
-    @request
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        e = self._entry(inode)
-        if name.startswith(ACL_PREFIX):
-            raise FUSEError(errno.EOPNOTSUPP)  # cp -a tries: refuse, it carries on
-        if name.startswith(b"user.dreki."):
-            raise FUSEError(errno.EPERM)
-        raise self._refuse(e)
-
-    @request
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        e = self._entry(inode)
-        if name.startswith(ACL_PREFIX):
-            raise FUSEError(errno.EOPNOTSUPP)
-        if name.startswith(b"user.dreki."):
-            raise FUSEError(errno.EPERM)
-        raise FUSEError(errno.ENODATA) if e.kind is Kind.STORE else self._refuse(e)
-
-    # -- changes: refused in this tree (the stores issue makes store directories writable) --
+        parent.store.create(
+            parent.loc,
+            (*parent.parts, name),
+            kind,
+            stat.S_IMODE(mode),
+            ctx.uid,
+            ctx.gid,
+            target,
+            self,
+        )
+        child = self._child(parent, name)
+        assert child is not None
+        return child
 
     @request
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        raise self._refuse(self._entry(parent_inode))
+        return self._store_attrs(self._create(parent_inode, name, DIR, mode, ctx))
 
     @request
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        raise self._refuse(self._entry(parent_inode))
-
-    @request
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
-        raise self._refuse(self._entry(parent_inode))
+        if not stat.S_ISREG(mode):
+            raise FUSEError(errno.EPERM)  # no devices, FIFOs or sockets in a store
+        return self._store_attrs(self._create(parent_inode, name, FILE, mode, ctx))
 
     @request
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        raise self._refuse(self._entry(parent_inode))
+        return self._store_attrs(self._create(parent_inode, name, SYMLINK, 0o777, ctx, target))
+
+    @request
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        node = self._create(parent_inode, name, FILE, mode, ctx)
+        f = self.files.open(node.ino, node.store, node.loc, node.rec.eid)
+        fh = next(self._next_fh)
+        self._handles[fh] = FileHandle(file=f)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._store_attrs(node)
+
+    def _keep_open_content(self, node: StoreNode | None) -> None:
+        """An entry about to go: its open handles keep reading what it held."""
+        if node is not None and not node.is_dir:
+            f = self.files.by_ino.get(node.ino)
+            if f is not None:
+                f.load()
 
     @request
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        p = self._entry(parent_inode)
-        if self.ns.child(parent_inode, name) is None:
-            raise FUSEError(errno.ENOENT)
-        raise self._refuse(p)
+        parent = self._store_node(parent_inode)
+        self._keep_open_content(self._child(parent, name))
+        parent.store.remove(parent.loc, (*parent.parts, name), is_dir=False, origin=self)
 
     @request
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        p = self._entry(parent_inode)
-        if self.ns.child(parent_inode, name) is None:
-            raise FUSEError(errno.ENOENT)
-        raise self._refuse(p)
+        parent = self._store_node(parent_inode)
+        parent.store.remove(parent.loc, (*parent.parts, name), is_dir=True, origin=self)
 
     @request
     async def rename(
@@ -335,14 +482,215 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: Any,
     ) -> None:
-        p = self._entry(parent_old)
-        if self.ns.child(parent_old, name_old) is None:
-            raise FUSEError(errno.ENOENT)
-        raise self._refuse(p)
+        self._check_name(name_new)
+        old = self._node(parent_old)
+        new = self._node(parent_new)
+        if not isinstance(old, StoreNode):
+            raise self._refuse(old)
+        if not isinstance(new, StoreNode):
+            raise FUSEError(errno.EXDEV if new.kind is Kind.STORE else errno.EPERM)
+        if old.store is not new.store or old.loc != new.loc:
+            raise FUSEError(errno.EXDEV)  # one store at one location: atomic; else not
+        if flags & RENAME_EXCHANGE:
+            raise FUSEError(errno.EINVAL)
+        self._keep_open_content(self._child(new, name_new))
+        old.store.rename(
+            old.loc,
+            (*old.parts, name_old),
+            (*new.parts, name_new),
+            noreplace=bool(flags & RENAME_NOREPLACE),
+            origin=self,
+        )
 
     @request
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         raise FUSEError(errno.EPERM)  # no hard links in drekifs
+
+    # -- directories -----------------------------------------------------------------------
+
+    @request
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self._node(inode)
+        handle = DirHandle(node)
+        if isinstance(node, StoreNode):
+            if not node.is_dir:
+                raise FUSEError(errno.ENOTDIR)
+            slot = self.slots.slot(node.store.name)
+            handle.listing = sorted(
+                (inodes.pack(node.alias, slot, rec.eid), name)
+                for name, rec in node.store.children(node.loc, node.parts).items()
+            )
+        elif not node.kind.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        fh = next(self._next_fh)
+        self._handles[fh] = handle
+        return fh
+
+    @request
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, DirHandle):
+            raise FUSEError(errno.EBADF)
+        node = handle.node
+        if isinstance(node, StoreNode):
+            assert handle.listing is not None
+            listing = handle.listing
+            # Cursors are inode numbers: a listing resumes after the last one it gave.
+            for i in range(bisect_right(listing, (start_id, b"\xff" * 256)), len(listing)):
+                ino, name = listing[i]
+                child = self._child(node, name)
+                if child is None or child.ino != ino:
+                    continue  # gone since opendir
+                if not pyfuse3.readdir_reply(token, name, self._store_attrs(child), ino):
+                    break
+            return
+        e = self.ns.get(node.ino)
+        if e is None:
+            return  # removed while listed: the listing ends
+        entries = self.ns.entries
+        order = e.order
+        for i in range(e.after(start_id), len(order)):
+            child_entry = entries[order[i]]
+            attrs = self._attrs(self._node(child_entry.ino))
+            if not pyfuse3.readdir_reply(token, child_entry.name, attrs, child_entry.ino):
+                break
+
+    @request
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @request
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, DirHandle) and isinstance(handle.node, StoreNode):
+            await handle.node.store.sync()
+
+    # -- files -----------------------------------------------------------------------------
+
+    @request
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        fh = next(self._next_fh)
+        if isinstance(node, StoreNode):
+            if node.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if node.rec.kind != FILE:
+                raise FUSEError(errno.ELOOP)
+            f = self.files.open(inode, node.store, node.loc, node.rec.eid)
+            if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+                f.truncate(0)
+            self._handles[fh] = FileHandle(file=f)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if node.kind.is_dir:
+            raise FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FUSEError(errno.EPERM)
+        spec = self.status.get(node.status or "")
+        self._handles[fh] = FileHandle(content=spec.render() if spec else b"")
+        # Volatile files bypass the page cache, so a read is never cut at a stale size.
+        volatile = bool(spec and spec.volatile)
+        return pyfuse3.FileInfo(fh=fh, direct_io=volatile, keep_cache=not volatile)
+
+    def _file(self, fh: int) -> FileHandle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, FileHandle):
+            raise FUSEError(errno.EBADF)
+        return handle
+
+    @request
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._file(fh)
+        if handle.file is not None:
+            return handle.file.read(off, size)
+        return (handle.content or b"")[off : off + size]
+
+    @request
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._file(fh)
+        if handle.file is None:
+            raise FUSEError(errno.EBADF)
+        return handle.file.write(off, buf)
+
+    def _commit(self, f: OpenFile) -> None:
+        where = f.store.locate(f.eid)
+        f.commit(where[1] if where and where[0] == f.loc else None, self)
+
+    @request
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._file(fh)
+        if handle.file is not None:
+            self._commit(handle.file)
+            await handle.file.store.sync()
+
+    @request
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, FileHandle) and handle.file is not None:
+            self._commit(handle.file)
+            self.files.close(handle.file)
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    @request
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        # Asked for security.capability before every write: answer without looking anything up.
+        if not name.startswith(b"user."):
+            raise FUSEError(errno.ENODATA)
+        node = self._node(inode)
+        if name == XATTR_URN:
+            return str(self._urn_of(node)).encode("utf-8", "surrogateescape")
+        if isinstance(node, Entry):
+            if name == XATTR_STORE and node.urn.store is not None:
+                return node.urn.store.encode()
+            raise FUSEError(errno.ENODATA)
+        if name == XATTR_STORE:
+            return node.store.name.encode()
+        if name == XATTR_OWNER:
+            v = node.rec.version
+            return (v.peer if v else node.loc).encode()
+        if name == XATTR_VERSION:
+            v = node.rec.version
+            if v is None:
+                raise FUSEError(errno.ENODATA)
+            return f"{v.hlc} {v.peer}".encode()
+        value = node.rec.xattrs.get(name)
+        if value is None:
+            raise FUSEError(errno.ENODATA)
+        return value
+
+    @request
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        node = self._node(inode)
+        if isinstance(node, Entry):
+            return [XATTR_URN, XATTR_STORE] if node.urn.store is not None else [XATTR_URN]
+        names = [XATTR_URN, XATTR_STORE, XATTR_OWNER]
+        if node.rec.version is not None:
+            names.append(XATTR_VERSION)
+        return names + sorted(node.rec.xattrs)
+
+    @request
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        node = self._node(inode)
+        if name.startswith(ACL_PREFIX):
+            raise FUSEError(errno.EOPNOTSUPP)  # cp -a tries: refuse, it carries on
+        if name.startswith(b"user.dreki."):
+            raise FUSEError(errno.EPERM)
+        if not isinstance(node, StoreNode):
+            raise self._refuse(node)
+        if not name.startswith(b"user."):
+            raise FUSEError(errno.EOPNOTSUPP)
+        node.store.set_xattr(node.loc, node.parts, name, value, origin=self)
+
+    @request
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        node = self._node(inode)
+        if name.startswith(ACL_PREFIX):
+            raise FUSEError(errno.EOPNOTSUPP)
+        if name.startswith(b"user.dreki."):
+            raise FUSEError(errno.EPERM)
+        if not isinstance(node, StoreNode):
+            raise self._refuse(node)
+        node.store.remove_xattr(node.loc, node.parts, name, origin=self)
 
     # -- the filesystem --------------------------------------------------------------------
 
@@ -350,15 +698,19 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = 4096
-        out.f_namemax = 255
+        out.f_namemax = MAX_NAME
         if self.data_dir is not None:
             # The data lives on the data directory's filesystem: its space is ours.
             try:
                 st = os.statvfs(self.data_dir)
                 out.f_frsize = st.f_frsize
                 out.f_blocks, out.f_bfree, out.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
+                out.f_files, out.f_ffree, out.f_favail = st.f_files, st.f_ffree, st.f_favail
             except OSError:
                 pass
-        out.f_files = len(self.ns.entries)
-        out.f_ffree = out.f_favail = 1 << 32
         return out
+
+    async def commit_open_files(self) -> None:
+        """At unmount: hand every dirty buffer to its store."""
+        for f in list(self.files.by_ino.values()):
+            self._commit(f)

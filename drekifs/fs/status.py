@@ -46,5 +46,21 @@ def counters_json(counts: dict[str, int]) -> str:
     return json.dumps(dict(sorted(counts.items())), indent=2) + "\n"
 
 
+def stores_text(stores) -> str:
+    """One line per store: name, entries (tombstones included), bytes on disk, last write."""
+    import datetime
+
+    lines = []
+    for store in stores:
+        st = store.stats()
+        when = (
+            datetime.datetime.fromtimestamp(st.last_write_ns / 1e9, datetime.UTC).isoformat()
+            if st.last_write_ns
+            else "never"
+        )
+        lines.append(f"{st.name} entries={st.entries} bytes={st.bytes} last_write={when}\n")
+    return "".join(lines)
+
+
 def pid_text() -> str:
     return f"{os.getpid()}\n"
