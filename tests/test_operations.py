@@ -4,25 +4,45 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
 
+from drekifs.fs import inodes
 from drekifs.fs.namespace import ROOT_INODE, WORLD_INODE_BASE, Kind, Namespace, diff, world_inode
 from drekifs.fs.operations import Operations
 from drekifs.fs.status import StatusFiles
+from drekifs.stores.lmdbstore import LmdbStore
 from drekifs.world import snapshot
 
 from .test_world import world_of
 from .worlds import small_world
 
+NODE = "web1.fr.eu.w.test"
+CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
 
-def make_ops(zone=None, now: float = 1000.0) -> Operations:
+
+def make_ops(tmp_path: Path | None = None, zone=None, now: float = 1000.0) -> Operations:
     snap = snapshot.advance(None, world_of(zone or small_world()), now)
     status = StatusFiles()
     status.add("hello", lambda: "hello\n")
     status.add("clock", lambda: "tick\n", volatile=True)
-    return Operations(Namespace(snap, status.names()), status)
+    stores = {}
+    if tmp_path is not None:
+        for name, replicated, limit in (("global", True, 1 << 20), ("local", False, 64 << 20)):
+            stores[name] = LmdbStore(
+                name, tmp_path / name, peer="p1", replicated=replicated, max_value=limit
+            )
+    return Operations(
+        Namespace(snap, status.names()),
+        status,
+        stores=stores,
+        node=NODE,
+        slots=inodes.StoreSlots(),
+    )
 
 
 async def lookup_path(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
@@ -34,6 +54,12 @@ async def lookup_path(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
     return attr
 
 
+async def errno_of(coro) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await coro
+    return info.value.errno
+
+
 async def test_lookup_getattr_and_xattrs() -> None:
     ops = make_ops()
     attr = await lookup_path(ops, "eu/fr/web1/local")
@@ -42,9 +68,9 @@ async def test_lookup_getattr_and_xattrs() -> None:
     assert attr.st_mtime_ns == 1000 * 10**9
     assert await ops.getxattr(attr.st_ino, b"user.dreki.urn", None) == b"w.test:eu:fr:web1::local"
     assert await ops.getxattr(attr.st_ino, b"user.dreki.store", None) == b"local"
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.getxattr(attr.st_ino, b"security.capability", None)
-    assert info.value.errno == errno.ENODATA
+    assert await errno_of(ops.getxattr(attr.st_ino, b"security.capability", None)) == (
+        errno.ENODATA
+    )
     node = await lookup_path(ops, "eu/fr/web1")
     assert node.st_nlink == 4 and node.entry_timeout == 3600
 
@@ -53,44 +79,79 @@ async def test_status_files_sizes_and_reads() -> None:
     ops = make_ops()
     attr = await lookup_path(ops, ".dreki/hello")
     assert attr.st_size == 6 and attr.attr_timeout > 0
-    info = await ops.open(attr.st_ino, 0, None)
+    info = await ops.open(attr.st_ino, os.O_RDONLY, None)
     assert info.keep_cache and not info.direct_io
     assert await ops.read(info.fh, 0, 100) == b"hello\n"
     assert await ops.read(info.fh, 3, 100) == b"lo\n"
     await ops.release(info.fh)
     clock = await lookup_path(ops, ".dreki/clock")
     assert clock.attr_timeout == 0
-    info = await ops.open(clock.st_ino, 0, None)
-    assert info.direct_io
-    import os
-
+    assert (await ops.open(clock.st_ino, os.O_RDONLY, None)).direct_io
     for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await ops.open(attr.st_ino, flags, None)
-        assert e.value.errno == errno.EPERM
+        assert await errno_of(ops.open(attr.st_ino, flags, None)) == errno.EPERM
 
 
-async def test_refusals() -> None:
-    ops = make_ops()
-    eu = (await lookup_path(ops, "eu")).st_ino
+async def test_files_in_a_store(tmp_path: Path) -> None:
+    ops = make_ops(tmp_path)
+    root = (await lookup_path(ops, "eu/fr/web1/local")).st_ino
+    d = await ops.mkdir(root, b"d", 0o755, CTX)
+    info, attr = await ops.create(d.st_ino, b"f", 0o644, os.O_WRONLY, CTX)
+    assert attr.st_ino < WORLD_INODE_BASE and inodes.is_store_inode(attr.st_ino)
+    assert await ops.write(info.fh, 0, b"hello") == 5
+    assert (await ops.getattr(attr.st_ino, None)).st_size == 5  # dirty, not yet committed
+    assert await ops.write(info.fh, 10, b"!") == 1  # a hole
+    await ops.release(info.fh)
+    info = await ops.open(attr.st_ino, os.O_RDONLY, None)
+    assert await ops.read(info.fh, 0, 100) == b"hello\0\0\0\0\0!"
+    await ops.release(info.fh)
+    assert (await ops.getattr(d.st_ino, None)).st_nlink == 2
+    assert (await ops.getattr(root, None)).st_nlink == 3
+    assert await ops.getxattr(attr.st_ino, b"user.dreki.urn", None) == (
+        b"w.test:eu:fr:web1::local::d/f"
+    )
+    await ops.setxattr(attr.st_ino, b"user.color", b"blue", CTX)
+    assert await ops.getxattr(attr.st_ino, b"user.color", None) == b"blue"
+    assert await ops.listxattr(attr.st_ino, None) == [b"user.color"]
+    await ops.rename(d.st_ino, b"f", root, b"g", 0, CTX)
+    assert (await ops.lookup(root, b"g", None)).st_ino == attr.st_ino  # same inode after mv
+    assert await errno_of(ops.lookup(d.st_ino, b"f", None)) == errno.ENOENT
+    for store in ops.stores.values():
+        await store.sync()
+
+
+async def test_store_errnos(tmp_path: Path) -> None:
+    ops = make_ops(tmp_path)
     glob = (await lookup_path(ops, "global")).st_ino
+    local = (await lookup_path(ops, "eu/fr/web1/local")).st_ino
+    other = (await lookup_path(ops, "eu/fr/db1/local")).st_ino  # another node's
+    eu = (await lookup_path(ops, "eu")).st_ino
+    await ops.mkdir(glob, b"d", 0o755, CTX)
+    info, f = await ops.create(glob, b"f", 0o644, os.O_WRONLY, CTX)
+    assert await errno_of(ops.write(info.fh, 0, b"x" * ((1 << 20) + 1))) == errno.EFBIG
+    await ops.release(info.fh)
     cases = [
-        (ops.mkdir(eu, b"x", 0o755, None), errno.EPERM),
-        (ops.mkdir(glob, b"x", 0o755, None), errno.EROFS),
-        (ops.unlink(eu, b"nope", None), errno.ENOENT),
-        (ops.rmdir(eu, b"fr", None), errno.EPERM),
-        (ops.rename(eu, b"fr", eu, b"x", 0, None), errno.EPERM),
-        (ops.setxattr(eu, b"system.posix_acl_default", b"", None), errno.EOPNOTSUPP),
-        (ops.removexattr(glob, b"user.x", None), errno.ENODATA),
-        (ops.link(eu, glob, b"l", None), errno.EPERM),
-        (ops.lookup(eu, b"x" * 256, None), errno.ENAMETOOLONG),
+        (ops.mkdir(eu, b"x", 0o755, CTX), errno.EPERM),
+        (ops.mkdir(other, b"x", 0o755, CTX), errno.EROFS),
+        (ops.mkdir(glob, b"d", 0o755, CTX), errno.EEXIST),
+        (ops.mkdir(glob, b"x" * 256, 0o755, CTX), errno.ENAMETOOLONG),
+        (ops.rmdir(glob, b"f", CTX), errno.ENOTDIR),
+        (ops.unlink(glob, b"d", CTX), errno.EISDIR),
+        (ops.rename(glob, b"f", local, b"f", 0, CTX), errno.EXDEV),
+        (ops.rename(glob, b"f", eu, b"f", 0, CTX), errno.EPERM),
+        (ops.rename(glob, b"f", glob, b"d", 0, CTX), errno.EISDIR),
+        (ops.rename(glob, b"d", glob, b"f", 0, CTX), errno.ENOTDIR),
+        (ops.rename(glob, b"f", glob, b"d", 1, CTX), errno.EEXIST),  # RENAME_NOREPLACE
+        (ops.setxattr(f.st_ino, b"system.posix_acl_access", b"", CTX), errno.EOPNOTSUPP),
+        (ops.setxattr(f.st_ino, b"user.dreki.urn", b"x", CTX), errno.EPERM),
+        (ops.setxattr(f.st_ino, b"trusted.x", b"x", CTX), errno.EOPNOTSUPP),
+        (ops.removexattr(f.st_ino, b"user.none", CTX), errno.ENODATA),
+        (ops.link(f.st_ino, glob, b"l", CTX), errno.EPERM),
+        (ops.mknod(glob, b"fifo", 0o010644, 0, CTX), errno.EPERM),
         (ops.getattr(12345, None), errno.ENOENT),
-        (ops.opendir((await lookup_path(ops, ".dreki/hello")).st_ino, None), errno.ENOTDIR),
     ]
-    for coro, expected in cases:
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await coro
-        assert info.value.errno == expected
+    for i, (coro, expected) in enumerate(cases):
+        assert await errno_of(coro) == expected, i
+    ops.stores["global"].check_size(1 << 20)
 
 
 async def test_unexpected_exception_becomes_eio_with_the_urn(caplog) -> None:
@@ -103,13 +164,10 @@ async def test_unexpected_exception_becomes_eio_with_the_urn(caplog) -> None:
     ops._attrs = broken  # a bug anywhere below a handler
     counts = dict(ops.counts)
     caplog.set_level(logging.ERROR)
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.lookup(eu, b"fr", None)
-    assert info.value.errno == errno.EIO
+    assert await errno_of(ops.lookup(eu, b"fr", None)) == errno.EIO
     assert "lookup w.test:eu:fr failed unexpectedly" in caplog.text
     assert "RuntimeError: boom" in caplog.text
-    with pytest.raises(pyfuse3.FUSEError):
-        await ops.getattr(eu, None)
+    assert await errno_of(ops.getattr(eu, None)) == errno.EIO
     assert "getattr w.test:eu failed" in caplog.text
     assert ops.counts["lookup"] == counts["lookup"] + 1
     assert ops.counts["getattr"] == counts["getattr"] + 1
@@ -126,9 +184,11 @@ async def test_namespace_diff_names_what_the_kernel_must_forget() -> None:
     de = world_inode("w.test:eu:de")
     assert [(p, n) for p, n, _ in changes.entries] == [(fr, b"db1")]  # the subtree goes with it
     assert set(changes.inodes) == {fr, de}
-    # Every directory sorted by inode: cursors are inodes.
     for e in new.entries.values():
         if e.kind.is_dir:
             assert e.order == sorted(e.order)
             assert e.after(0) == 0 and e.after(1 << 63) == len(e.order)
     assert new.get(ROOT_INODE).kind is Kind.ROOT
+    # A node listed twice gets one alias per path.
+    roots = new.store_roots[("shared.w.test", "global")]
+    assert len(roots) == 2 and roots[0].alias != roots[1].alias

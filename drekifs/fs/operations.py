@@ -660,13 +660,13 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        # The user.dreki.* attributes are computed, read by name, and not listed: rsync -X,
+        # cp -a and tar --xattrs copy what is listed, and would carry them to other files
+        # (or try to remove them here).
         node = self._node(inode)
         if isinstance(node, Entry):
-            return [XATTR_URN, XATTR_STORE] if node.urn.store is not None else [XATTR_URN]
-        names = [XATTR_URN, XATTR_STORE, XATTR_OWNER]
-        if node.rec.version is not None:
-            names.append(XATTR_VERSION)
-        return names + sorted(node.rec.xattrs)
+            return []
+        return sorted(node.rec.xattrs)
 
     @request
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:

@@ -47,7 +47,8 @@ def counters_json(counts: dict[str, int]) -> str:
 
 
 def stores_text(stores) -> str:
-    """One line per store: name, entries (tombstones included), bytes on disk, last write."""
+    """One line per store: name, entries (tombstones included), bytes on disk, changes since
+    start (each one a new version), changes not yet on disk, last write."""
     import datetime
 
     lines = []
@@ -58,7 +59,10 @@ def stores_text(stores) -> str:
             if st.last_write_ns
             else "never"
         )
-        lines.append(f"{st.name} entries={st.entries} bytes={st.bytes} last_write={when}\n")
+        lines.append(
+            f"{st.name} entries={st.entries} bytes={st.bytes} changes={store.changes}"
+            f" unsynced={store.changes - store.committed} last_write={when}\n"
+        )
     return "".join(lines)
 
 
