@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import drekifs
-
 pytestmark = pytest.mark.mounted
 
 LOCAL = "eu/fr/ovh/sbg1/node1/local"  # the demo world's first node: this peer
@@ -201,3 +199,47 @@ def test_bad_input_gets_errnos_never_a_dead_mount(m) -> None:
     assert os.stat(local / "fits").st_size == 256 * 1024
     assert "EFBIG" in m.log() or "File too large" in m.log()
     assert sorted(os.listdir(m.path)) == [".dreki", "eu", "global"]  # alive
+
+
+WRITER = r"""
+import os, sys
+root = sys.argv[1]
+for i in range(100_000):
+    path = os.path.join(root, f"k{i % 50}", f"f{i}")
+    try:
+        if i < 50:
+            os.mkdir(os.path.dirname(path))
+            dfd = os.open(root, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        os.write(fd, f"value {i}\n".encode() * (i % 7 + 1))
+        os.fsync(fd)
+        os.close(fd)
+    except OSError as e:
+        print("stopped", e, flush=True)
+        break
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.parametrize("store", ["global", LOCAL])
+def test_kill_9_loses_no_fsynced_write(mount_world, store: str) -> None:
+    import signal
+    import time
+
+    m = mount_world()
+    root = m.path / store
+    writer = subprocess.Popen(
+        ["python3", "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(1.5)
+    os.kill(m.pid, signal.SIGKILL)
+    out, _ = writer.communicate(timeout=30)
+    acked = [int(line) for line in out.splitlines() if line.isdigit()]
+    assert len(acked) > 50, out[-500:]
+    m.remount()  # the stale mount is cleaned, the stores open
+    for i in acked:
+        path = root / f"k{i % 50}" / f"f{i}"
+        assert path.read_text() == f"value {i}\n" * (i % 7 + 1), i
+    assert "Traceback" not in m.log()
