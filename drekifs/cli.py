@@ -272,6 +272,50 @@ def cmd_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def control_socket(urn: URN, given: str | None) -> str:
+    """The control socket of the daemon serving ``urn``'s world."""
+    from .daemon import drekifs_mounts
+
+    if given:
+        return given
+    for mount, world in drekifs_mounts().items():
+        if world == urn.world:
+            try:
+                return (Path(mount) / ".dreki" / "control").read_text().strip()
+            except OSError:
+                continue
+    raise ValueError(f"no drekifs mount of world {urn.world} on this machine (or give --socket)")
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """get, put, rm and ls against a running daemon."""
+    from .control import ControlError, call
+
+    try:
+        urn = URN.parse(args.urn)
+        sock = control_socket(urn, args.socket)
+        request: dict = {"op": args.command, "urn": args.urn}
+        if args.command == "put":
+            if args.value is None:
+                request["value"] = sys.stdin.buffer.read()
+            else:
+                request["value"] = os.fsencode(args.value)
+        reply = call(sock, request)
+    except (URNError, ValueError) as e:
+        print(f"drekifs: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except ControlError as e:
+        print(f"drekifs: {args.command} {args.urn}: {e} ({os.strerror(e.errno)})", file=sys.stderr)
+        return EXIT_PROBLEM
+    if args.command == "get":
+        sys.stdout.buffer.write(reply["value"])
+    elif args.command == "ls":
+        for name, kind, size in reply["entries"]:
+            line = os.fsdecode(name) + ("/" if kind == "dir" else "")
+            print(f"{line}\t{size}" if args.long else line)
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------------
 
 
@@ -399,6 +443,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mount", metavar="M", help="the mount point to use")
     p.add_argument("urn", metavar="URN")
     p.set_defaults(func=cmd_path)
+
+    for name, what in (
+        ("get", "print a key's value"),
+        ("put", "set a key's value (from VALUE, or standard input)"),
+        ("rm", "remove a key, or an empty directory"),
+        ("ls", "list a directory of a store"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=what,
+            description=f"{what[0].upper()}{what[1:]}, by URN, through the running daemon of "
+            "that world (not through the mount).",
+        )
+        p.add_argument(
+            "--socket",
+            metavar="PATH",
+            help="the daemon's control socket (default: the one of the drekifs mount of the "
+            "URN's world)",
+        )
+        p.add_argument("urn", metavar="URN")
+        if name == "put":
+            p.add_argument("value", metavar="VALUE", nargs="?")
+        if name == "ls":
+            p.add_argument("-l", "--long", action="store_true", help="show sizes")
+        p.set_defaults(func=cmd_store)
     return parser
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import control
 from .fs.inodes import StoreSlots
 from .stores.lmdbstore import LmdbStore
 from .stores.version import HybridClock
@@ -153,6 +154,16 @@ def unmount(mountpoint: Path, timeout: float = 60.0) -> str:
 # -- the daemon ----------------------------------------------------------------------------------
 
 
+def control_socket_path(data_dir: Path) -> Path:
+    """``<data-dir>/control.sock``, or a short path when that one is too long for a socket."""
+    path = data_dir / "control.sock"
+    if len(os.fsencode(path)) < 100:
+        return path
+    short = Path(f"/tmp/drekifs-{os.getuid()}")
+    short.mkdir(mode=0o700, exist_ok=True)
+    return short / f"{os.getpid()}.sock"
+
+
 class Daemon:
     def __init__(self, config: MountConfig) -> None:
         self.config = config
@@ -162,6 +173,7 @@ class Daemon:
         self.stores: dict[str, LmdbStore] = {}
         self.watcher = None
         self.external_unmount = False
+        self.control_path = control_socket_path(config.data_dir)
 
     async def run(self, ready: Callable[[], None]) -> None:
         import pyfuse3
@@ -216,6 +228,7 @@ class Daemon:
                 nursery.start_soon(self._announce_ready, ready)
                 for store in stores.values():
                     nursery.start_soon(store.run_writer)
+                nursery.start_soon(control.serve, self.control_path, control.StoreAPI(self).handle)
         finally:
             pyfuse3.close(unmount=not self.external_unmount)
             log.info("unmounted %s", config.mountpoint)
@@ -291,6 +304,7 @@ class Daemon:
             return text
 
         files.add("pid", status.pid_text)
+        files.add("control", lambda: f"{self.control_path}\n")
         files.add("world", per_world("world", render_tree))
         files.add("world.json", per_world("world.json", render_json))
         files.add("world-errors", errors, volatile=True)

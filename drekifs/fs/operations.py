@@ -489,8 +489,10 @@ class Operations(pyfuse3.Operations):
             raise self._refuse(old)
         if not isinstance(new, StoreNode):
             raise FUSEError(errno.EXDEV if new.kind is Kind.STORE else errno.EPERM)
-        if old.store is not new.store or old.loc != new.loc:
-            raise FUSEError(errno.EXDEV)  # one store at one location: atomic; else not
+        if old.store is not new.store or old.loc != new.loc or old.alias != new.alias:
+            # Atomic within one store at one location, seen through one path; across two
+            # paths of one node it is EXDEV, as across two bind mounts.
+            raise FUSEError(errno.EXDEV)
         if flags & RENAME_EXCHANGE:
             raise FUSEError(errno.EINVAL)
         self._keep_open_content(self._child(new, name_new))

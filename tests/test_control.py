@@ -1,0 +1,64 @@
+"""get/put/rm/ls by URN through the daemon, and the kernel's caches following such changes."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from .conftest import drekifs
+from .worlds import small_world
+
+pytestmark = pytest.mark.mounted
+
+
+def test_changes_not_made_through_the_mount_invalidate_the_kernel_cache(mount_world) -> None:
+    m = mount_world()
+    f = m.path / "global" / "motd"
+    f.write_text("one\n")
+    with open(f) as fh:  # cached: keep_cache, and attributes for an hour
+        assert fh.read() == "one\n"
+    assert os.stat(f).st_size == 4
+    drekifs("put", "inf.random.sh::global::motd", "two, longer\n")
+    assert f.read_text() == "two, longer\n"
+    assert os.stat(f).st_size == 12
+    assert drekifs("get", "inf.random.sh::global::motd").stdout == "two, longer\n"
+    # A new key, parents and all; the listing shows it.
+    drekifs("put", "inf.random.sh:eu::global::a/b/c", input="deep")
+    assert (m.path / "eu" / "global" / "a" / "b" / "c").read_text() == "deep"
+    assert "a" in os.listdir(m.path / "eu" / "global")
+    assert drekifs("ls", "inf.random.sh:eu::global::a").stdout == "b/\n"
+    # Removed elsewhere: gone here too, though it was cached.
+    drekifs("rm", "inf.random.sh::global::motd")
+    with pytest.raises(FileNotFoundError):
+        os.stat(f)
+    assert "motd" not in os.listdir(m.path / "global")
+
+
+def test_errors_name_the_urn(mount_world) -> None:
+    mount_world()
+    for args, expected in [
+        (("get", "inf.random.sh::global::nope"), "does not exist"),
+        (("get", "inf.random.sh:eu:fr:scw:dc2:node3::local::x"), "not served here"),
+        (("get", "inf.random.sh:eu:nowhere::global::x"), "no such region or node"),
+        (("put", "inf.random.sh::global"), "is a store, not a key"),
+        (("ls", "Inf"), "world 'Inf' must be lower case"),
+        (("get", "other.world::global::x"), "no drekifs mount of world other.world"),
+    ]:
+        r = drekifs(*args, check=False)
+        assert r.returncode == 1 and expected in r.stderr, (args, r.stderr)
+
+
+def test_a_node_listed_twice_shows_the_same_stores(mount_world, zone_file) -> None:
+    m = mount_world("--zone", zone_file(small_world()), "--node", "shared")
+    a, b = m.path / "eu" / "shared", m.path / "eu" / "fr" / "shared"
+    (a / "local" / "x").write_text("from one path")
+    assert (b / "local" / "x").read_text() == "from one path"
+    # Distinct inodes per path: the kernel never sees one directory under two parents.
+    os.mkdir(a / "global" / "d")
+    assert os.stat(a / "global" / "d").st_ino != os.stat(b / "global" / "d").st_ino
+    assert os.getxattr(b / "local" / "x", "user.dreki.urn") == b"w.test:eu:fr:shared::local::x"
+    with pytest.raises(OSError) as info:
+        os.rename(a / "local" / "x", b / "local" / "y")
+    assert info.value.errno == errno.EXDEV
