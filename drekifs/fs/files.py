@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..stores.lmdbstore import LmdbStore, Parts
+from ..stores.base import Key, Store
 
 
 @dataclass(eq=False)
@@ -20,7 +20,7 @@ class OpenFile:
     """What the handles of one inode share."""
 
     ino: int
-    store: LmdbStore
+    store: Store
     loc: str
     eid: int
     handles: int = 0
@@ -59,7 +59,7 @@ class OpenFile:
             return bytes(self.buffer[offset : offset + size])
         return self.store.read(self.eid, offset, size)
 
-    def commit(self, parts: Parts | None, origin: object) -> None:
+    def commit(self, parts: Key | None, origin: object) -> None:
         """Hand a dirty buffer to the store (in memory; the store's writer takes it to disk).
 
         ``parts`` is where the entry is now, or None when it is gone: then the bytes are kept
@@ -80,7 +80,7 @@ class OpenFiles:
 
     by_ino: dict[int, OpenFile] = field(default_factory=dict)
 
-    def open(self, ino: int, store: LmdbStore, loc: str, eid: int) -> OpenFile:
+    def open(self, ino: int, store: Store, loc: str, eid: int) -> OpenFile:
         f = self.by_ino.get(ino)
         if f is None:
             f = self.by_ino[ino] = OpenFile(ino, store, loc, eid)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from ..stores.lmdbstore import LmdbStore, Parts
+from ..stores.base import Key, Store
 from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes
@@ -82,11 +82,11 @@ class StoreNode:
     """A directory or file inside a store, as one request sees it."""
 
     ino: int
-    store: LmdbStore
+    store: Store
     loc: str
     segments: tuple[str, ...]  # the location's path: which alias of it
     alias: int
-    parts: Parts
+    parts: Key
     rec: Record
     root: Entry | None = None  # set for a store's root (a world inode)
 
@@ -118,7 +118,7 @@ class Operations(pyfuse3.Operations):
         status: StatusFiles,
         data_dir: Path | None = None,
         cache_timeout: float = 3600.0,
-        stores: dict[str, LmdbStore] | None = None,
+        stores: dict[str, Store] | None = None,
         node: str | None = None,
         slots: inodes.StoreSlots | None = None,
     ) -> None:
@@ -160,7 +160,7 @@ class Operations(pyfuse3.Operations):
             if e is not None:
                 self.invalidator.inode(e.ino)
 
-    def _store_changed(self, store: LmdbStore, loc: str, parts: Parts, origin: object) -> None:
+    def _store_changed(self, store: Store, loc: str, parts: Key, origin: object) -> None:
         """A change that did not come through this mount: the kernel's caches must drop it,
         on every path of the location (queued: invalidating here could deadlock)."""
         if origin is self or not parts:
@@ -238,7 +238,7 @@ class Operations(pyfuse3.Operations):
                 return StoreNode(ino, store, e.location, e.urn.segments, e.alias, (), rec, e)
         return e
 
-    def _store_at(self, e: Entry) -> LmdbStore | None:
+    def _store_at(self, e: Entry) -> Store | None:
         """The store served at a store root: global everywhere, local ones on this node only."""
         name = e.urn.store or ""
         if name == "global" or e.location == self.node:

@@ -28,21 +28,21 @@ import errno
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 import trio
 
+from .base import Key, Watcher
 from .record import DIR, SYMLINK, TOMBSTONE, Record, StoreError
 from .version import HybridClock, Version, first_version
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-Parts = tuple[bytes, ...]
-Watcher = Callable[[str, Parts, object], None]
+Parts = Key  # a key: the path below the store's root, as byte strings
 _U64 = struct.Struct(">Q")
 _MISSING = object()
 
@@ -97,7 +97,8 @@ class StoreStats:
 
 
 class LmdbStore:
-    """Entries of one store, at every location it exists in. Not thread-safe: one trio loop."""
+    """Entries of one store (the Store interface of base.py), at every location it exists in.
+    Not thread-safe: it belongs to one trio loop."""
 
     def __init__(
         self,

@@ -1,0 +1,91 @@
+"""The store interface: what the filesystem (and the control socket) may ask of any store.
+
+A store holds entries — files, directories, symlinks — at *locations* (a region's or node's DNS
+name), each addressed by a key: a tuple of byte strings, the path below the store's root.
+``LmdbStore`` implements it for the global store and this node's local stores; another node's
+local stores will implement it over RPC. Nothing here knows of FUSE or paths on a mount.
+
+Errors are :class:`~drekifs.stores.record.StoreError` with the errno a filesystem would give.
+Every change takes an ``origin``: watchers are told who made it, so the mount that made a change
+does not invalidate its own kernel cache, and everybody else's change does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from .record import Record
+
+Key = tuple[bytes, ...]
+# watcher(location, key, origin): called after every change, synchronously.
+Watcher = Callable[[str, Key, object], None]
+
+
+class Store(Protocol):
+    name: str
+    max_value: int
+    watchers: list[Watcher]
+
+    # -- stat, get, list -------------------------------------------------------------------
+    def get(self, loc: str, key: Key) -> Record | None:
+        """The live entry at ``key`` (stat); the root (empty key) always exists."""
+
+    def read(self, eid: int, offset: int = 0, size: int | None = None) -> bytes:
+        """A file's bytes (get), by entry id, sliced."""
+
+    def children(self, loc: str, key: Key) -> dict[bytes, Record]:
+        """The live entries of a directory (list a prefix, one level)."""
+
+    def locate(self, eid: int) -> tuple[str, Key] | None:
+        """Where an entry is now, by its id."""
+
+    # -- put, delete, and the rest of what a filesystem does -------------------------------
+    def create(
+        self,
+        loc: str,
+        key: Key,
+        kind: int,
+        perm: int,
+        uid: int,
+        gid: int,
+        target: bytes = b"",
+        origin: object = None,
+    ) -> Record: ...
+
+    def write_value(
+        self,
+        loc: str,
+        key: Key,
+        eid: int,
+        value: bytes,
+        origin: object = None,
+        mtime_ns: int | None = None,
+    ) -> Record | None: ...
+
+    def update(self, loc: str, key: Key, origin: object = None, **fields: object) -> Record: ...
+
+    def remove(self, loc: str, key: Key, *, is_dir: bool, origin: object = None) -> Record: ...
+
+    def rename(
+        self, loc: str, src: Key, dst: Key, *, noreplace: bool = False, origin: object = None
+    ) -> None: ...
+
+    def set_xattr(
+        self,
+        loc: str,
+        key: Key,
+        name: bytes,
+        value: bytes,
+        flags: int = 0,
+        origin: object = None,
+    ) -> Record: ...
+
+    def remove_xattr(self, loc: str, key: Key, name: bytes, origin: object = None) -> Record: ...
+
+    def check_size(self, size: int) -> None:
+        """EFBIG when a value of ``size`` bytes would not fit."""
+
+    # -- durability ------------------------------------------------------------------------
+    async def sync(self) -> None:
+        """Return once every change made before the call is on disk."""
