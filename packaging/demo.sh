@@ -23,6 +23,14 @@ drekifs is serving the demo world at $mnt (as node1). Try, in another terminal:
   $drekifs world --check                   # the demo world has no errors
   mkdir $mnt/eu/x                          # regions are read-only: EPERM
 
+  echo hello > $mnt/global/motd            # a world-wide key (global store)
+  mkdir -p $mnt/eu/fr/ovh/sbg1/node1/local/facts      # node1's own local store
+  nproc > $mnt/eu/fr/ovh/sbg1/node1/local/facts/cpu
+  getfattr -n user.dreki.version $mnt/global/motd
+  $drekifs put inf.random.sh::global::motd "changed by URN"   # not through the mount...
+  cat $mnt/global/motd                     # ...and the mount shows it at once
+  cat $mnt/.dreki/stores                   # entries, bytes, changes, last write per store
+
 Ctrl-C here (or: $drekifs umount $mnt) unmounts.
 TOUR
 sleep infinity &
