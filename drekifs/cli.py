@@ -272,19 +272,27 @@ def cmd_path(args: argparse.Namespace) -> int:
     return 0
 
 
-def control_socket(urn: URN, given: str | None) -> str:
-    """The control socket of the daemon serving ``urn``'s world."""
+def control_socket(urn: URN, socket_path: str | None, mount: str | None) -> str:
+    """The control socket of the daemon serving ``urn``'s world: given, or that of the mount
+    given, or that of the only mount of that world on this machine."""
     from .daemon import drekifs_mounts
 
-    if given:
-        return given
-    for mount, world in drekifs_mounts().items():
-        if world == urn.world:
-            try:
-                return (Path(mount) / ".dreki" / "control").read_text().strip()
-            except OSError:
-                continue
-    raise ValueError(f"no drekifs mount of world {urn.world} on this machine (or give --socket)")
+    if socket_path:
+        return socket_path
+    if mount is None:
+        mounts = [m for m, world in drekifs_mounts().items() if world == urn.world]
+        if not mounts:
+            raise ValueError(f"no drekifs mount of world {urn.world} on this machine")
+        if len(mounts) > 1:
+            raise ValueError(
+                f"{len(mounts)} mounts of world {urn.world} ({', '.join(sorted(mounts))}):"
+                " say which with --mount"
+            )
+        mount = mounts[0]
+    try:
+        return (Path(mount) / ".dreki" / "control").read_text().strip()
+    except OSError as e:
+        raise ValueError(f"{mount} is not a running drekifs mount: {e.strerror}") from None
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -293,7 +301,7 @@ def cmd_store(args: argparse.Namespace) -> int:
 
     try:
         urn = URN.parse(args.urn)
-        sock = control_socket(urn, args.socket)
+        sock = control_socket(urn, args.socket, args.mount)
         request: dict = {"op": args.command, "urn": args.urn}
         if args.command == "put":
             if args.value is None:
@@ -305,7 +313,9 @@ def cmd_store(args: argparse.Namespace) -> int:
         print(f"drekifs: {e}", file=sys.stderr)
         return EXIT_PROBLEM
     except ControlError as e:
-        print(f"drekifs: {args.command} {args.urn}: {e} ({os.strerror(e.errno)})", file=sys.stderr)
+        why = os.strerror(e.errno)
+        detail = str(e) if why in str(e) else f"{e} ({why})"
+        print(f"drekifs: {args.command} {args.urn}: {detail}", file=sys.stderr)
         return EXIT_PROBLEM
     if args.command == "get":
         sys.stdout.buffer.write(reply["value"])
@@ -457,11 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
             "that world (not through the mount).",
         )
         p.add_argument(
-            "--socket",
-            metavar="PATH",
-            help="the daemon's control socket (default: the one of the drekifs mount of the "
-            "URN's world)",
+            "--mount",
+            metavar="M",
+            help="the mount whose daemon to ask (default: the only mount of the URN's world)",
         )
+        p.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
         p.add_argument("urn", metavar="URN")
         if name == "put":
             p.add_argument("value", metavar="VALUE", nargs="?")

@@ -157,9 +157,16 @@ class StoreAPI:
             store = self.daemon.stores.get(urn.store)
         else:
             store = None
-        if store is None or (urn.store != "global" and not loc.is_node):
+        if urn.store != "global" and not loc.is_node:
+            raise ControlError(errno.ENOENT, f"{urn}: a region has no store {urn.store}")
+        if store is None:
             raise ControlError(errno.EHOSTDOWN, f"{urn}: store {urn.store} is not served here")
         return urn, store, loc.name
+
+    async def _settle(self, store) -> None:
+        """On disk, and the mount's kernel cache told: the reply means done everywhere here."""
+        await store.sync()
+        await self.daemon.ops.invalidator.flush()
 
     async def handle(self, request: dict) -> dict:
         op = request.get("op")
@@ -202,13 +209,13 @@ class StoreAPI:
             elif rec.kind != FILE:
                 raise ControlError(errno.EISDIR, f"{urn} is not a file")
             store.write_value(loc, key, rec.eid, value, ORIGIN)
-            await store.sync()
+            await self._settle(store)
             return {}
         if op == "rm":
             rec = store.get(loc, key)
             if rec is None or not key:
                 raise ControlError(errno.ENOENT, f"{urn} does not exist")
             store.remove(loc, key, is_dir=rec.is_dir, origin=ORIGIN)
-            await store.sync()
+            await self._settle(store)
             return {}
         raise ControlError(errno.EINVAL, f"unknown op {op!r} (get, put, rm, ls)")

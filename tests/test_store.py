@@ -101,3 +101,18 @@ def test_versions() -> None:
     assert b.covers(a) and not a.covers(b)
     assert b.concurrent(c) and c.beats(b)
     assert clock.now() > c.hlc
+
+
+async def test_value_bytes_are_counted_and_kept(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    f = s.create(LOC, (b"f",), FILE, 0o644, 0, 0)
+    s.write_value(LOC, (b"f",), f.eid, b"x" * 100)
+    g = s.create(LOC, (b"g",), FILE, 0o644, 0, 0)
+    s.write_value(LOC, (b"g",), g.eid, b"y" * 50)
+    s.write_value(LOC, (b"f",), f.eid, b"x" * 10)
+    assert s.stats().bytes == 60
+    s.rename(LOC, (b"g",), (b"f",))  # replaces f
+    assert s.stats().bytes == 50
+    await s.sync()
+    s.env.close()
+    assert open_store(tmp_path).stats().bytes == 50

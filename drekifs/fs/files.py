@@ -19,7 +19,6 @@ from ..stores.base import Key, Store
 class OpenFile:
     """What the handles of one inode share."""
 
-    ino: int
     store: Store
     loc: str
     eid: int
@@ -76,18 +75,23 @@ class OpenFile:
 
 @dataclass
 class OpenFiles:
-    """Open inodes, each shared by all its handles."""
+    """Open files, each shared by all its handles, whichever path opened it."""
 
-    by_ino: dict[int, OpenFile] = field(default_factory=dict)
+    by_key: dict[tuple[str, int], OpenFile] = field(default_factory=dict)
 
-    def open(self, ino: int, store: Store, loc: str, eid: int) -> OpenFile:
-        f = self.by_ino.get(ino)
+    def get(self, store: Store, eid: int) -> OpenFile | None:
+        return self.by_key.get((store.name, eid))
+
+    def open(self, store: Store, loc: str, eid: int) -> OpenFile:
+        key = (store.name, eid)
+        f = self.by_key.get(key)
         if f is None:
-            f = self.by_ino[ino] = OpenFile(ino, store, loc, eid)
+            f = self.by_key[key] = OpenFile(store, loc, eid)
         f.handles += 1
         return f
 
     def close(self, f: OpenFile) -> None:
         f.handles -= 1
-        if f.handles == 0 and self.by_ino.get(f.ino) is f:
-            del self.by_ino[f.ino]
+        key = (f.store.name, f.eid)
+        if f.handles == 0 and self.by_key.get(key) is f:
+            del self.by_key[key]

@@ -19,21 +19,40 @@ log = logging.getLogger(__name__)
 class Invalidator:
     def __init__(self) -> None:
         self._inodes: set[int] = set()
+        self._attrs: set[int] = set()  # attributes only: the page cache stays
         self._entries: dict[tuple[int, bytes], int] = {}
         self._wake = trio.Event()
+        self._rounds_done = trio.Event()
+        self.requested = 0  # rounds asked for
+        self.finished = 0  # rounds carried out
         self.done = 0  # invalidations carried out, for tests and .dreki
 
     def inode(self, ino: int) -> None:
         self._inodes.add(ino)
-        self._wake.set()
+        self._ask()
+
+    def attributes(self, ino: int) -> None:
+        self._attrs.add(ino)
+        self._ask()
 
     def entry(self, parent: int, name: bytes, deleted: int = 0) -> None:
         self._entries[(parent, name)] = deleted
-        self._wake.set()
+        self._ask()
+
+    def _ask(self) -> None:
+        if not self._wake.is_set():
+            self.requested += 1
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Return once everything asked for before the call has reached the kernel."""
+        target = self.requested
+        while self.finished < target:
+            await self._rounds_done.wait()
 
     @property
     def pending(self) -> int:
-        return len(self._inodes) + len(self._entries)
+        return len(self._inodes) + len(self._entries) + len(self._attrs)
 
     async def run(self) -> None:
         while True:
@@ -41,13 +60,22 @@ class Invalidator:
             self._wake = trio.Event()
             entries, self._entries = self._entries, {}
             inodes, self._inodes = self._inodes, set()
-            await trio.to_thread.run_sync(self._apply, entries, inodes)
+            attrs, self._attrs = self._attrs - inodes, set()
+            round_ = self.requested
+            await trio.to_thread.run_sync(self._apply, entries, inodes, attrs)
+            self.finished = round_
+            self._rounds_done.set()
+            self._rounds_done = trio.Event()
 
-    def _apply(self, entries: dict[tuple[int, bytes], int], inodes: set[int]) -> None:
+    def _apply(
+        self, entries: dict[tuple[int, bytes], int], inodes: set[int], attrs: set[int]
+    ) -> None:
         for (parent, name), deleted in entries.items():
             self._call(pyfuse3.invalidate_entry, parent, name, deleted)
         for ino in inodes:
             self._call(pyfuse3.invalidate_inode, ino)
+        for ino in attrs:
+            self._call(pyfuse3.invalidate_inode, ino, True)
 
     def _call(self, fn, *args) -> None:
         try:

@@ -163,12 +163,15 @@ class Operations(pyfuse3.Operations):
     def _store_changed(self, store: Store, loc: str, parts: Key, origin: object) -> None:
         """A change that did not come through this mount: the kernel's caches must drop it,
         on every path of the location (queued: invalidating here could deadlock)."""
-        if origin is self or not parts:
+        if not parts:
             return
+        roots = self.ns.store_roots.get((loc, store.name), ())
+        if origin is self and len(roots) < 2:
+            return  # the kernel saw it happen; a node listed twice shows it on the other path
         slot = self.slots.slot(store.name)
         parent = store.get(loc, parts[:-1])
         rec = store.get(loc, parts)
-        for root in self.ns.store_roots.get((loc, store.name), ()):
+        for root in roots:
             if len(parts) == 1:
                 parent_ino = root.ino
             elif parent is not None:
@@ -188,7 +191,9 @@ class Operations(pyfuse3.Operations):
             if op in ("read", "write", "release", "flush", "fsync", "readdir", "releasedir"):
                 handle = self._handles.get(args[0])
                 if isinstance(handle, FileHandle) and handle.file is not None:
-                    return str(self._urn_of(self._node(handle.file.ino)))
+                    f = handle.file
+                    where = f.store.locate(f.eid)
+                    return f"{f.store.name}@{where}" if where else f"{f.store.name} eid {f.eid}"
                 if isinstance(handle, DirHandle):
                     return str(self._urn_of(handle.node))
                 return f"fh {args[0]}"
@@ -304,7 +309,7 @@ class Operations(pyfuse3.Operations):
             size = 0
         else:
             attr.st_nlink = 1
-            f = self.files.by_ino.get(node.ino)
+            f = self.files.get(node.store, rec.eid)
             if f is not None and f.dirty:
                 size, mtime = len(f.buffer or b""), f.mtime_ns
         if node.root is not None and not rec.mtime_ns:
@@ -371,7 +376,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self._store_node(inode)
         store, loc, parts = node.store, node.loc, node.parts
-        f = self.files.by_ino.get(inode)
+        f = self.files.get(store, node.rec.eid)
         if fields.update_size:
             if node.is_dir:
                 raise FUSEError(errno.EISDIR)
@@ -449,7 +454,7 @@ class Operations(pyfuse3.Operations):
     @request
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         node = self._create(parent_inode, name, FILE, mode, ctx)
-        f = self.files.open(node.ino, node.store, node.loc, node.rec.eid)
+        f = self.files.open(node.store, node.loc, node.rec.eid)
         fh = next(self._next_fh)
         self._handles[fh] = FileHandle(file=f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._store_attrs(node)
@@ -457,7 +462,7 @@ class Operations(pyfuse3.Operations):
     def _keep_open_content(self, node: StoreNode | None) -> None:
         """An entry about to go: its open handles keep reading what it held."""
         if node is not None and not node.is_dir:
-            f = self.files.by_ino.get(node.ino)
+            f = self.files.get(node.store, node.rec.eid)
             if f is not None:
                 f.load()
 
@@ -578,7 +583,7 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.EISDIR)
             if node.rec.kind != FILE:
                 raise FUSEError(errno.ELOOP)
-            f = self.files.open(inode, node.store, node.loc, node.rec.eid)
+            f = self.files.open(node.store, node.loc, node.rec.eid)
             if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
                 f.truncate(0)
             self._handles[fh] = FileHandle(file=f)
@@ -609,9 +614,17 @@ class Operations(pyfuse3.Operations):
     @request
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._file(fh)
-        if handle.file is None:
+        f = handle.file
+        if f is None:
             raise FUSEError(errno.EBADF)
-        return handle.file.write(off, buf)
+        written = f.write(off, buf)
+        roots = self.ns.store_roots.get((f.loc, f.store.name), ())
+        if len(roots) > 1:
+            # A node listed twice: its other path's cached size must follow this write.
+            slot = self.slots.slot(f.store.name)
+            for root in roots:
+                self.invalidator.attributes(inodes.pack(root.alias, slot, f.eid))
+        return written
 
     def _commit(self, f: OpenFile) -> None:
         where = f.store.locate(f.eid)
@@ -714,5 +727,5 @@ class Operations(pyfuse3.Operations):
 
     async def commit_open_files(self) -> None:
         """At unmount: hand every dirty buffer to its store."""
-        for f in list(self.files.by_ino.values()):
+        for f in list(self.files.by_key.values()):
             self._commit(f)

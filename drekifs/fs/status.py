@@ -47,8 +47,8 @@ def counters_json(counts: dict[str, int]) -> str:
 
 
 def stores_text(stores) -> str:
-    """One line per store: name, entries (tombstones included), bytes on disk, changes since
-    start (each one a new version), changes not yet on disk, last write."""
+    """One line per store: name, entries (tombstones included), bytes in live values, changes
+    since start (each one a new version), changes not yet on disk, last write."""
     import datetime
 
     lines = []

@@ -6,7 +6,8 @@ On disk (``<data-dir>/stores/<name>/``, one environment per store), named databa
              loc \\0                  ->  Record.pack()     the store's root directory at ``loc``
     values   eid (8 bytes, big end)  ->  the file's bytes
     eids     eid                     ->  entries key        (entry ids are inode numbers' base)
-    meta     b"schema" -> 1, b"next_eid" -> u64, b"last_write_ns" -> u64
+    meta     b"schema" -> 1, b"next_eid" -> u64, b"last_write_ns" -> u64,
+             b"value_bytes" -> u64 (bytes in all live values)
 
 ``loc`` is the location's DNS name (for local stores, the node's), ``parent`` the "/"-joined path
 of the directory (empty at the root). A directory's children are the keys under one prefix,
@@ -18,8 +19,9 @@ transaction per group with LMDB's full sync (``sync=True``, ``metasync=True``: d
 fsync, meta page, fsync). So a request never waits for a disk flush, a burst of changes costs one
 flush, and LMDB's copy-on-write pages keep the file consistent through any crash or power loss.
 ``sync()`` returns once everything changed before it is on disk: that is what ``fsync`` waits
-for, and what a write needs to survive power loss. A killed daemon loses at most the changes of
-the last few milliseconds that nobody had fsynced.
+for, and what a write needs to survive power loss. A killed daemon loses what nobody fsynced:
+the changes of its last milliseconds, and the bytes of files still open for writing (the
+filesystem hands them to the store at release and fsync).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import lmdb
 import trio
 
 from .base import Key, Watcher
-from .record import DIR, SYMLINK, TOMBSTONE, Record, StoreError
+from .record import DIR, FILE, SYMLINK, TOMBSTONE, Record, StoreError
 from .version import HybridClock, Version, first_version
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class _Layer:
     children: dict[bytes, set[bytes]] = field(default_factory=dict)
     next_eid: int | None = None
     last_write_ns: int | None = None
+    value_bytes: int | None = None
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.values or self.eids)
@@ -137,6 +140,8 @@ class LmdbStore:
             self._next_eid = _U64.unpack(raw)[0] if raw else 1
             raw = txn.get(b"last_write_ns")
             self.last_write_ns = _U64.unpack(raw)[0] if raw else 0
+            raw = txn.get(b"value_bytes")
+        self.value_bytes = _U64.unpack(raw)[0] if raw else self._count_value_bytes()
         self._pending = _Layer()
         self._inflight = _Layer()
         self._dirty = trio.Event()
@@ -145,6 +150,14 @@ class LmdbStore:
         self.committed = 0  # changes on disk
         self.commit_error: str | None = None
         self.watchers: list[Watcher] = []
+
+    def _count_value_bytes(self) -> int:
+        with self.env.begin(db=self._entries) as txn:
+            return sum(
+                rec.size
+                for rec in (Record.unpack(raw) for raw in txn.cursor().iternext(keys=False))
+                if rec.kind == FILE
+            )
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -350,6 +363,7 @@ class LmdbStore:
         )
         self._put(key, new)
         self._pending.values[eid] = bytes(value)
+        self._count(len(value) - rec.size)
         self._notify(loc, parts, origin)
         return new
 
@@ -362,8 +376,9 @@ class LmdbStore:
         fields.setdefault("ctime_ns", self._now())
         if "perm" in fields:
             fields["perm"] &= 0o7777
-        version = rec.version if rec.is_dir else self._version(rec)
-        self._put(key, rec.but(version=version, **fields))
+        # An explicit change (chmod, utimes, xattrs) is a new version, for directories too;
+        # a directory's times moving with its children are not (_touch_dir).
+        self._put(key, rec.but(version=self._version(rec), **fields))
         self._notify(loc, parts, origin)
         return self.get(loc, parts)  # type: ignore[return-value]
 
@@ -395,6 +410,12 @@ class LmdbStore:
         if rec.eid:
             self._pending.values[rec.eid] = None
             self._pending.eids[rec.eid] = None
+        if rec.kind == FILE:
+            self._count(-rec.size)
+
+    def _count(self, delta: int) -> None:
+        self.value_bytes = max(0, self.value_bytes + delta)
+        self._pending.value_bytes = self.value_bytes
 
     def walk(self, loc: str, parts: Parts) -> Iterator[tuple[Parts, Record]]:
         """The directory ``parts`` and everything below it, parents first."""
@@ -499,7 +520,8 @@ class LmdbStore:
             try:
                 await self.commit()
             except StoreError:
-                await trio.sleep(1)  # logged; retried with the next group
+                self._dirty.set()  # logged; the group is pending again: retry it
+                await trio.sleep(1)
 
     async def commit(self) -> None:
         """Write what is pending now, in one transaction, and wait for it to be on disk."""
@@ -551,6 +573,8 @@ class LmdbStore:
                 txn.put(b"next_eid", _U64.pack(batch.next_eid), db=self._meta)
             if batch.last_write_ns is not None:
                 txn.put(b"last_write_ns", _U64.pack(batch.last_write_ns), db=self._meta)
+            if batch.value_bytes is not None:
+                txn.put(b"value_bytes", _U64.pack(batch.value_bytes), db=self._meta)
 
     async def close(self) -> None:
         await self.sync()
@@ -559,10 +583,7 @@ class LmdbStore:
     def stats(self) -> StoreStats:
         with self.env.begin() as txn:
             entries = txn.stat(self._entries)["entries"]
-            values = txn.stat(self._values)
-        psize = values["psize"]
-        used = (values["leaf_pages"] + values["branch_pages"] + values["overflow_pages"]) * psize
-        return StoreStats(self.name, entries, used, self.last_write_ns)
+        return StoreStats(self.name, entries, self.value_bytes, self.last_write_ns)
 
 
 def _merge(older: _Layer, newer: _Layer) -> _Layer:
@@ -573,6 +594,7 @@ def _merge(older: _Layer, newer: _Layer) -> _Layer:
         {},
         newer.next_eid or older.next_eid,
         newer.last_write_ns or older.last_write_ns,
+        newer.value_bytes if newer.value_bytes is not None else older.value_bytes,
     )
     for layer in (older, newer):
         for prefix, names in layer.children.items():

@@ -82,7 +82,9 @@ def read_zone(path: str | os.PathLike, world: str | None = None) -> dns.zone.Zon
             f"zone file {path} has no $ORIGIN: give the world's domain with --world"
         ) from None
     except (dns.exception.DNSException, UnicodeDecodeError, OSError) as e:
-        raise SourceError(f"zone file {path}: {e}") from None
+        message = str(e)  # dnspython's own messages start with "FILE:LINE:"
+        prefix = "zone file " if message.startswith(os.fspath(path)) else f"zone file {path}: "
+        raise SourceError(prefix + message) from None
 
 
 def zone_origin(zone: dns.zone.Zone) -> str:
@@ -177,16 +179,16 @@ class DnsAnswers:
                             request, host, timeout=self.timeout, port=port
                         )
                 except (dns.exception.DNSException, OSError) as e:
-                    problems.append(f"{host}:{port}: {type(e).__name__} {e}".strip())
+                    problems.append(f"{Address(host, port)}: {type(e).__name__} {e}".strip())
                     continue
                 rcode = response.rcode()
                 if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-                    problems.append(f"{host}:{port}: {dns.rcode.to_text(rcode)}")
+                    problems.append(f"{Address(host, port)}: {dns.rcode.to_text(rcode)}")
                     continue
                 try:
                     chain = response.resolve_chaining()
                 except dns.exception.DNSException as e:
-                    problems.append(f"{host}:{port}: {e}")
+                    problems.append(f"{Address(host, port)}: {e}")
                     continue
                 if chain.answer is not None:
                     return Answer(OK, _records(q.rdtype, chain.answer), chain.minimum_ttl)
