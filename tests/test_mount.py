@@ -235,18 +235,19 @@ def test_killed_daemon_leaves_a_stale_mount_that_mount_and_umount_clean(mount_wo
 
 def test_foreground_ctrl_c_unmounts(tmp_path: Path) -> None:
     mnt = tmp_path / "fg"
-    proc = subprocess.Popen(
-        [DREKIFS, "mount", "--foreground", "--data-dir", str(tmp_path / "d"), str(mnt)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:  # a file, not a pipe nobody reads while the daemon logs
+        proc = subprocess.Popen(
+            [DREKIFS, "mount", "--foreground", "--data-dir", str(tmp_path / "d"), str(mnt)],
+            stderr=err,
+        )
     try:
-        wait_for(lambda: (mnt / ".dreki" / "pid").exists(), timeout=20, what="mount")
+        wait_for(lambda: "serving" in log.read_text(), timeout=20, what="mount")
         assert int((mnt / ".dreki" / "pid").read_text()) == proc.pid
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=30) == 0, log.read_text()
         assert not is_mounted(mnt)
-        assert "unmounted" in proc.stderr.read()
+        assert "unmounted" in log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
