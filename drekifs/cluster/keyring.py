@@ -1,0 +1,147 @@
+"""The cluster key ring: every frame and datagram sealed with XChaCha20-Poly1305.
+
+A key ring is a text file (mode 0600) of base64 keys, one a line, the *primary* first: the
+primary seals, every key opens, so keys rotate without downtime — install a new key everywhere,
+make it primary everywhere, then remove the old one (docs/operations.md).
+
+A sealed message is ``version (1) | key id (4) | nonce (24) | ciphertext + tag (16)``; the key id
+(the first 4 bytes of BLAKE2b of the key) picks the key to open it with, and the world's name is
+bound in as associated data, so a message of another world never opens. Nonces are random: 192
+bits never repeat, whatever a busy key seals.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl import bindings
+from nacl.exceptions import CryptoError
+
+KEY_BYTES = 32
+NONCE_BYTES = 24
+TAG_BYTES = 16
+VERSION = 1
+HEADER_BYTES = 1 + 4 + NONCE_BYTES
+OVERHEAD = HEADER_BYTES + TAG_BYTES
+
+
+class KeyRingError(Exception):
+    """The key ring file is missing, unreadable or malformed; the message says where."""
+
+
+class Unsealable(Exception):
+    """A message that does not open: junk, truncated, tampered, or another key or world."""
+
+
+def key_id(key: bytes) -> bytes:
+    return hashlib.blake2b(key, digest_size=4).digest()
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    keys: tuple[bytes, ...]  # primary first
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise KeyRingError("a key ring needs at least one key")
+        for k in self.keys:
+            if len(k) != KEY_BYTES:
+                raise KeyRingError(f"a key is {KEY_BYTES} bytes, not {len(k)}")
+
+    @property
+    def primary(self) -> bytes:
+        return self.keys[0]
+
+    def ids(self) -> list[str]:
+        return [key_id(k).hex() for k in self.keys]
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        key = self.primary
+        nonce = os.urandom(NONCE_BYTES)
+        header = bytes([VERSION]) + key_id(key) + nonce
+        sealed = bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            plaintext, header + aad, nonce, key
+        )
+        return header + sealed
+
+    def open(self, message: bytes, aad: bytes) -> bytes:
+        if len(message) < OVERHEAD or message[0] != VERSION:
+            raise Unsealable("too short or unknown version")
+        kid, nonce = message[1:5], message[5:HEADER_BYTES]
+        for key in self.keys:
+            if key_id(key) == kid:
+                try:
+                    return bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                        message[HEADER_BYTES:], message[:HEADER_BYTES] + aad, nonce, key
+                    )
+                except CryptoError:
+                    raise Unsealable("authentication failed") from None
+        raise Unsealable(f"no key with id {kid.hex()}")
+
+    # -- files -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KeyRing:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise KeyRingError(f"key ring {p}: {e.strerror}") from None
+        keys = []
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                key = base64.b64decode(line, validate=True)
+            except ValueError:
+                raise KeyRingError(f"{p}:{n}: not base64") from None
+            if len(key) != KEY_BYTES:
+                raise KeyRingError(f"{p}:{n}: a key is {KEY_BYTES} bytes, this one {len(key)}")
+            keys.append(key)
+        if not keys:
+            raise KeyRingError(f"key ring {p} holds no key")
+        return cls(tuple(keys))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically, readable by its owner only."""
+        p = Path(path)
+        lines = ["# drekifs key ring: the first key seals, all keys open. Keep it secret."]
+        for i, k in enumerate(self.keys):
+            role = "primary" if i == 0 else "accepted"
+            lines.append(f"{base64.b64encode(k).decode()}  # {key_id(k).hex()} {role}")
+        tmp = p.with_name(p.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    @classmethod
+    def generate(cls) -> KeyRing:
+        return cls((os.urandom(KEY_BYTES),))
+
+    def with_new_key(self) -> KeyRing:
+        """A new accepted key, not yet primary (step 1 of a rotation)."""
+        return KeyRing((*self.keys, os.urandom(KEY_BYTES)))
+
+    def with_primary(self, kid: str) -> KeyRing:
+        """Make the key with this id primary (step 2)."""
+        chosen = [k for k in self.keys if key_id(k).hex() == kid]
+        if not chosen:
+            raise KeyRingError(f"no key with id {kid} (ids: {', '.join(self.ids())})")
+        return KeyRing((chosen[0], *(k for k in self.keys if k != chosen[0])))
+
+    def without(self, kid: str) -> KeyRing:
+        """Remove a key (step 3); never the primary."""
+        if key_id(self.primary).hex() == kid:
+            raise KeyRingError(f"key {kid} is the primary: make another one primary first")
+        rest = tuple(k for k in self.keys if key_id(k).hex() != kid)
+        if len(rest) == len(self.keys):
+            raise KeyRingError(f"no key with id {kid} (ids: {', '.join(self.ids())})")
+        return KeyRing(rest)
