@@ -50,6 +50,11 @@ RENAME_EXCHANGE = 2
 # Failures that are part of normal life: not worth a log line each.
 QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.ENOSYS, errno.EEXIST})
 
+
+class QuietError(FUSEError):
+    """An errno that is routine where it is raised (cp -a's ACLs): logged at debug level only."""
+
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -63,7 +68,7 @@ def request(fn: F) -> F:
         try:
             return await fn(self, *args)
         except FUSEError as e:
-            if e.errno not in QUIET_ERRNOS:
+            if e.errno not in QUIET_ERRNOS and not isinstance(e, QuietError):
                 log.info("%s %s: %s", op, self.describe(op, args), os.strerror(e.errno))
             raise
         except StoreError as e:
@@ -687,7 +692,7 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         node = self._node(inode)
         if name.startswith(ACL_PREFIX):
-            raise FUSEError(errno.EOPNOTSUPP)  # cp -a tries: refuse, it carries on
+            raise QuietError(errno.EOPNOTSUPP)  # cp -a tries on every file: refuse, it carries on
         if name.startswith(b"user.dreki."):
             raise FUSEError(errno.EPERM)
         if not isinstance(node, StoreNode):

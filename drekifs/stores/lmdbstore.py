@@ -512,10 +512,15 @@ class LmdbStore:
 
     # -- to disk ---------------------------------------------------------------------------
 
-    async def run_writer(self) -> None:
-        """Commit groups of changes as they come (cancel to stop; then call close())."""
+    async def run_writer(self, group_window: float = 0.02) -> None:
+        """Commit groups of changes as they come (cancel to stop; then call close()).
+
+        A group gathers what changes in ``group_window`` seconds after its first change: one
+        thread hand-off and one flush for a burst, not one per change (fsync does not wait).
+        """
         while True:
             await self._dirty.wait()
+            await trio.sleep(group_window)
             self._dirty = trio.Event()
             try:
                 await self.commit()
