@@ -632,6 +632,8 @@ class Operations(pyfuse3.Operations):
         return written
 
     def _commit(self, f: OpenFile) -> None:
+        if not f.dirty:
+            return
         where = f.store.locate(f.eid)
         f.commit(where[1] if where and where[0] == f.loc else None, self)
 

@@ -44,6 +44,7 @@ from .version import HybridClock, Version, first_version
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
+CACHE_ENTRIES = 20_000
 Parts = Key  # a key: the path below the store's root, as byte strings
 _U64 = struct.Struct(">Q")
 _MISSING = object()
@@ -150,6 +151,9 @@ class LmdbStore:
         self.committed = 0  # changes on disk
         self.commit_error: str | None = None
         self.watchers: list[Watcher] = []
+        # Bounded caches of LMDB reads, kept current by every change (_put, _set_eid).
+        self._records: dict[bytes, Record | None] = {}
+        self._where: dict[int, bytes | None] = {}
 
     def _count_value_bytes(self) -> int:
         with self.env.begin(db=self._entries) as txn:
@@ -169,9 +173,21 @@ class LmdbStore:
             rec = layer.entries.get(key, _MISSING)
             if rec is not _MISSING:
                 return rec  # type: ignore[return-value]
+        rec = self._records.get(key, _MISSING)
+        if rec is not _MISSING:
+            return rec  # type: ignore[return-value]
         with self.env.begin(db=self._entries) as txn:
             raw = txn.get(key)
-        return Record.unpack(raw) if raw is not None else None
+        rec = Record.unpack(raw) if raw is not None else None
+        self._remember(self._records, key, rec)
+        return rec
+
+    @staticmethod
+    def _remember(cache: dict, key: object, value: object) -> None:
+        """A bounded cache of what LMDB said: an entry costs a transaction and an unpack."""
+        if len(cache) >= CACHE_ENTRIES:
+            cache.clear()
+        cache[key] = value
 
     def get(self, loc: str, parts: Parts) -> Record | None:
         """The live entry at ``parts`` (None if absent or deleted). The root always exists."""
@@ -212,9 +228,12 @@ class LmdbStore:
             key = layer.eids.get(eid, _MISSING)
             if key is not _MISSING:
                 return split_key(key) if key is not None else None  # type: ignore[arg-type]
-        with self.env.begin(db=self._eids) as txn:
-            key = txn.get(eid_key(eid))
-        return split_key(key) if key is not None else None
+        key = self._where.get(eid, _MISSING)
+        if key is _MISSING:
+            with self.env.begin(db=self._eids) as txn:
+                key = txn.get(eid_key(eid))
+            self._remember(self._where, eid, key)
+        return split_key(key) if key is not None else None  # type: ignore[arg-type]
 
     def read(self, eid: int, offset: int = 0, size: int | None = None) -> bytes:
         """Bytes of a file's value; only the slice asked for is copied."""
@@ -245,12 +264,17 @@ class LmdbStore:
     def _put(self, key: bytes, rec: Record | None) -> None:
         p = self._pending
         p.entries[key] = rec
+        self._records[key] = rec  # what LMDB will say once committed
         if key.count(b"\0") == 2:
             prefix, _, name = key.rpartition(b"\0")
             p.children.setdefault(prefix + b"\0", set()).add(name)
         p.last_write_ns = time.time_ns()
         self.changes += 1
         self._dirty.set()
+
+    def _set_eid(self, eid: int, key: bytes | None) -> None:
+        self._pending.eids[eid] = key
+        self._where[eid] = key
 
     def _alloc(self) -> int:
         eid = self._next_eid
@@ -325,7 +349,7 @@ class LmdbStore:
             now,
         )
         self._put(key, rec)
-        self._pending.eids[eid] = key
+        self._set_eid(eid, key)
         self._touch_dir(loc, parts[:-1], now, 1 if kind == DIR else 0)
         self._notify(loc, parts, origin)
         return rec
@@ -409,7 +433,7 @@ class LmdbStore:
             self._put(key, None)
         if rec.eid:
             self._pending.values[rec.eid] = None
-            self._pending.eids[rec.eid] = None
+            self._set_eid(rec.eid, None)
         if rec.kind == FILE:
             self._count(-rec.size)
 
@@ -468,7 +492,7 @@ class LmdbStore:
             if old_parts == src:
                 changes["ctime_ns"] = now
             self._put(new_key, old.but(**changes))
-            self._pending.eids[old.eid] = new_key
+            self._set_eid(old.eid, new_key)
             old_key = entry_key(loc, old_parts)
             if self.replicated:
                 tomb = Record(TOMBSTONE, 0, 0, 0, 0, now, now, version=self._version(old))
