@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
 """floorfs: the smallest proper pyfuse3 filesystem, serving a fixed tree from a dict.
 
-It is the floor any pyfuse3 filesystem can reach on a walk of a read-only tree: lookup, getattr,
-opendir, readdir (through ``readdir_reply``, so pyfuse3's READDIRPLUS hands the attributes to the
-kernel), releasedir, statfs, and long entry/attr timeouts (3600 s, drekifs's default). Everything
-else is pyfuse3's default answer (mostly ENOSYS, which the kernel remembers for xattrs and flush).
+It is the floor any pyfuse3 filesystem can reach on a walk or a read of a read-only tree: lookup,
+getattr, opendir, readdir (through ``readdir_reply``, so pyfuse3's READDIRPLUS hands the
+attributes to the kernel), releasedir, open (``keep_cache``), read, release, statfs, and long
+entry/attr timeouts (3600 s, drekifs's default). Everything else is pyfuse3's default answer
+(mostly ENOSYS, which the kernel remembers for xattrs and flush: a close then costs no FLUSH).
 
 Every FUSE request is counted per operation, the ones pyfuse3 answers by default included. The
 counts go to ``--counts FILE`` as JSON ``{"seq": N, "counts": {op: n}}`` (written atomically) on
 SIGUSR1 and on exit, so reading them costs no FUSE request.
 
-    python bench/floorfs.py TREE.json MOUNTPOINT [--counts FILE] [--timeout S]
+    python bench/floorfs.py TREE MOUNTPOINT [--counts FILE] [--timeout S]
 
-TREE.json is ``{"dirs": ["a", "a/b", ...], "files": ["a/f", ...]}``: paths relative to the root,
-"/"-separated; parents are created as needed. The process prints ``ready PID`` on stdout once the
-mount answers requests, and serves until unmounted (``fusermount3 -u``) or sent SIGTERM/SIGINT
-(it then unmounts itself).
+TREE is either a JSON file ``{"dirs": ["a", "a/b", ...], "files": ["a/f", ...]}`` (paths relative
+to the root, "/"-separated; parents are created as needed; the files are empty), or a directory:
+its directories and regular files, with their bytes, permissions, owners and times, are copied
+into memory at start (other kinds of files are skipped). The process prints ``ready PID`` on
+stdout once the mount answers requests, and serves until unmounted (``fusermount3 -u``) or sent
+SIGTERM/SIGINT (it then unmounts itself).
 """
 
 from __future__ import annotations
@@ -48,12 +51,18 @@ STARTED_NS = time.time_ns()  # every inode's atime, mtime and ctime
 
 @dataclass(slots=True)
 class Node:
-    """One inode of the tree: a directory (with ordered children) or an empty file."""
+    """One inode of the tree: a directory (with ordered children) or a file (with its bytes).
+
+    ``source`` is the stat of the copied file or directory (None for a JSON tree: then the
+    process's uid and gid and its start time are used).
+    """
 
     ino: int
     mode: int
     children: dict[bytes, int] = field(default_factory=dict)
     order: list[tuple[bytes, int]] = field(default_factory=list)
+    data: bytes = b""
+    source: os.stat_result | None = None
 
 
 class FloorFS(pyfuse3.Operations):
@@ -63,7 +72,13 @@ class FloorFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, dirs: list[str], files: list[str], timeout: float = 3600.0) -> None:
+    def __init__(
+        self,
+        dirs: list[str],
+        files: list[str],
+        timeout: float = 3600.0,
+        source: Path | None = None,
+    ) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, DIR_MODE)}
@@ -72,20 +87,42 @@ class FloorFS(pyfuse3.Operations):
             self._add(path, DIR_MODE)
         for path in sorted(files):
             self._add(path, FILE_MODE)
+        if source is not None:
+            self._copy(source)
         self.attrs = {ino: self._make_attrs(n, timeout) for ino, n in self.nodes.items()}
 
-    def _add(self, path: str, mode: int) -> int:
+    def _add(
+        self, path: str, mode: int, data: bytes = b"", source: os.stat_result | None = None
+    ) -> int:
         path = path.strip("/")
         if path in self._by_path:
             return self._by_path[path]
         parent_path, _, name = path.rpartition("/")
         parent = self.nodes[self._add(parent_path, DIR_MODE)]
         ino = len(self.nodes) + ROOT_INODE
-        self.nodes[ino] = Node(ino, mode)
+        self.nodes[ino] = Node(ino, mode, data=data, source=source)
         self._by_path[path] = ino
-        parent.children[name.encode()] = ino
-        parent.order.append((name.encode(), ino))
+        parent.children[os.fsencode(name)] = ino
+        parent.order.append((os.fsencode(name), ino))
         return ino
+
+    def _copy(self, root: Path) -> None:
+        """Directories and regular files below ``root``, parents first, in name order."""
+        root_node = self.nodes[ROOT_INODE]
+        root_node.source = root.stat()
+        root_node.mode = root_node.source.st_mode
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            base = Path(dirpath).relative_to(root)
+            for name in dirnames:
+                st = (Path(dirpath) / name).lstat()
+                if stat.S_ISDIR(st.st_mode):
+                    self._add(str(base / name), st.st_mode, source=st)
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode):
+                    self._add(str(base / name), st.st_mode, path.read_bytes(), st)
 
     def _make_attrs(self, node: Node, timeout: float) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -93,12 +130,18 @@ class FloorFS(pyfuse3.Operations):
         attr.st_mode = node.mode
         subdirs = sum(1 for _, i in node.order if stat.S_ISDIR(self.nodes[i].mode))
         attr.st_nlink = 2 + subdirs if stat.S_ISDIR(node.mode) else 1
-        attr.st_uid = os.getuid()
-        attr.st_gid = os.getgid()
-        attr.st_size = 0
+        attr.st_size = len(node.data)
         attr.st_blksize = 4096
-        attr.st_blocks = 0
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = STARTED_NS
+        attr.st_blocks = (len(node.data) + 511) // 512
+        st = node.source
+        if st is None:
+            attr.st_uid = os.getuid()
+            attr.st_gid = os.getgid()
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = STARTED_NS
+        else:
+            attr.st_uid, attr.st_gid = st.st_uid, st.st_gid
+            attr.st_atime_ns, attr.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
+            attr.st_ctime_ns = st.st_ctime_ns
         attr.entry_timeout = attr.attr_timeout = timeout
         return attr
 
@@ -134,6 +177,22 @@ class FloorFS(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         pass
 
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        if stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)  # the handle is the inode
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.nodes[fh].data[off : off + size]
+
+    async def release(self, fh: int) -> None:
+        pass
+
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         # find (gnulib fts) asks fstatfs for most directories it reads and caches only a
         # success: answering ENOSYS would cost a STATFS per directory, which drekifs never pays.
@@ -141,6 +200,7 @@ class FloorFS(pyfuse3.Operations):
         out.f_bsize = out.f_frsize = 4096
         out.f_namemax = 255
         out.f_files = len(self.nodes)
+        out.f_blocks = sum(len(n.data) for n in self.nodes.values()) // 4096 + 1
         return out
 
 
@@ -218,7 +278,11 @@ async def serve(fs: FloorFS, mountpoint: Path, counts_file: CountsFile) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("tree", type=Path, help='JSON: {"dirs": [...], "files": [...]}')
+    parser.add_argument(
+        "tree",
+        type=Path,
+        help='JSON {"dirs": [...], "files": [...]}, or a directory to serve a copy of',
+    )
     parser.add_argument("mountpoint", type=Path)
     parser.add_argument(
         "--counts",
@@ -235,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    tree = json.loads(args.tree.read_text())
-    fs = FloorFS(tree.get("dirs", []), tree.get("files", []), args.timeout)
+    if args.tree.is_dir():
+        fs = FloorFS([], [], args.timeout, source=args.tree)
+    else:
+        tree = json.loads(args.tree.read_text())
+        fs = FloorFS(tree.get("dirs", []), tree.get("files", []), args.timeout)
     mountpoint = args.mountpoint.resolve()
     counts_file = CountsFile(args.counts, fs.counts)
 
