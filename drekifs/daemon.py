@@ -228,6 +228,7 @@ class Daemon:
                 nursery.start_soon(self._announce_ready, ready)
                 for store in stores.values():
                     nursery.start_soon(store.run_writer)
+                    nursery.start_soon(store.run_trimmer)
                 nursery.start_soon(control.serve, self.control_path, control.StoreAPI(self).handle)
         finally:
             pyfuse3.close(unmount=not self.external_unmount)

@@ -116,3 +116,28 @@ async def test_value_bytes_are_counted_and_kept(tmp_path: Path) -> None:
     await s.sync()
     s.env.close()
     assert open_store(tmp_path).stats().bytes == 50
+
+
+async def test_trim_unmaps_read_pages_and_loses_nothing(tmp_path: Path) -> None:
+    s = open_store(tmp_path, max_value=1 << 20)
+    eids = []
+    for i in range(200):
+        rec = s.create(LOC, (b"f%d" % i,), FILE, 0o644, 0, 0)
+        s.write_value(LOC, (b"f%d" % i,), rec.eid, bytes([i]) * 20_000)
+        eids.append(rec.eid)
+    await s.sync()
+    s._records.clear()
+
+    def rss_file_kib() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+        return 0
+
+    for i, eid in enumerate(eids):
+        assert s.read(eid) == bytes([i]) * 20_000
+    before = rss_file_kib()
+    assert s.trim() > 0
+    assert rss_file_kib() < before - 2000  # ~4 MB of values were mapped
+    for i, eid in enumerate(eids):
+        assert s.read(eid) == bytes([i]) * 20_000  # read again through the map
