@@ -129,7 +129,7 @@ async def test_trim_unmaps_read_pages_and_loses_nothing(tmp_path: Path) -> None:
     s._records.clear()
 
     def rss_file_kib() -> int:
-        for line in open("/proc/self/status"):
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("RssFile:"):
                 return int(line.split()[1])
         return 0
