@@ -37,7 +37,7 @@ DOMAIN = "bench.drekifs.test"
 TOP_REGIONS = 10  # each holds SUB_REGIONS sub-regions and NODES_PER_REGION nodes
 SUB_REGIONS = 9  # each holds NODES_PER_REGION nodes: 10 + 10 * 9 = 100 regions
 NODES_PER_REGION = 10  # 100 regions * 10 = 1000 nodes
-STATUS_FILES = ("pid", "requests", "world", "world-errors", "world.json")  # drekifs's .dreki/
+STATUS_FILES = ("control", "pid", "requests", "stores", "world", "world-errors", "world.json")
 
 TARGET_RATIO = 1.3  # drekifs within 1.3x of the floor
 PER_ENTRY_LIMIT = 0.01  # "no LOOKUP/GETATTR per entry": fewer than one per 100 entries
@@ -232,17 +232,18 @@ def difference(after: Counts, before: Counts) -> Counts:
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """CPU time used so far by every thread of process ``pid`` (None: not known)."""
+    """CPU time used so far by process ``pid``, user and system, all its threads included —
+    those that have exited too, unlike a sum over /proc/PID/task (None: not known). Clock
+    ticks: 10 ms resolution, a percent of a walk or a tar."""
     if pid is None:
         return None
-    total = 0
     try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])  # nanoseconds on a CPU
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     except (OSError, ValueError, IndexError):
         return None
-    return total / 1e9
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # -- the three filesystems -------------------------------------------------------------------------
