@@ -22,9 +22,10 @@ from pathlib import Path
 
 from . import control
 from .fs.inodes import StoreSlots
+from .fs.namespace import MAX_PATHS
 from .stores.lmdbstore import LmdbStore
 from .stores.version import HybridClock
-from .world.model import World
+from .world.model import SOURCE, TOO_LARGE, World
 from .world.resolve import SourceError
 from .world.snapshot import Snapshot
 from .world.watch import SourceConfig
@@ -284,15 +285,15 @@ class Daemon:
         from .world.render import render_errors, render_json, render_tree
 
         files = status.StatusFiles()
-        memo: dict[str, tuple[int, bytes]] = {}
+        memo: dict[str, tuple[Snapshot, bytes]] = {}
 
         def per_world(name: str, render: Callable[[World], str]) -> Callable[[], bytes]:
             # Rendered once per world, not once per getattr.
             def content() -> bytes:
                 snap = self.watcher.snapshot
                 hit = memo.get(name)
-                if hit is None or hit[0] != id(snap):
-                    hit = (id(snap), render(snap.world).encode())
+                if hit is None or hit[0] is not snap:  # held, so never a reused id
+                    hit = (snap, render(snap.world).encode())
                     memo[name] = hit
                 return hit[1]
 
@@ -301,7 +302,9 @@ class Daemon:
         def errors() -> str:
             text = render_errors(self.watcher.world)
             if self.watcher.source_error:
-                text += f"source: {self.watcher.source_error} (serving the last good world)\n"
+                text += f"{SOURCE}: {self.watcher.source_error} (serving the last good world)\n"
+            if self.ops is not None and self.ops.ns.truncated:
+                text += f"{TOO_LARGE}: more than {MAX_PATHS} paths; the rest is not served\n"
             return text
 
         files.add("pid", status.pid_text)

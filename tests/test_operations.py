@@ -192,3 +192,29 @@ async def test_namespace_diff_names_what_the_kernel_must_forget() -> None:
     # A node listed twice gets one alias per path.
     roots = new.store_roots[("shared.w.test", "global")]
     assert len(roots) == 2 and roots[0].alias != roots[1].alias
+
+
+async def test_explicit_times_on_a_dirty_file_are_one_version(tmp_path: Path) -> None:
+    """cp -a writes, then sets the times before close: bytes and times land in one version."""
+    ops = make_ops(tmp_path)
+    glob = (await lookup_path(ops, "global")).st_ino
+    info, attr = await ops.create(glob, b"f", 0o644, os.O_WRONLY, CTX)
+    await ops.write(info.fh, 0, b"data")
+    store = ops.stores["global"]
+    before = store.changes
+    fields = SimpleNamespace(
+        update_size=False,
+        update_mode=False,
+        update_uid=False,
+        update_gid=False,
+        update_mtime=True,
+        update_atime=True,
+        update_ctime=False,
+    )
+    times = SimpleNamespace(st_mtime_ns=1_600_000_000 * 10**9, st_atime_ns=1_600_000_000 * 10**9)
+    out = await ops.setattr(attr.st_ino, times, fields, info.fh, CTX)
+    assert store.changes == before + 1
+    assert out.st_mtime_ns == 1_600_000_000 * 10**9 and out.st_size == 4
+    await ops.release(info.fh)
+    assert store.changes == before + 1  # nothing left to commit at release
+    assert store.read(store.get("w.test", (b"f",)).eid) == b"data"

@@ -58,8 +58,9 @@ class OpenFile:
             return bytes(self.buffer[offset : offset + size])
         return self.store.read(self.eid, offset, size)
 
-    def commit(self, parts: Key | None, origin: object) -> None:
-        """Hand a dirty buffer to the store (in memory; the store's writer takes it to disk).
+    def commit(self, parts: Key | None, origin: object, **fields: object) -> None:
+        """Hand a dirty buffer to the store (in memory; the store's writer takes it to disk),
+        with metadata ``fields`` changed in the same version.
 
         ``parts`` is where the entry is now, or None when it is gone: then the bytes are kept
         for the handles still open, and go nowhere.
@@ -68,8 +69,15 @@ class OpenFile:
             return
         self.dirty = False
         if parts is not None:
+            mtime = fields.pop("mtime_ns", self.mtime_ns)
             self.store.write_value(
-                self.loc, parts, self.eid, bytes(self.buffer or b""), origin, self.mtime_ns
+                self.loc,
+                parts,
+                self.eid,
+                bytes(self.buffer or b""),
+                origin,
+                mtime,
+                **fields,
             )
 
 

@@ -25,7 +25,6 @@ class Invalidator:
         self._rounds_done = trio.Event()
         self.requested = 0  # rounds asked for
         self.finished = 0  # rounds carried out
-        self.done = 0  # invalidations carried out, for tests and .dreki
 
     def inode(self, ino: int) -> None:
         self._inodes.add(ino)
@@ -49,10 +48,6 @@ class Invalidator:
         target = self.requested
         while self.finished < target:
             await self._rounds_done.wait()
-
-    @property
-    def pending(self) -> int:
-        return len(self._inodes) + len(self._entries) + len(self._attrs)
 
     async def run(self) -> None:
         while True:
@@ -86,4 +81,3 @@ class Invalidator:
                 log.warning("%s%r: %s", fn.__name__, args, e)
         except Exception:  # never let a failed invalidation end the mount
             log.exception("%s%r failed", fn.__name__, args)
-        self.done += 1

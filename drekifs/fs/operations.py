@@ -159,12 +159,6 @@ class Operations(pyfuse3.Operations):
         for ino in changes.inodes:
             self.invalidator.inode(ino)
 
-    def status_changed(self, *names: str) -> None:
-        for name in names:
-            e = self.ns.status_entry(name)
-            if e is not None:
-                self.invalidator.inode(e.ino)
-
     def _store_changed(self, store: Store, loc: str, parts: Key, origin: object) -> None:
         """A change that did not come through this mount: the kernel's caches must drop it,
         on every path of the location (queued: invalidating here could deadlock)."""
@@ -408,8 +402,10 @@ class Operations(pyfuse3.Operations):
             changes["ctime_ns"] = attr.st_ctime_ns
         if changes:
             if f is not None and f.dirty and "mtime_ns" in changes:
-                f.commit(parts, self)  # the explicit time must win over the write's
-            store.update(loc, parts, self, **changes)
+                # The explicit time must win over the write's: bytes and times in one version.
+                f.commit(parts, self, **changes)
+            else:
+                store.update(loc, parts, self, **changes)
         return self._attrs(self._node(inode))
 
     @request

@@ -7,7 +7,6 @@ invalidated when its source changes).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +39,6 @@ class StatusFiles:
 
 def counters_text(counts: dict[str, int]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(counts.items()))
-
-
-def counters_json(counts: dict[str, int]) -> str:
-    return json.dumps(dict(sorted(counts.items())), indent=2) + "\n"
 
 
 def stores_text(stores) -> str:

@@ -61,6 +61,7 @@ class Store(Protocol):
         value: bytes,
         origin: object = None,
         mtime_ns: int | None = None,
+        **fields: object,
     ) -> Record | None: ...
 
     def update(self, loc: str, key: Key, origin: object = None, **fields: object) -> Record: ...

@@ -371,9 +371,11 @@ class LmdbStore:
         value: bytes,
         origin: object = None,
         mtime_ns: int | None = None,
+        **fields: object,
     ) -> Record | None:
-        """Set a file's bytes. None when the entry is gone or is another one now (the file was
-        unlinked or replaced while open): the write has nowhere to go."""
+        """Set a file's bytes (and metadata ``fields``, as in update): one new version. None
+        when the entry is gone or is another one now (unlinked or replaced while open): the
+        write has nowhere to go."""
         self.check_size(len(value))
         key = entry_key(loc, parts)
         rec = self._record(key)
@@ -381,13 +383,14 @@ class LmdbStore:
             return None
         now = self._now()
         mtime = mtime_ns or now
-        new = rec.but(
-            size=len(value),
-            mtime_ns=mtime,
-            atime_ns=mtime,
-            ctime_ns=now,
-            version=self._version(rec),
-        )
+        changes: dict[str, object] = {
+            "size": len(value),
+            "mtime_ns": mtime,
+            "atime_ns": mtime,
+            "ctime_ns": now,
+            "version": self._version(rec),
+        }
+        new = rec.but(**{**changes, **fields})
         self._put(key, new)
         self._pending.values[eid] = bytes(value)
         self._count(len(value) - rec.size)

@@ -17,7 +17,6 @@ Record fields, with their msgpack map keys::
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from dataclasses import dataclass, field, fields
@@ -37,19 +36,6 @@ class StoreError(Exception):
     def __init__(self, code: int, message: str) -> None:
         self.errno = code
         super().__init__(f"{message}: {os.strerror(code)}")
-
-
-def refuse(code: int, message: str) -> StoreError:
-    return StoreError(code, message)
-
-
-ENOENT, EEXIST, ENOTDIR, EISDIR, ENOTEMPTY = (
-    errno.ENOENT,
-    errno.EEXIST,
-    errno.ENOTDIR,
-    errno.EISDIR,
-    errno.ENOTEMPTY,
-)
 
 
 @dataclass(frozen=True, slots=True)
