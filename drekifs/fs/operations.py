@@ -46,6 +46,7 @@ ACL_PREFIX = b"system.posix_acl_"
 MAX_NAME = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+NODE_CACHE = 20_000
 
 # Failures that are part of normal life: not worth a log line each.
 QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.ENOSYS, errno.EEXIST})
@@ -144,6 +145,9 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, DirHandle | FileHandle] = {}
         self._next_fh = itertools.count(1)
         self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}
+        # Store inodes resolved, each valid while its store has not changed (tar, find, rsync
+        # ask about one inode several times in a row).
+        self._nodes: dict[int, tuple[StoreNode, int]] = {}
         for store in self.stores.values():
             store.watchers.append(functools.partial(self._store_changed, store))
 
@@ -153,6 +157,7 @@ class Operations(pyfuse3.Operations):
         """Serve ``new`` from now on and have the kernel forget what changed."""
         old, self.ns = self.ns, new
         self._attr_cache = {}
+        self._nodes = {}
         changes = diff(old, new, changed_status)
         for parent, name, ino in changes.entries:
             self.invalidator.entry(parent, name, ino)
@@ -221,6 +226,9 @@ class Operations(pyfuse3.Operations):
     def _node(self, ino: int) -> Entry | StoreNode:
         """What an inode is now; ENOENT when it is gone."""
         if inodes.is_store_inode(ino):
+            cached = self._nodes.get(ino)
+            if cached is not None and cached[1] == cached[0].store.changes:
+                return cached[0]
             si = inodes.unpack(ino)
             store = self.by_slot.get(si.slot)
             if store is not None:
@@ -230,7 +238,11 @@ class Operations(pyfuse3.Operations):
                     segments = self.ns.alias_paths.get((loc, si.alias))
                     rec = store.get(loc, parts)
                     if segments is not None and rec is not None and rec.eid == si.eid:
-                        return StoreNode(ino, store, loc, segments, si.alias, parts, rec)
+                        node = StoreNode(ino, store, loc, segments, si.alias, parts, rec)
+                        if len(self._nodes) >= NODE_CACHE:
+                            self._nodes.clear()
+                        self._nodes[ino] = (node, store.changes)
+                        return node
             raise FUSEError(errno.ENOENT)
         e = self.ns.get(ino)
         if e is None:

@@ -26,6 +26,7 @@ class Store(Protocol):
     name: str
     max_value: int
     watchers: list[Watcher]
+    changes: int  # changes made so far: anything read before is stale once it moves
 
     # -- stat, get, list -------------------------------------------------------------------
     def get(self, loc: str, key: Key) -> Record | None:

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)  # madvise, for trim()
 SCHEMA = 1
 CACHE_ENTRIES = 20_000
+# Trim the map once reads may have mapped this much (each miss counts a fault-around window).
+TRIM_AFTER_BYTES = 16 << 20
+_FAULT_AROUND = 64 << 10
 Parts = Key  # a key: the path below the store's root, as byte strings
 _U64 = struct.Struct(">Q")
 _MISSING = object()
@@ -128,7 +131,7 @@ class LmdbStore:
         self.uid, self.gid = uid, gid
         path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=8, sync=True, metasync=True, readahead=False
+            str(path), map_size=map_size, max_dbs=8, sync=True, metasync=True, readahead=True
         )
         self._entries = self.env.open_db(b"entries")
         self._values = self.env.open_db(b"values")
@@ -157,6 +160,8 @@ class LmdbStore:
         # Bounded caches of LMDB reads, kept current by every change (_put, _set_eid).
         self._records: dict[bytes, Record | None] = {}
         self._where: dict[int, bytes | None] = {}
+        self._mapped = 0  # bytes reads may have mapped since the last trim (an estimate)
+        self._map_ranges: list[tuple[int, int]] | None = None
 
     def _count_value_bytes(self) -> int:
         with self.env.begin(db=self._entries) as txn:
@@ -183,7 +188,14 @@ class LmdbStore:
             raw = txn.get(key)
         rec = Record.unpack(raw) if raw is not None else None
         self._remember(self._records, key, rec)
+        self._touched(_FAULT_AROUND)
         return rec
+
+    def _touched(self, nbytes: int) -> None:
+        """Count what a read may have mapped; trim once it adds up (bounds RSS between trims)."""
+        self._mapped += nbytes
+        if self._mapped >= TRIM_AFTER_BYTES:
+            self.trim()
 
     @staticmethod
     def _remember(cache: dict, key: object, value: object) -> None:
@@ -206,13 +218,24 @@ class LmdbStore:
         """Live entries of the directory ``parts``, by name."""
         prefix = children_prefix(loc, parts)
         out: dict[bytes, Record] = {}
+        records, where = self._records, self._where
+        # A listing is usually followed by a lookup of each child (ls -l, tar, rsync): what
+        # LMDB just said goes to the read caches, unless a change not yet on disk shadows it.
+        shadowed = self._pending.entries.keys() | self._inflight.entries.keys()
+        moved = self._pending.eids.keys() | self._inflight.eids.keys()
         with self.env.begin(db=self._entries) as txn:
             cursor = txn.cursor()
             if cursor.set_range(prefix):
                 for key, raw in cursor:
                     if not key.startswith(prefix):
                         break
-                    out[key[len(prefix) :]] = Record.unpack(raw)
+                    rec = Record.unpack(raw)
+                    out[key[len(prefix) :]] = rec
+                    if len(records) < CACHE_ENTRIES and key not in shadowed:  # never thrash
+                        records[key] = rec
+                        if len(where) < CACHE_ENTRIES and rec.alive and rec.eid not in moved:
+                            where[rec.eid] = key
+        self._touched(_FAULT_AROUND + 256 * len(out))
         for layer in (self._inflight, self._pending):  # newest last
             for name in layer.children.get(prefix, ()):
                 rec = layer.entries.get(prefix + name, _MISSING)
@@ -236,6 +259,7 @@ class LmdbStore:
             with self.env.begin(db=self._eids) as txn:
                 key = txn.get(eid_key(eid))
             self._remember(self._where, eid, key)
+            self._touched(_FAULT_AROUND)
         return split_key(key) if key is not None else None  # type: ignore[arg-type]
 
     def read(self, eid: int, offset: int = 0, size: int | None = None) -> bytes:
@@ -249,7 +273,9 @@ class LmdbStore:
             buf = txn.get(eid_key(eid))
             if buf is None:
                 return b""
-            return bytes(buf[offset : None if size is None else offset + size])
+            out = bytes(buf[offset : None if size is None else offset + size])
+        self._touched(_FAULT_AROUND + len(out))
+        return out
 
     # -- changing --------------------------------------------------------------------------
 
@@ -582,6 +608,7 @@ class LmdbStore:
                 log.error("store %s: cannot commit %d changes: %s", self.name, len(batch), e)
                 raise StoreError(errno.ENOSPC if "MAP_FULL" in str(e) else errno.EIO, str(e)) from e
             self._inflight = _Layer()
+            self._touched(_FAULT_AROUND + 4096 * len(batch))  # the writer read the map
             self.commit_error = None
             self.committed = max(self.committed, upto)
             if batch.last_write_ns:
@@ -625,17 +652,22 @@ class LmdbStore:
         MADV_DONTNEED on that map only unmaps: the pages stay cached by the kernel, and the next
         read maps them again (a minor fault). Nothing can be lost: the map is never written.
         """
-        data = os.path.join(self.env.path(), "data.mdb")
+        self._mapped = 0
+        if self._map_ranges is None:
+            # The map is made once, at its full size, when the environment opens: it never moves.
+            data = os.path.join(self.env.path(), "data.mdb")
+            try:
+                with open("/proc/self/maps") as maps:
+                    lines = [ln.split()[0] for ln in maps if ln.rstrip().endswith(" " + data)]
+            except OSError:
+                return 0
+            self._map_ranges = [(int(a, 16), int(b, 16)) for a, b in (r.split("-") for r in lines)]
         total = 0
-        try:
-            with open("/proc/self/maps") as maps:
-                ranges = [line.split()[0] for line in maps if line.rstrip().endswith(" " + data)]
-        except OSError:
-            return 0
-        for r in ranges:
-            start, end = (int(x, 16) for x in r.split("-"))
+        for start, end in self._map_ranges:
             if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) == 0:
                 total += end - start
+            else:
+                self._map_ranges = None  # look again next time
         return total
 
     async def close(self) -> None:
