@@ -1,0 +1,55 @@
+"""What the cluster protocols need from a network, and nothing more.
+
+Membership (and later broadcast and repair) talk to peers through :class:`Network`; the real
+implementation is :class:`drekifs.cluster.transport.Transport` (sealed TCP frames and UDP
+datagrams), the simulated one :class:`drekifs.cluster.sim.SimNetwork` (in memory, on trio's
+MockClock, with seeded loss, delay and partitions). Protocol code never opens a socket and never
+reads a clock other than trio's, so the same code runs in both.
+
+Messages are plain msgpack-able values (dicts of str keys, ints, bytes, str, lists).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+PeerAddr = tuple[str, int]  # (IP address, port): where a peer's transport listens
+DatagramHandler = Callable[[PeerAddr, Any], None]
+CallHandler = Callable[[PeerAddr, Any], Awaitable[Any]]
+
+MAX_DATAGRAM = 1400  # bytes on the wire, sealed: what a probe may weigh
+
+
+class PeerUnreachable(Exception):
+    """A call got no answer: no connection, timeout, or the connection broke mid-call."""
+
+
+class RemoteError(Exception):
+    """The peer answered a call with an error: ``code`` (an errno or 0) and a message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Network(Protocol):
+    """One peer's view of the network."""
+
+    addr: PeerAddr  # this peer's own address
+
+    def send_datagram(self, to: PeerAddr, msg: Any) -> None:
+        """Best effort, never blocks, may be lost, reordered or delayed. A message that would
+        not fit in MAX_DATAGRAM once sealed raises ValueError (a bug of the caller)."""
+
+    def on_datagram(self, handler: DatagramHandler) -> None:
+        """Every datagram that arrives (authenticated, decoded) goes to ``handler``, which must
+        not block (spawn work if needed)."""
+
+    async def call(self, to: PeerAddr, method: str, args: Any, *, timeout: float) -> Any:
+        """A request over a reliable stream; the reply. Raises PeerUnreachable when nothing
+        came back within ``timeout`` seconds, RemoteError when the peer answered an error."""
+
+    def register(self, method: str, handler: CallHandler) -> None:
+        """Serve calls of ``method``: the handler's return value is the reply; raising
+        RemoteError sends that error; any other exception is answered as an EIO error."""
