@@ -34,6 +34,7 @@ from . import inodes
 from .files import OpenFile, OpenFiles
 from .invalidate import Invalidator
 from .namespace import Entry, Kind, Namespace, diff
+from .remote import RemoteDirHandle, RemoteFileHandle, RemoteStores
 from .status import StatusFiles
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Operations(pyfuse3.Operations):
         stores: dict[str, Store] | None = None,
         node: str | None = None,
         slots: inodes.StoreSlots | None = None,
+        remote: RemoteStores | None = None,
     ) -> None:
         super().__init__()
         self.ns = namespace
@@ -142,7 +144,8 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.files = OpenFiles()
-        self._handles: dict[int, DirHandle | FileHandle] = {}
+        self.remote = remote
+        self._handles: dict[int, Any] = {}
         self._next_fh = itertools.count(1)
         self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}
         # Store inodes resolved, each valid while its store has not changed (tar, find, rsync
@@ -362,6 +365,8 @@ class Operations(pyfuse3.Operations):
     @request
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         self._check_name(name)
+        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+            return await self.remote.lookup(r, name)
         parent = self._node(parent_inode)
         if isinstance(parent, StoreNode):
             child = self._child(parent, name)
@@ -375,6 +380,8 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            return await self.remote.getattr(r)
         return self._attrs(self._node(inode))
 
     @request
@@ -385,6 +392,8 @@ class Operations(pyfuse3.Operations):
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            return await self.remote.setattr(r, attr, fields)
         node = self._store_node(inode)
         store, loc, parts = node.store, node.loc, node.parts
         f = self.files.get(store, node.rec.eid)
@@ -422,6 +431,8 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def readlink(self, inode: int, ctx: Any) -> bytes:
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            return await self.remote.readlink(r)
         node = self._node(inode)
         if isinstance(node, StoreNode) and node.rec.kind == SYMLINK:
             return node.rec.target
@@ -452,20 +463,34 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+            self._check_name(name)
+            return await self.remote.make(r, name, DIR, mode, ctx)
         return self._store_attrs(self._create(parent_inode, name, DIR, mode, ctx))
 
     @request
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         if not stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # no devices, FIFOs or sockets in a store
+        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+            self._check_name(name)
+            return await self.remote.make(r, name, FILE, mode, ctx)
         return self._store_attrs(self._create(parent_inode, name, FILE, mode, ctx))
 
     @request
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+            self._check_name(name)
+            return await self.remote.make(r, name, SYMLINK, 0o777, ctx, target)
         return self._store_attrs(self._create(parent_inode, name, SYMLINK, 0o777, ctx, target))
 
     @request
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+            self._check_name(name)
+            rfh, rhandle, attr = await self.remote.create(r, name, mode, ctx)
+            self._handles[rfh] = rhandle
+            return pyfuse3.FileInfo(fh=rfh, keep_cache=False), attr
         node = self._create(parent_inode, name, FILE, mode, ctx)
         f = self.files.open(node.store, node.loc, node.rec.eid)
         fh = next(self._next_fh)
@@ -481,12 +506,16 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+            return await self.remote.remove(r, name, is_dir=False)
         parent = self._store_node(parent_inode)
         self._keep_open_content(self._child(parent, name))
         parent.store.remove(parent.loc, (*parent.parts, name), is_dir=False, origin=self)
 
     @request
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+            return await self.remote.remove(r, name, is_dir=True)
         parent = self._store_node(parent_inode)
         parent.store.remove(parent.loc, (*parent.parts, name), is_dir=True, origin=self)
 
@@ -501,6 +530,16 @@ class Operations(pyfuse3.Operations):
         ctx: Any,
     ) -> None:
         self._check_name(name_new)
+        if self.remote:
+            r_old = self.remote.ref(self.ns, parent_old)
+            r_new = self.remote.ref(self.ns, parent_new)
+            if r_old and r_new:
+                if flags & RENAME_EXCHANGE:
+                    raise FUSEError(errno.EINVAL)
+                noreplace = bool(flags & RENAME_NOREPLACE)
+                return await self.remote.rename(r_old, name_old, r_new, name_new, noreplace)
+            if r_old or r_new:
+                raise FUSEError(errno.EXDEV)
         old = self._node(parent_old)
         new = self._node(parent_new)
         if not isinstance(old, StoreNode):
@@ -530,6 +569,10 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def opendir(self, inode: int, ctx: Any) -> int:
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            rfh, rhandle = await self.remote.opendir(r)
+            self._handles[rfh] = rhandle
+            return rfh
         node = self._node(inode)
         handle = DirHandle(node)
         if isinstance(node, StoreNode):
@@ -549,6 +592,8 @@ class Operations(pyfuse3.Operations):
     @request
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         handle = self._handles.get(fh)
+        if isinstance(handle, RemoteDirHandle) and self.remote:
+            return self.remote.readdir(handle, start_id, token)
         if not isinstance(handle, DirHandle):
             raise FUSEError(errno.EBADF)
         node = handle.node
@@ -589,6 +634,10 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            rfh, rhandle = await self.remote.open(r, flags)
+            self._handles[rfh] = rhandle
+            return pyfuse3.FileInfo(fh=rfh, keep_cache=False)
         node = self._node(inode)
         fh = next(self._next_fh)
         if isinstance(node, StoreNode):
@@ -619,6 +668,9 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if isinstance(handle, RemoteFileHandle) and self.remote:
+            return await self.remote.read(handle, off, size)
         handle = self._file(fh)
         if handle.file is not None:
             return handle.file.read(off, size)
@@ -626,6 +678,9 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles.get(fh)
+        if isinstance(handle, RemoteFileHandle) and self.remote:
+            return await self.remote.write(handle, off, buf)
         handle = self._file(fh)
         f = handle.file
         if f is None:
@@ -647,6 +702,9 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, RemoteFileHandle) and self.remote:
+            return await self.remote.fsync(handle)
         handle = self._file(fh)
         if handle.file is not None:
             self._commit(handle.file)
@@ -655,6 +713,8 @@ class Operations(pyfuse3.Operations):
     @request
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
+        if isinstance(handle, RemoteFileHandle) and self.remote:
+            return await self.remote.release(handle)
         if isinstance(handle, FileHandle) and handle.file is not None:
             self._commit(handle.file)
             self.files.close(handle.file)
@@ -666,6 +726,8 @@ class Operations(pyfuse3.Operations):
         # Asked for security.capability before every write: answer without looking anything up.
         if not name.startswith(b"user."):
             raise FUSEError(errno.ENODATA)
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            return await self.remote.getxattr(self.ns.world.domain, r, name)
         node = self._node(inode)
         if name == XATTR_URN:
             return str(self._urn_of(node)).encode("utf-8", "surrogateescape")
@@ -693,6 +755,8 @@ class Operations(pyfuse3.Operations):
         # The user.dreki.* attributes are computed, read by name, and not listed: rsync -X,
         # cp -a and tar --xattrs copy what is listed, and would carry them to other files
         # (or try to remove them here).
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            return await self.remote.listxattr(r)
         node = self._node(inode)
         if isinstance(node, Entry):
             return []
@@ -700,11 +764,15 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        node = self._node(inode)
         if name.startswith(ACL_PREFIX):
             raise QuietError(errno.EOPNOTSUPP)  # cp -a tries on every file: refuse, it carries on
         if name.startswith(b"user.dreki."):
             raise FUSEError(errno.EPERM)
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            if not name.startswith(b"user."):
+                raise FUSEError(errno.EOPNOTSUPP)
+            return await self.remote.setxattr(r, name, value)
+        node = self._node(inode)
         if not isinstance(node, StoreNode):
             raise self._refuse(node)
         if not name.startswith(b"user."):
@@ -713,11 +781,13 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        node = self._node(inode)
         if name.startswith(ACL_PREFIX):
             raise FUSEError(errno.EOPNOTSUPP)
         if name.startswith(b"user.dreki."):
             raise FUSEError(errno.EPERM)
+        if self.remote and (r := self.remote.ref(self.ns, inode)):
+            return await self.remote.removexattr(r, name)
+        node = self._node(inode)
         if not isinstance(node, StoreNode):
             raise self._refuse(node)
         node.store.remove_xattr(node.loc, node.parts, name, origin=self)

@@ -1,0 +1,401 @@
+"""Requests about other nodes' local stores: each one answered by the owner, over RPC.
+
+Operations sends here every request whose inode is another node's store root or an entry
+below it (:meth:`RemoteStores.ref`). Entries keep the owner's entry ids, with a slot of this
+peer's for the (node, store) pair (``store@node`` in slots.json), so inode numbers are stable
+across remounts here and never collide with local ones.
+
+Nothing is cached for long: the kernel keeps remote entries and attributes for
+``REMOTE_TIMEOUT`` seconds and no page cache across opens; this side remembers what it
+resolved for as long. A file's bytes are buffered while it is written, shared by the handles
+of this mount, and sent to the owner as one new version on fsync and at release, as locally.
+An owner that is down or does not answer gives EHOSTDOWN within the call timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import time
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from ..cluster.storerpc import StoreClient
+from ..stores.base import Key
+from ..stores.record import FILE, SYMLINK, Record
+from ..urn import URN
+from . import inodes
+from .namespace import Entry, Kind, Namespace
+
+REMOTE_TIMEOUT = 1.0  # seconds the kernel and this side keep what an owner said
+
+
+def slot_name(node: str, store: str) -> str:
+    return f"{store}@{node}"
+
+
+@dataclass(slots=True)
+class RemoteRef:
+    """An inode of another node's store, as far as it is known without asking."""
+
+    ino: int
+    client: StoreClient
+    alias: int
+    segments: tuple[str, ...]
+    root: Entry | None  # the store's root directory (a world inode), else None
+
+
+@dataclass(eq=False)
+class RemoteFile:
+    client: StoreClient
+    parts: Key
+    eid: int
+    handles: int = 0
+    buffer: bytearray | None = None
+    dirty: bool = False
+    mtime_ns: int = 0
+
+
+@dataclass(slots=True)
+class RemoteFileHandle:
+    file: RemoteFile
+
+
+@dataclass(slots=True)
+class RemoteDirHandle:
+    ref: RemoteRef
+    listing: list[tuple[int, bytes, Record]] = field(default_factory=list)
+
+
+class RemoteStores:
+    """Remote requests, translated to store.* calls (cluster/storerpc.py)."""
+
+    def __init__(
+        self,
+        node: str,
+        slots: inodes.StoreSlots,
+        client_of: Callable[[str, str], StoreClient | None],
+        max_value: int,
+    ) -> None:
+        self.node = node
+        self.slots = slots
+        self.client_of = client_of  # (node, store) -> a client, None without a transport
+        self.max_value = max_value
+        self.by_slot: dict[int, tuple[str, str]] = {
+            slot: tuple(name.split("@", 1)[::-1])  # type: ignore[misc]
+            for name, slot in slots.slots.items()
+            if "@" in name
+        }
+        self._seen: dict[int, tuple[float, Key, Record]] = {}
+        self._files: dict[tuple[str, str, int], RemoteFile] = {}
+        self._fh = itertools.count(1 << 40)  # apart from local handles
+
+    # -- resolving -------------------------------------------------------------------------
+
+    def ref(self, ns: Namespace, ino: int) -> RemoteRef | None:
+        """The remote inode ``ino`` is, or None when it is not a remote one. Cheap."""
+        if inodes.is_store_inode(ino):
+            si = inodes.unpack(ino)
+            pair = self.by_slot.get(si.slot)
+            if pair is None:
+                return None
+            node, store = pair
+            client = self.client_of(node, store)
+            segments = ns.alias_paths.get((node, si.alias))
+            if client is None or segments is None:
+                raise FUSEError(errno.ENOENT)
+            return RemoteRef(ino, client, si.alias, segments, None)
+        e = ns.get(ino)
+        if e is None or e.kind is not Kind.STORE or e.location == self.node:
+            return None
+        if e.urn.store == "global":
+            return None
+        client = self.client_of(e.location, e.urn.store or "")
+        if client is None:
+            return None  # no transport: served empty and read-only, as before
+        return RemoteRef(ino, client, e.alias, e.urn.segments, e)
+
+    def _slot(self, client: StoreClient) -> int:
+        name = slot_name(client.node, client.name)
+        slot = self.slots.slot(name)
+        self.by_slot[slot] = (client.node, client.name)
+        return slot
+
+    def child_ino(self, ref: RemoteRef, eid: int) -> int:
+        return inodes.pack(ref.alias, self._slot(ref.client), eid)
+
+    def _remember(self, ino: int, parts: Key, rec: Record) -> None:
+        if len(self._seen) > 50_000:
+            self._seen.clear()
+        self._seen[ino] = (trio.current_time() + REMOTE_TIMEOUT, parts, rec)
+
+    async def resolve(self, ref: RemoteRef) -> tuple[Key, Record]:
+        seen = self._seen.get(ref.ino)
+        if seen is not None and seen[0] > trio.current_time():
+            return seen[1], seen[2]
+        if ref.root is not None:
+            parts: Key = ()
+            rec = await ref.client.stat(())
+        else:
+            parts, rec = await ref.client.locate(ref.ino & inodes.EID_MASK)
+        self._remember(ref.ino, parts, rec)
+        return parts, rec
+
+    async def _dir(self, ref: RemoteRef) -> Key:
+        parts, rec = await self.resolve(ref)
+        if not rec.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        return parts
+
+    def urn(self, domain: str, ref: RemoteRef, parts: Key) -> URN:
+        return URN(domain, ref.segments, ref.client.name, parts)
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def attrs(self, ino: int, rec: Record) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.st_mode = rec.mode
+        attr.st_uid, attr.st_gid = rec.uid, rec.gid
+        attr.st_blksize = 4096
+        attr.entry_timeout = attr.attr_timeout = REMOTE_TIMEOUT
+        size, mtime = rec.size, rec.mtime_ns
+        if rec.is_dir:
+            attr.st_nlink = 2 + rec.subdirs
+            size = 0
+        else:
+            attr.st_nlink = 1
+        attr.st_size = size
+        attr.st_blocks = (size + 511) // 512
+        attr.st_mtime_ns = mtime
+        attr.st_atime_ns = rec.atime_ns or mtime
+        attr.st_ctime_ns = rec.ctime_ns or mtime
+        return attr
+
+    def _entry(self, ref: RemoteRef, parts: Key, rec: Record) -> pyfuse3.EntryAttributes:
+        ino = self.child_ino(ref, rec.eid)
+        self._remember(ino, parts, rec)
+        f = self._files.get(_file_key(ref.client, rec.eid))
+        attr = self.attrs(ino, rec)
+        if f is not None and f.dirty:
+            attr.st_size = len(f.buffer or b"")
+        return attr
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def lookup(self, parent: RemoteRef, name: bytes) -> pyfuse3.EntryAttributes:
+        parts = (*await self._dir(parent), name)
+        return self._entry(parent, parts, await parent.client.stat(parts))
+
+    async def getattr(self, ref: RemoteRef) -> pyfuse3.EntryAttributes:
+        _, rec = await self.resolve(ref)
+        attr = self.attrs(ref.ino, rec)
+        f = self._files.get(_file_key(ref.client, rec.eid))
+        if f is not None and f.dirty:
+            attr.st_size, attr.st_mtime_ns = len(f.buffer or b""), f.mtime_ns
+        return attr
+
+    async def setattr(self, ref: RemoteRef, attr: Any, fields: Any) -> pyfuse3.EntryAttributes:
+        parts, rec = await self.resolve(ref)
+        client = ref.client
+        if fields.update_size:
+            if rec.is_dir:
+                raise FUSEError(errno.EISDIR)
+            self._check_size(attr.st_size)
+            f = self._files.get(_file_key(client, rec.eid))
+            if f is not None:
+                buf = await self._load(f)
+                del buf[attr.st_size :]
+                buf.extend(bytes(attr.st_size - len(buf)))
+                f.dirty, f.mtime_ns = True, time.time_ns()
+            else:
+                value = bytearray(await client.read(rec.eid, 0, rec.size))
+                del value[attr.st_size :]
+                value.extend(bytes(attr.st_size - len(value)))
+                rec = await client.put(parts, rec.eid, bytes(value)) or rec
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["perm"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if changes:
+            f = self._files.get(_file_key(client, rec.eid))
+            if f is not None and f.dirty:
+                await self._commit(f)  # bytes first: the explicit times must win
+            rec = await client.update(parts, **changes)
+        self._remember(ref.ino, parts, rec)
+        return await self.getattr(ref)
+
+    async def readlink(self, ref: RemoteRef) -> bytes:
+        _, rec = await self.resolve(ref)
+        if rec.kind != SYMLINK:
+            raise FUSEError(errno.EINVAL)
+        return rec.target
+
+    async def make(
+        self, parent: RemoteRef, name: bytes, kind: int, mode: int, ctx: Any, target: bytes = b""
+    ) -> pyfuse3.EntryAttributes:
+        parts = (*await self._dir(parent), name)
+        rec = await parent.client.create(parts, kind, stat.S_IMODE(mode), ctx.uid, ctx.gid, target)
+        return self._entry(parent, parts, rec)
+
+    async def create(
+        self, parent: RemoteRef, name: bytes, mode: int, ctx: Any
+    ) -> tuple[int, RemoteFileHandle, pyfuse3.EntryAttributes]:
+        attr = await self.make(parent, name, FILE, mode, ctx)
+        parts = (*await self._dir(parent), name)
+        f = self._open_file(parent.client, parts, attr.st_ino & inodes.EID_MASK)
+        return next(self._fh), RemoteFileHandle(f), attr
+
+    async def remove(self, parent: RemoteRef, name: bytes, is_dir: bool) -> None:
+        parts = (*await self._dir(parent), name)
+        await parent.client.remove(parts, is_dir=is_dir)
+
+    async def rename(
+        self, old: RemoteRef, name_old: bytes, new: RemoteRef, name_new: bytes, noreplace: bool
+    ) -> None:
+        if old.client is not new.client or old.alias != new.alias:
+            raise FUSEError(errno.EXDEV)
+        src = (*await self._dir(old), name_old)
+        dst = (*await self._dir(new), name_new)
+        await old.client.rename(src, dst, noreplace=noreplace)
+
+    async def opendir(self, ref: RemoteRef) -> tuple[int, RemoteDirHandle]:
+        parts = await self._dir(ref)
+        handle = RemoteDirHandle(ref)
+        for name, rec in await ref.client.children(parts):
+            ino = self.child_ino(ref, rec.eid)
+            self._remember(ino, (*parts, name), rec)
+            handle.listing.append((ino, name, rec))
+        handle.listing.sort()
+        return next(self._fh), handle
+
+    def readdir(self, handle: RemoteDirHandle, start_id: int, token: Any) -> None:
+        listing = handle.listing
+        for i in range(bisect_right(listing, (start_id, b"\xff" * 256)), len(listing)):
+            ino, name, rec = listing[i]
+            if not pyfuse3.readdir_reply(token, name, self.attrs(ino, rec), ino):
+                break
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_value:
+            raise FUSEError(errno.EFBIG)
+
+    def _open_file(self, client: StoreClient, parts: Key, eid: int) -> RemoteFile:
+        key = _file_key(client, eid)
+        f = self._files.get(key)
+        if f is None:
+            f = self._files[key] = RemoteFile(client, parts, eid)
+        f.parts = parts
+        f.handles += 1
+        return f
+
+    async def open(self, ref: RemoteRef, flags: int) -> tuple[int, RemoteFileHandle]:
+        parts, rec = await self.resolve(ref)
+        if rec.is_dir:
+            raise FUSEError(errno.EISDIR)
+        if rec.kind != FILE:
+            raise FUSEError(errno.ELOOP)
+        f = self._open_file(ref.client, parts, rec.eid)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            f.buffer, f.dirty, f.mtime_ns = bytearray(), True, time.time_ns()
+        return next(self._fh), RemoteFileHandle(f)
+
+    async def _load(self, f: RemoteFile) -> bytearray:
+        if f.buffer is None:
+            parts, rec = f.parts, await f.client.stat(f.parts)
+            if rec.eid != f.eid:
+                raise FUSEError(errno.ESTALE)
+            f.parts = parts
+            f.buffer = bytearray(await f.client.read(f.eid, 0, rec.size))
+        return f.buffer
+
+    async def read(self, h: RemoteFileHandle, off: int, size: int) -> bytes:
+        f = h.file
+        if f.buffer is not None:
+            return bytes(f.buffer[off : off + size])
+        return await f.client.read(f.eid, off, size)
+
+    async def write(self, h: RemoteFileHandle, off: int, data: bytes) -> int:
+        f = h.file
+        end = off + len(data)
+        self._check_size(end)
+        buf = await self._load(f)
+        if off > len(buf):
+            buf.extend(bytes(off - len(buf)))
+        buf[off:end] = data
+        f.dirty, f.mtime_ns = True, time.time_ns()
+        return len(data)
+
+    async def _commit(self, f: RemoteFile) -> None:
+        if not f.dirty:
+            return
+        f.dirty = False
+        try:
+            await f.client.put(f.parts, f.eid, bytes(f.buffer or b""), mtime_ns=f.mtime_ns)
+        except BaseException:
+            f.dirty = True  # not acknowledged: fsync or release again may still deliver it
+            raise
+
+    async def fsync(self, h: RemoteFileHandle) -> None:
+        await self._commit(h.file)
+        await h.file.client.sync()
+
+    async def release(self, h: RemoteFileHandle) -> None:
+        f = h.file
+        try:
+            await self._commit(f)
+        finally:
+            f.handles -= 1
+            key = _file_key(f.client, f.eid)
+            if f.handles <= 0 and self._files.get(key) is f:
+                del self._files[key]
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    async def getxattr(self, domain: str, ref: RemoteRef, name: bytes) -> bytes:
+        parts, rec = await self.resolve(ref)
+        if name == b"user.dreki.urn":
+            return str(self.urn(domain, ref, parts)).encode("utf-8", "surrogateescape")
+        if name == b"user.dreki.store":
+            return ref.client.name.encode()
+        if name == b"user.dreki.owner":
+            return ref.client.node.encode()
+        if name == b"user.dreki.version":
+            raise FUSEError(errno.ENODATA)  # local stores keep no versions
+        value = rec.xattrs.get(name)
+        if value is None:
+            raise FUSEError(errno.ENODATA)
+        return value
+
+    async def listxattr(self, ref: RemoteRef) -> list[bytes]:
+        _, rec = await self.resolve(ref)
+        return sorted(rec.xattrs)
+
+    async def setxattr(self, ref: RemoteRef, name: bytes, value: bytes) -> None:
+        parts, _ = await self.resolve(ref)
+        self._remember(ref.ino, parts, await ref.client.set_xattr(parts, name, value))
+
+    async def removexattr(self, ref: RemoteRef, name: bytes) -> None:
+        parts, _ = await self.resolve(ref)
+        self._remember(ref.ino, parts, await ref.client.remove_xattr(parts, name))
+
+
+def _file_key(client: StoreClient, eid: int) -> tuple[str, str, int]:
+    return (client.node, client.name, eid)
