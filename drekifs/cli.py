@@ -10,6 +10,7 @@ import argparse
 import errno
 import os
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -182,8 +183,88 @@ def cmd_mount(args: argparse.Namespace) -> int:
             stores=args.store or [],
             max_global_value=args.max_global_value,
             max_local_value=args.max_local_value,
+            keyring=Path(os.path.abspath(args.keyring)) if args.keyring else None,
         )
     )
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .cluster.keyring import KeyRing
+
+    path = Path(args.file)
+    if path.exists() and not args.force:
+        print(f"drekifs: {path} exists (--force to replace it)", file=sys.stderr)
+        return EXIT_PROBLEM
+    ring = KeyRing.generate()
+    ring.save(path)
+    print(f"{path}: new key ring, key {ring.ids()[0]} (mode 0600; copy it to every peer)")
+    return 0
+
+
+def cmd_keyring(args: argparse.Namespace) -> int:
+    """Rotation, one step at a time, on the key ring file (peers reload it within seconds)."""
+    from .cluster.keyring import KeyRing, KeyRingError
+
+    try:
+        ring = KeyRing.load(args.file)
+        if args.action == "add":
+            ring = ring.with_new_key()
+            print(f"added key {ring.ids()[-1]} (accepted, not primary)")
+        elif args.action == "primary":
+            ring = ring.with_primary(_one_id(args))
+            print(f"key {ring.ids()[0]} is primary")
+        elif args.action == "remove":
+            ring = ring.without(_one_id(args))
+            print(f"removed key {args.id}")
+        if args.action != "list":
+            ring.save(args.file)
+    except KeyRingError as e:
+        print(f"drekifs: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    for i, kid in enumerate(ring.ids()):
+        print(f"{kid} {'primary' if i == 0 else 'accepted'}")
+    return 0
+
+
+def _one_id(args: argparse.Namespace) -> str:
+    from .cluster.keyring import KeyRingError
+
+    if not args.id:
+        raise KeyRingError(f"'{args.action}' needs a key id")
+    return args.id
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    mountpoint = Path(args.mountpoint) if args.mountpoint else _default_mount()
+    try:
+        rows = json.loads((mountpoint / ".dreki" / "members.json").read_text())
+    except (OSError, ValueError) as e:
+        print(f"drekifs: {mountpoint}: cannot read members: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"{mountpoint}: this peer runs alone (mounted without --keyring)")
+        return 0
+    table = [["NODE", "STATE", "ADDRESS", "INCARNATION", "SINCE"]]
+    for r in rows:
+        since = time.strftime("%H:%M:%S", time.localtime(r["since"])) if r["since"] else "-"
+        name = r["node"] + (" (this peer)" if r.get("self") else "")
+        table.append([name, r["state"], r["address"], str(r["incarnation"]), since])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _default_mount() -> Path:
+    from .daemon import drekifs_mounts
+
+    mounts = drekifs_mounts()
+    return Path(next(iter(mounts))) if mounts else Path("/dreki")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -385,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="log here (default: stderr in the foreground, DATA_DIR/drekifs.log in the background)",
     )
     p.add_argument(
+        "--keyring",
+        metavar="FILE",
+        help="the cluster key ring (drekifs keygen); without it this peer runs alone",
+    )
+    p.add_argument(
         "--store",
         metavar="NAME",
         action="append",
@@ -424,6 +510,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="say what was done")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("keygen", help="write a new cluster key ring (mode 0600)")
+    p.add_argument("file")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser(
+        "keyring",
+        help="rotate keys: add a key, make it primary, remove the old one (see docs/operations.md)",
+    )
+    p.add_argument("file")
+    p.add_argument("action", choices=["list", "add", "primary", "remove"])
+    p.add_argument("id", nargs="?", help="key id (for primary and remove)")
+    p.set_defaults(func=cmd_keyring)
+
+    p = sub.add_parser("status", help="the members of the world, as this peer sees them")
+    p.add_argument("mountpoint", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "world",

@@ -54,6 +54,7 @@ class MountConfig:
     stores: list[str] = field(default_factory=list)  # local stores beyond "local"
     max_global_value: int = 1 << 20
     max_local_value: int = 64 << 20
+    keyring: Path | None = None  # without one, this peer runs alone
 
 
 # -- mount table ---------------------------------------------------------------------------------
@@ -175,6 +176,8 @@ class Daemon:
         self.watcher = None
         self.external_unmount = False
         self.control_path = control_socket_path(config.data_dir)
+        self.peer = None  # cluster.peer.Peer, with a key ring
+        self._stores_seen: dict[str, tuple[str, ...]] = {}
 
     async def run(self, ready: Callable[[], None]) -> None:
         import pyfuse3
@@ -192,8 +195,15 @@ class Daemon:
             raise MountError(f"cannot load the world: {e}") from None
         self.node = self._pick_node(snap.world)
         self.stores = stores = self._open_stores(snap.world)
+        self.peer = self._make_peer(snap.world)
         status = self._status_files()
         ns = Namespace(snap, status.names(), self._node_stores, self.started_ns)
+        slots = StoreSlots(config.data_dir / "stores" / "slots.json")
+        remote = None
+        if self.peer is not None and self.node is not None:
+            from .fs.remote import RemoteStores
+
+            remote = RemoteStores(self.node, slots, self.peer.client_of, config.max_local_value)
         self.ops = ops = Operations(
             ns,
             status,
@@ -201,7 +211,8 @@ class Daemon:
             config.cache_timeout,
             stores,
             self.node,
-            StoreSlots(config.data_dir / "stores" / "slots.json"),
+            slots,
+            remote,
         )
 
         options = set(pyfuse3.default_options)
@@ -231,6 +242,8 @@ class Daemon:
                     nursery.start_soon(store.run_writer)
                     nursery.start_soon(store.run_trimmer)
                 nursery.start_soon(control.serve, self.control_path, control.StoreAPI(self).handle)
+                if self.peer is not None:
+                    await nursery.start(self.peer.run)
         finally:
             pyfuse3.close(unmount=not self.external_unmount)
             log.info("unmounted %s", config.mountpoint)
@@ -263,10 +276,49 @@ class Daemon:
         return stores
 
     def _node_stores(self, node: str) -> tuple[str, ...]:
-        """The stores under a node's directory: this node's own, or global and local."""
+        """The stores under a node's directory: this node's own; another node's as its
+        membership metadata says (global and local until it is heard of)."""
         if node == self.node:
             return ("global", "local", *self.config.stores)
-        return ("global", "local")
+        theirs = self.peer.stores_of(node) if self.peer is not None else None
+        return ("global", *sorted(set(theirs or ()) | {"local"}))
+
+    def _make_peer(self, world: World):
+        config = self.config
+        if config.keyring is None:
+            log.warning("no key ring (--keyring): this peer runs alone; other nodes are not served")
+            return None
+        if self.node is None or world.nodes[self.node].address is None:
+            raise MountError(f"node {self.node} has no _node._dreki SRV record: it cannot listen")
+        from . import __version__
+        from .cluster.keyring import KeyRingError
+        from .cluster.peer import Peer
+
+        local = self.stores["local"]
+        try:
+            return Peer(
+                world,
+                self.node,
+                config.keyring,
+                self.stores,
+                incarnation=local.meta_int("incarnation"),
+                save_incarnation=lambda n: local.set_meta_int("incarnation", n),
+                on_members_changed=self._members_changed,
+                version=__version__,
+            )
+        except KeyRingError as e:
+            raise MountError(str(e)) from None
+
+    def _members_changed(self) -> None:
+        """Another node's stores may have changed: its directory must show them."""
+        if self.ops is None or self.peer is None:
+            return
+        seen = {n: self._node_stores(n) for n in self.watcher.world.nodes if n != self.node}
+        if seen != self._stores_seen:
+            self._stores_seen = seen
+            self._rebuild_namespace(("members", "members.json"))
+        else:
+            self.ops.set_namespace(self.ops.ns, changed_status=("members", "members.json"))
 
     def _pick_node(self, world: World) -> str | None:
         if self.config.node is None:
@@ -314,17 +366,29 @@ class Daemon:
         files.add("world-errors", errors, volatile=True)
         files.add("requests", lambda: status.counters_text(self.ops.counts), volatile=True)
         files.add("stores", lambda: status.stores_text(self.stores.values()), volatile=True)
+        alone = "this peer runs alone (no key ring)\n"
+        peer = self.peer
+        files.add("members", lambda: peer.members_text() if peer else alone, volatile=True)
+        files.add("members.json", lambda: peer.members_json() if peer else "[]\n", volatile=True)
+        files.add("cluster", lambda: peer.counters_text() if peer else alone, volatile=True)
         return files
 
     def _world_changed(self, old: Snapshot | None, new: Snapshot) -> None:
         if self.ops is None:
             return  # the first world, before the mount
-        from .fs.namespace import Namespace
 
-        ns = Namespace(new, self.ops.status.names(), self._node_stores, self.started_ns)
-        self.ops.set_namespace(ns, changed_status=("world", "world.json"))
+        self._rebuild_namespace(("world", "world.json"), new)
+        if self.peer is not None:
+            self.peer.update_world(new.world)
         if self.node and self.node not in new.world.nodes:
             log.error("this node, %s, is no longer in the world", self.node)
+
+    def _rebuild_namespace(self, changed: tuple[str, ...], snap: Snapshot | None = None) -> None:
+        from .fs.namespace import Namespace
+
+        snap = snap or self.watcher.snapshot
+        ns = Namespace(snap, self.ops.status.names(), self._node_stores, self.started_ns)
+        self.ops.set_namespace(ns, changed_status=changed)
 
     async def _serve(self, nursery) -> None:
         import pyfuse3
@@ -332,7 +396,13 @@ class Daemon:
         await pyfuse3.main()
         # main() returns when the kernel ends the session: somebody unmounted us.
         self.external_unmount = True
+        await self._leave()
         nursery.cancel_scope.cancel()
+
+    async def _leave(self) -> None:
+        """Tell the other peers this one leaves (bounded), before everything stops."""
+        if self.peer is not None:
+            await self.peer.leave()
 
     async def _on_signals(self, nursery) -> None:
         import trio
@@ -340,6 +410,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
+                await self._leave()
                 nursery.cancel_scope.cancel()
                 return
 

@@ -7,7 +7,8 @@ On disk (``<data-dir>/stores/<name>/``, one environment per store), named databa
     values   eid (8 bytes, big end)  ->  the file's bytes
     eids     eid                     ->  entries key        (entry ids are inode numbers' base)
     meta     b"schema" -> 1, b"next_eid" -> u64, b"last_write_ns" -> u64,
-             b"value_bytes" -> u64 (bytes in all live values)
+             b"value_bytes" -> u64 (bytes in all live values),
+             b"x.<name>" -> u64 (numbers of other parts: b"x.incarnation", membership's)
 
 ``loc`` is the location's DNS name (for local stores, the node's), ``parent`` the "/"-joined path
 of the directory (empty at the root). A directory's children are the keys under one prefix,
@@ -669,6 +670,17 @@ class LmdbStore:
             else:
                 self._map_ranges = None  # look again next time
         return total
+
+    def meta_int(self, name: str) -> int:
+        """A number kept beside the entries (membership's incarnation), 0 when never set."""
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(b"x." + name.encode())
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def set_meta_int(self, name: str, value: int) -> None:
+        """Set it, durably, before returning (one small synchronous transaction)."""
+        with self.env.begin(write=True, db=self._meta) as txn:
+            txn.put(b"x." + name.encode(), _U64.pack(value))
 
     async def close(self) -> None:
         await self.sync()

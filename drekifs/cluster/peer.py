@@ -1,0 +1,229 @@
+"""This peer in the cluster: its transport, its membership, its stores served to the others.
+
+:class:`Peer` puts the pieces together for the daemon: a sealed :class:`Transport` on the port
+of this node's ``_node._dreki`` SRV record, SWIM :class:`Membership` seeded with the nodes of the
+DNS world, the :class:`StoreService` answering other peers about this node's local stores, and a
+:class:`StoreClient` per (node, store) for the filesystem to reach theirs. The key ring file is
+read again when it changes, so keys rotate without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..stores.base import Store
+from ..world.model import World
+from .keyring import KeyRing, KeyRingError
+from .net import PeerAddr
+from .storerpc import StoreClient, StoreService
+from .swim import Membership, SwimConfig
+from .transport import Transport
+
+log = logging.getLogger(__name__)
+
+KEYRING_POLL = 2.0  # seconds between looks at the key ring file
+DOWN_STATES = frozenset({"dead", "left"})
+
+
+def resolve_host(host: str) -> str | None:
+    """An SRV target to an IPv4/IPv6 address: literal addresses as they are, names by the
+    system resolver (blocking: call from a thread)."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for info in infos:
+            if info[0] == family:
+                return str(info[4][0])
+    return None
+
+
+class Peer:
+    def __init__(
+        self,
+        world: World,
+        node: str,
+        keyring_path: Path,
+        stores: dict[str, Store],
+        *,
+        save_incarnation: Callable[[int], None],
+        incarnation: int,
+        on_members_changed: Callable[[], None] = lambda: None,
+        version: str = "",
+    ) -> None:
+        self.world = world
+        self.node = node
+        self.keyring_path = keyring_path
+        self.keyring = KeyRing.load(keyring_path)
+        self._keyring_stamp = _stamp(keyring_path)
+        node_rec = world.nodes[node]
+        if node_rec.address is None:
+            raise KeyRingError(f"node {node} has no _node._dreki SRV address")
+        self.port = node_rec.address.port
+        self.transport = Transport(world.domain, self.keyring, ("0.0.0.0", self.port))
+        local_stores = {n: s for n, s in stores.items() if n != "global"}
+        self.service = StoreService(node, local_stores)
+        self.service.register(self.transport)
+        meta = {"stores": sorted(local_stores), "version": version}
+        self.membership = Membership(
+            node,
+            self.transport,
+            SwimConfig(),
+            incarnation=incarnation,
+            meta=meta,
+            save_incarnation=save_incarnation,
+        )
+        self.membership.watchers.append(lambda info: on_members_changed())
+        self._addrs: dict[str, PeerAddr] = {}
+        self._world_moved = trio.Event()
+        self._clients: dict[tuple[str, str], StoreClient] = {}
+
+    # -- the world -------------------------------------------------------------------------
+
+    async def set_world(self, world: World) -> None:
+        """Seeds and addresses from the DNS world (again after each change)."""
+        self.world = world
+        addrs: dict[str, PeerAddr] = {}
+        for name, node in world.nodes.items():
+            if node.address is None:
+                continue
+            ip = await trio.to_thread.run_sync(resolve_host, node.address.host)
+            if ip is None:
+                log.warning("node %s: cannot resolve %s", name, node.address.host)
+                continue
+            addrs[name] = (ip, node.address.port)
+        self._addrs = addrs
+        self.membership.set_seeds({n: a for n, a in addrs.items() if n != self.node})
+
+    def update_world(self, world: World) -> None:
+        """The DNS world changed (called from the world watcher): seeds follow, soon."""
+        self.world = world
+        self._world_moved.set()
+
+    async def _follow_world(self) -> None:
+        while True:
+            await self._world_moved.wait()
+            self._world_moved = trio.Event()
+            await self.set_world(self.world)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.transport.serve)
+            await self.set_world(self.world)
+            await nursery.start(self.membership.run)
+            nursery.start_soon(self._follow_keyring)
+            nursery.start_soon(self._follow_world)
+            log.info(
+                "peer %s listening on port %d (key %s)",
+                self.node,
+                self.port,
+                self.keyring.ids()[0],
+            )
+            task_status.started()
+
+    async def leave(self) -> None:
+        with trio.move_on_after(2.5):
+            await self.membership.leave()
+
+    async def _follow_keyring(self) -> None:
+        while True:
+            await trio.sleep(KEYRING_POLL)
+            stamp = _stamp(self.keyring_path)
+            if stamp == self._keyring_stamp:
+                continue
+            self._keyring_stamp = stamp
+            try:
+                ring = KeyRing.load(self.keyring_path)
+            except KeyRingError as e:
+                log.error("key ring not reloaded, keeping the old one: %s", e)
+                continue
+            self.keyring = ring
+            self.transport.set_keyring(ring)
+            log.info("key ring reloaded: keys %s (primary first)", " ".join(ring.ids()))
+
+    # -- other nodes' stores ---------------------------------------------------------------
+
+    def address_of(self, node: str) -> PeerAddr | None:
+        """Where to reach a node, or None when membership knows it is down."""
+        if self.membership.state_of(node) in DOWN_STATES:
+            return None
+        return self._addrs.get(node)
+
+    def client_of(self, node: str, store: str) -> StoreClient | None:
+        key = (node, store)
+        client = self._clients.get(key)
+        if client is None:
+            client = StoreClient(self.transport, node, store, lambda: self.address_of(node))
+            self._clients[key] = client
+        return client
+
+    def stores_of(self, node: str) -> tuple[str, ...] | None:
+        """A node's local stores, as its membership metadata says (None: not heard of)."""
+        for m in self.membership.members():
+            if m.name == node and isinstance(m.meta, dict):
+                names = m.meta.get("stores")
+                if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                    return tuple(names)
+        return None
+
+    # -- status ----------------------------------------------------------------------------
+
+    def member_rows(self) -> list[dict[str, Any]]:
+        """One row per node of the world (then any member DNS does not list)."""
+        known = {m.name: m for m in self.membership.members()}
+        rows = []
+        for name in sorted(set(self.world.nodes) | set(known)):
+            m = known.get(name)
+            addr = self._addrs.get(name)
+            rows.append(
+                {
+                    "node": name,
+                    "state": m.state if m else "unknown",
+                    "address": f"{addr[0]}:{addr[1]}" if addr else "-",
+                    "incarnation": m.incarnation if m else 0,
+                    "since": m.since if m else 0.0,
+                    "self": name == self.node,
+                }
+            )
+        return rows
+
+    def members_text(self) -> str:
+        lines = []
+        for r in self.member_rows():
+            since = (
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["since"])) if r["since"] else "-"
+            )
+            lines.append(f"{r['node']} {r['state']} {r['address']} {r['incarnation']} {since}")
+        return "\n".join(lines) + "\n"
+
+    def members_json(self) -> str:
+        return json.dumps(self.member_rows(), indent=1) + "\n"
+
+    def counters_text(self) -> str:
+        counters = dict(self.transport.counters)
+        counters.update((f"swim.{k}", v) for k, v in self.membership.counters.items())
+        return "".join(f"{k} {v}\n" for k, v in sorted(counters.items()))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
