@@ -1,0 +1,151 @@
+"""Several peers on one machine, each mounted: members, remote local stores, failures, keys.
+
+Three nodes on localhost, on the ports their zone gives; each daemon is a real process with a
+real mount, talking to the others over the sealed transport.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import drekifs, free_port, wait_for
+from .worlds import Zone
+
+pytestmark = pytest.mark.mounted
+
+NODES = ("a", "b", "c")
+
+
+def three_nodes() -> tuple[Zone, dict[str, int]]:
+    ports = {n: free_port() for n in NODES}
+    zone = Zone().region("@", ["dc"]).region("dc", list(NODES))
+    for n in NODES:
+        zone.node(n, port=ports[n], host="localhost.")
+    return zone, ports
+
+
+def members(mnt: Path) -> dict[str, str]:
+    rows = json.loads((mnt / ".dreki" / "members.json").read_text())
+    return {r["node"].split(".")[0]: r["state"] for r in rows}
+
+
+@pytest.fixture
+def cluster(tmp_path, zone_file, mount_world):
+    zone, ports = three_nodes()
+    path = zone_file(zone)
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    mounts = {
+        n: mount_world("--zone", path, "--node", n, "--keyring", ring, name=f"m{n}")
+        for n in NODES
+    }
+    for n in NODES:
+        wait_for(
+            lambda n=n: set(members(mounts[n].path).values()) == {"alive"},
+            timeout=15,
+            what=f"{n} sees everyone alive",
+        )
+    return mounts, ports, ring, path
+
+
+def test_remote_store_read_write_and_failure(cluster) -> None:
+    mounts, ports, _, _ = cluster
+    a, b = mounts["a"].path, mounts["b"].path
+    b_local_from_a = a / "dc" / "b" / "local"
+    b_local_on_b = b / "dc" / "b" / "local"
+
+    # A writes into B's store; B sees it in its own store, and A reads it back.
+    (b_local_from_a / "dir").mkdir()
+    (b_local_from_a / "dir" / "hello").write_text("from a\n")
+    with open(b_local_from_a / "dir" / "synced", "w") as f:
+        f.write("durable\n")
+        f.flush()
+        os.fsync(f.fileno())
+    assert (b_local_on_b / "dir" / "synced").read_text() == "durable\n"
+    wait_for(lambda: (b_local_on_b / "dir" / "hello").exists(), what="release reached b")
+    assert (b_local_on_b / "dir" / "hello").read_text() == "from a\n"
+    assert sorted(os.listdir(b_local_from_a / "dir")) == ["hello", "synced"]
+    (b_local_on_b / "dir" / "from-b").write_text("b wrote\n")
+    wait_for(lambda: (b_local_from_a / "dir" / "from-b").exists(), timeout=3, what="1 s cache")
+    assert (b_local_from_a / "dir" / "from-b").read_text() == "b wrote\n"
+
+    # The same errnos as locally.
+    with pytest.raises(FileNotFoundError):
+        (b_local_from_a / "nope").read_text()
+    with pytest.raises(OSError) as info:
+        (b_local_from_a / "dir").rmdir()
+    assert info.value.errno == errno.ENOTEMPTY
+    os.rename(b_local_from_a / "dir" / "hello", b_local_from_a / "dir" / "moved")
+    assert (b_local_on_b / "dir" / "moved").read_text() == "from a\n"
+    with pytest.raises(OSError) as info:
+        os.rename(b_local_from_a / "dir" / "moved", a / "dc" / "a" / "local" / "moved")
+    assert info.value.errno == errno.EXDEV
+    os.unlink(b_local_from_a / "dir" / "moved")
+    assert not (b_local_on_b / "dir" / "moved").exists()
+    urn = os.getxattr(b_local_from_a / "dir" / "synced", "user.dreki.urn").decode()
+    assert urn == "w.test:dc:b::local::dir/synced"
+
+    # kill -9 of B: A's members stop showing it alive within 10 s, reads fail within 2 s.
+    os.kill(mounts["b"].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as info:
+        (b_local_from_a / "dir" / "synced-not-cached").read_text()
+    assert time.monotonic() - t0 < 2.5
+    assert info.value.errno == errno.EHOSTDOWN
+    wait_for(
+        lambda: members(a)["b"] in ("suspect", "dead"), timeout=10, what="a suspects b"
+    )
+    wait_for(lambda: members(a)["b"] == "dead", timeout=12, what="a marks b dead")
+    assert time.monotonic() - killed < 12
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as info:
+        os.listdir(b_local_from_a / "dir")
+    assert time.monotonic() - t0 < 2.0
+    assert info.value.errno in (errno.EHOSTDOWN, errno.ENOENT)
+    assert members(mounts["c"].path)["b"] in ("suspect", "dead")
+    mounts["b"].remount()  # cleans the stale mount, comes back with a higher incarnation
+    wait_for(lambda: members(a)["b"] == "alive", timeout=15, what="b back")
+    assert (b_local_from_a / "dir" / "synced").read_text() == "durable\n"
+    status = drekifs("status", a).stdout
+    assert "alive" in status and "(this peer)" in status
+
+
+def test_foreign_keyring_and_junk(cluster, tmp_path, mount_world) -> None:
+    mounts, ports, _, zone_path = cluster
+    a = mounts["a"].path
+    # A peer of the same world with another key ring: never alive, never served.
+    mounts["c"].umount()
+    other = tmp_path / "other-ring"
+    drekifs("keygen", other)
+    mount_world("--zone", zone_path, "--node", "c", "--keyring", other, name="mc2")
+    time.sleep(4)
+    assert members(a)["c"] != "alive"
+
+    # Junk at A's ports: it keeps serving, and says what it dropped.
+    rng = os.urandom
+    for _ in range(8):
+        with socket.create_connection(("127.0.0.1", ports["a"]), timeout=2) as s:
+            try:
+                s.sendall(rng(128 << 10))
+            except OSError:
+                pass  # it may hang up on us: that is the point
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        for i in range(1000):
+            u.sendto(rng(1 + i % 1500), ("127.0.0.1", ports["a"]))
+    (a / "dc" / "b" / "local" / "after-junk").write_text("still here\n")
+    assert (a / "dc" / "b" / "local" / "after-junk").read_text() == "still here\n"
+    assert members(a)["b"] == "alive"
+    counters = dict(
+        line.split() for line in (a / ".dreki" / "cluster").read_text().splitlines() if line
+    )
+    dropped = sum(int(v) for k, v in counters.items() if "dropped" in k or "refused" in k)
+    assert dropped >= 1000, counters
