@@ -44,8 +44,7 @@ def cluster(tmp_path, zone_file, mount_world):
     ring = tmp_path / "ring"
     drekifs("keygen", ring)
     mounts = {
-        n: mount_world("--zone", path, "--node", n, "--keyring", ring, name=f"m{n}")
-        for n in NODES
+        n: mount_world("--zone", path, "--node", n, "--keyring", ring, name=f"m{n}") for n in NODES
     }
     for n in NODES:
         wait_for(
@@ -101,9 +100,7 @@ def test_remote_store_read_write_and_failure(cluster) -> None:
         (b_local_from_a / "dir" / "synced-not-cached").read_text()
     assert time.monotonic() - t0 < 2.5
     assert info.value.errno == errno.EHOSTDOWN
-    wait_for(
-        lambda: members(a)["b"] in ("suspect", "dead"), timeout=10, what="a suspects b"
-    )
+    wait_for(lambda: members(a)["b"] in ("suspect", "dead"), timeout=10, what="a suspects b")
     wait_for(lambda: members(a)["b"] == "dead", timeout=12, what="a marks b dead")
     assert time.monotonic() - killed < 12
     t0 = time.monotonic()
