@@ -6,6 +6,7 @@ real mount, talking to the others over the sealed transport.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -56,7 +57,7 @@ def cluster(tmp_path, zone_file, mount_world):
 
 
 def test_remote_store_read_write_and_failure(cluster) -> None:
-    mounts, ports, _, _ = cluster
+    mounts, _, _, _ = cluster
     a, b = mounts["a"].path, mounts["b"].path
     b_local_from_a = a / "dc" / "b" / "local"
     b_local_on_b = b / "dc" / "b" / "local"
@@ -130,11 +131,11 @@ def test_foreign_keyring_and_junk(cluster, tmp_path, mount_world) -> None:
     # Junk at A's ports: it keeps serving, and says what it dropped.
     rng = os.urandom
     for _ in range(8):
-        with socket.create_connection(("127.0.0.1", ports["a"]), timeout=2) as s:
-            try:
-                s.sendall(rng(128 << 10))
-            except OSError:
-                pass  # it may hang up on us: that is the point
+        with (
+            socket.create_connection(("127.0.0.1", ports["a"]), timeout=2) as s,
+            contextlib.suppress(OSError),  # it may hang up on us: that is the point
+        ):
+            s.sendall(rng(128 << 10))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
         for i in range(1000):
             u.sendto(rng(1 + i % 1500), ("127.0.0.1", ports["a"]))
