@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(fuse3 libfuse3-dev pkg-config gcc)
 if [ "${1:-}" = "--test" ]; then
-    packages+=(nsd rsync attr psmisc iproute2 restic tar)
+    packages+=(nsd rsync attr psmisc iproute2 nftables restic tar)
 fi
 
 python=${PYTHON:-python3}
