@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..stores.base import Key, Store
+from ..stores.record import Record
 
 
 @dataclass(eq=False)
@@ -58,27 +59,28 @@ class OpenFile:
             return bytes(self.buffer[offset : offset + size])
         return self.store.read(self.eid, offset, size)
 
-    def commit(self, parts: Key | None, origin: object, **fields: object) -> None:
+    def commit(self, parts: Key | None, origin: object, **fields: object) -> Record | None:
         """Hand a dirty buffer to the store (in memory; the store's writer takes it to disk),
         with metadata ``fields`` changed in the same version.
 
         ``parts`` is where the entry is now, or None when it is gone: then the bytes are kept
-        for the handles still open, and go nowhere.
+        for the handles still open, and go nowhere. Returns the new record, if any.
         """
         if not self.dirty:
-            return
+            return None
         self.dirty = False
-        if parts is not None:
-            mtime = fields.pop("mtime_ns", self.mtime_ns)
-            self.store.write_value(
-                self.loc,
-                parts,
-                self.eid,
-                bytes(self.buffer or b""),
-                origin,
-                mtime,
-                **fields,
-            )
+        if parts is None:
+            return None
+        mtime = fields.pop("mtime_ns", self.mtime_ns)
+        return self.store.write_value(
+            self.loc,
+            parts,
+            self.eid,
+            bytes(self.buffer or b""),
+            origin,
+            mtime,
+            **fields,
+        )
 
 
 @dataclass

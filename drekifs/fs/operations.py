@@ -396,6 +396,7 @@ class Operations(pyfuse3.Operations):
             return await self.remote.setattr(r, attr, fields)
         node = self._store_node(inode)
         store, loc, parts = node.store, node.loc, node.parts
+        rec: Record | None = node.rec
         f = self.files.get(store, node.rec.eid)
         if fields.update_size:
             if node.is_dir:
@@ -407,7 +408,7 @@ class Operations(pyfuse3.Operations):
                 store.check_size(attr.st_size)
                 del value[attr.st_size :]
                 value.extend(bytes(attr.st_size - len(value)))
-                store.write_value(loc, parts, node.rec.eid, bytes(value), self)
+                rec = store.write_value(loc, parts, node.rec.eid, bytes(value), self)
         changes: dict[str, Any] = {}
         if fields.update_mode:
             changes["perm"] = stat.S_IMODE(attr.st_mode)
@@ -424,10 +425,15 @@ class Operations(pyfuse3.Operations):
         if changes:
             if f is not None and f.dirty and "mtime_ns" in changes:
                 # The explicit time must win over the write's: bytes and times in one version.
-                f.commit(parts, self, **changes)
+                rec = f.commit(parts, self, **changes)
             else:
-                store.update(loc, parts, self, **changes)
-        return self._attrs(self._node(inode))
+                rec = store.update(loc, parts, self, **changes)
+        if rec is None:
+            return self._attrs(self._node(inode))
+        # What the store answered is what a new lookup would find: no need to ask again.
+        return self._store_attrs(
+            StoreNode(inode, store, loc, node.segments, node.alias, parts, rec, node.root)
+        )
 
     @request
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -447,19 +453,13 @@ class Operations(pyfuse3.Operations):
         parent = self._store_node(parent_inode)
         if not parent.is_dir:
             raise FUSEError(errno.ENOTDIR)
-        parent.store.create(
-            parent.loc,
-            (*parent.parts, name),
-            kind,
-            stat.S_IMODE(mode),
-            ctx.uid,
-            ctx.gid,
-            target,
-            self,
+        parts = (*parent.parts, name)
+        store = parent.store
+        rec = store.create(
+            parent.loc, parts, kind, stat.S_IMODE(mode), ctx.uid, ctx.gid, target, self
         )
-        child = self._child(parent, name)
-        assert child is not None
-        return child
+        ino = inodes.pack(parent.alias, self.slots.slot(store.name), rec.eid)
+        return StoreNode(ino, store, parent.loc, parent.segments, parent.alias, parts, rec)
 
     @request
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
