@@ -1,0 +1,178 @@
+"""Benchmark: reading a 100-byte key of another node's local store, on loopback.
+
+Two peers of one world on 127.0.0.1 (their zone gives the ports), each mounted. Node B holds a
+100-byte key; through A's mount it is read:
+
+- ``cat``: ``cat A/dc/b/local/key`` as a process, as a shell script would (includes starting
+  cat, about a millisecond: printed for scale with ``cat`` of a local key);
+- ``open/read``: open, read and close from Python, the request alone;
+
+each as the kernel's 1 s entry cache allows (entries cached, every read asks B), and beside a
+bare Python TCP request/response of 100 bytes on loopback measured in the same run.
+Target: remote ``cat`` p50 <= 2 ms. Run as root (mounts). Takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DREKIFS = [sys.executable, "-m", "drekifs"]
+TARGET_P50_MS = 2.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def zone(ports: dict[str, int]) -> str:
+    lines = [
+        "$ORIGIN w.test.",
+        "$TTL 60",
+        "@ IN SOA ns.w.test. admin.w.test. 1 3600 600 86400 60",
+        "@ IN NS ns.w.test.",
+        "ns IN A 127.0.0.1",
+        "_dreki IN SRV 0 0 1337 dc.w.test.",
+    ]
+    for n, port in ports.items():
+        lines.append(f"_dreki.dc IN SRV 0 0 1337 {n}.w.test.")
+        lines.append(f"_node._dreki.{n} IN SRV 0 0 {port} localhost.")
+    return "\n".join(lines) + "\n"
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    s = sorted(samples)
+    return (
+        statistics.median(s) * 1e3,
+        s[int(len(s) * 0.9)] * 1e3,
+        s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3,
+    )
+
+
+def bare_tcp(n: int) -> list[float]:
+    """A 100-byte request and a 100-byte reply over one TCP connection, Nagle off."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            for _ in range(n):
+                data = b""
+                while len(data) < 100:
+                    data += conn.recv(100 - len(data))
+                conn.sendall(data)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    out = []
+    with socket.create_connection(srv.getsockname()) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.sendall(b"x" * 100)
+            got = b""
+            while len(got) < 100:
+                got += c.recv(100 - len(got))
+            out.append(time.perf_counter() - t0)
+    t.join(5)
+    srv.close()
+    return out
+
+
+def timed_cat(path: Path, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True, timeout=10)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def timed_read(path: Path, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            f.read()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reads", type=int, default=500)
+    parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="drekifs-bench-remote-"))
+    ports = {"a": free_port(), "b": free_port()}
+    (work / "world.zone").write_text(zone(ports))
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    subprocess.run([*DREKIFS, "keygen", str(work / "ring")], check=True, env=env, timeout=30)
+    mounts = {n: work / f"m{n}" for n in ports}
+    try:
+        for n, m in mounts.items():
+            subprocess.run(
+                [*DREKIFS, "mount", "--zone", str(work / "world.zone"), "--node", n,
+                 "--keyring", str(work / "ring"), "--data-dir", str(work / f"d{n}"), str(m)],
+                check=True, env=env, timeout=60,
+            )  # fmt: skip
+        remote = mounts["a"] / "dc" / "b" / "local" / "key"
+        local = mounts["a"] / "dc" / "a" / "local" / "key"
+        deadline = time.monotonic() + 20
+        while True:  # bounded: until B answers through A, 20 s at most
+            try:
+                (mounts["b"] / "dc" / "b" / "local" / "key").write_bytes(os.urandom(100))
+                if remote.read_bytes():
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("node b never became reachable from a")
+            time.sleep(0.2)
+        local.write_bytes(os.urandom(100))
+        n = args.reads
+        rows = [
+            ("bare Python TCP request/response", bare_tcp(n)),
+            ("open/read/close, remote key", timed_read(remote, n)),
+            ("open/read/close, local key", timed_read(local, n)),
+            ("cat, remote key", timed_cat(remote, n)),
+            ("cat, local key", timed_cat(local, n)),
+        ]
+    finally:
+        for m in mounts.values():
+            subprocess.run([*DREKIFS, "umount", str(m)], env=env, capture_output=True, timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"reading a 100-byte key through node a's mount, {n} times each, ms")
+    print(f"{'what':40} {'p50':>7} {'p90':>7} {'p99':>7}")
+    results = {}
+    for what, samples in rows:
+        p50, p90, p99 = percentiles(samples)
+        results[what] = p50
+        print(f"{what:40} {p50:7.3f} {p90:7.3f} {p99:7.3f}")
+    bare = results["bare Python TCP request/response"]
+    print(f"(remote open/read over bare TCP: {results['open/read/close, remote key'] / bare:.1f}x)")
+    p50 = results["cat, remote key"]
+    met = p50 <= TARGET_P50_MS
+    print(f"[{'met' if met else 'missed'}] remote cat p50 <= {TARGET_P50_MS} ms ({p50:.2f} ms)")
+    return 1 if args.check and not met else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
