@@ -58,10 +58,16 @@ class RemoteFile:
     client: StoreClient
     parts: Key
     eid: int
+    ino: int
     handles: int = 0
     buffer: bytearray | None = None
-    dirty: bool = False
+    dirty: bool = False  # changed since the owner last acknowledged it
     mtime_ns: int = 0
+    changes: int = 0  # writes so far: a commit clears ``dirty`` only if none came meanwhile
+
+    def changed(self) -> None:
+        self.dirty, self.mtime_ns = True, time.time_ns()
+        self.changes += 1
 
 
 @dataclass(slots=True)
@@ -215,7 +221,7 @@ class RemoteStores:
                 buf = await self._load(f)
                 del buf[attr.st_size :]
                 buf.extend(bytes(attr.st_size - len(buf)))
-                f.dirty, f.mtime_ns = True, time.time_ns()
+                f.changed()
             else:
                 value = bytearray(await client.read(rec.eid, 0, rec.size))
                 del value[attr.st_size :]
@@ -258,7 +264,7 @@ class RemoteStores:
     ) -> tuple[int, RemoteFileHandle, pyfuse3.EntryAttributes]:
         attr = await self.make(parent, name, FILE, mode, ctx)
         parts = (*await self._dir(parent), name)
-        f = self._open_file(parent.client, parts, attr.st_ino & inodes.EID_MASK)
+        f = self._open_file(parent.client, parts, attr.st_ino & inodes.EID_MASK, attr.st_ino)
         return next(self._fh), RemoteFileHandle(f), attr
 
     async def remove(self, parent: RemoteRef, name: bytes, is_dir: bool) -> None:
@@ -297,11 +303,11 @@ class RemoteStores:
         if size > self.max_value:
             raise FUSEError(errno.EFBIG)
 
-    def _open_file(self, client: StoreClient, parts: Key, eid: int) -> RemoteFile:
+    def _open_file(self, client: StoreClient, parts: Key, eid: int, ino: int) -> RemoteFile:
         key = _file_key(client, eid)
         f = self._files.get(key)
         if f is None:
-            f = self._files[key] = RemoteFile(client, parts, eid)
+            f = self._files[key] = RemoteFile(client, parts, eid, ino)
         f.parts = parts
         f.handles += 1
         return f
@@ -312,9 +318,10 @@ class RemoteStores:
             raise FUSEError(errno.EISDIR)
         if rec.kind != FILE:
             raise FUSEError(errno.ELOOP)
-        f = self._open_file(ref.client, parts, rec.eid)
+        f = self._open_file(ref.client, parts, rec.eid, ref.ino)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            f.buffer, f.dirty, f.mtime_ns = bytearray(), True, time.time_ns()
+            f.buffer = bytearray()
+            f.changed()
         return next(self._fh), RemoteFileHandle(f)
 
     async def _load(self, f: RemoteFile) -> bytearray:
@@ -340,18 +347,20 @@ class RemoteStores:
         if off > len(buf):
             buf.extend(bytes(off - len(buf)))
         buf[off:end] = data
-        f.dirty, f.mtime_ns = True, time.time_ns()
+        f.changed()
         return len(data)
 
     async def _commit(self, f: RemoteFile) -> None:
+        """Send the bytes; ``dirty`` (and so the size getattr reports from the buffer) stays
+        until the owner has them, and stays if another write came meanwhile."""
         if not f.dirty:
             return
-        f.dirty = False
-        try:
-            await f.client.put(f.parts, f.eid, bytes(f.buffer or b""), mtime_ns=f.mtime_ns)
-        except BaseException:
-            f.dirty = True  # not acknowledged: fsync or release again may still deliver it
-            raise
+        upto = f.changes
+        rec = await f.client.put(f.parts, f.eid, bytes(f.buffer or b""), mtime_ns=f.mtime_ns)
+        if rec is not None:
+            self._remember(f.ino, f.parts, rec)
+        if f.changes == upto:
+            f.dirty = False
 
     async def fsync(self, h: RemoteFileHandle) -> None:
         await self._commit(h.file)
