@@ -177,6 +177,7 @@ class Daemon:
         self.external_unmount = False
         self.control_path = control_socket_path(config.data_dir)
         self.peer = None  # cluster.peer.Peer, with a key ring
+        self.peer_error = False
         self._stores_seen: dict[str, tuple[str, ...]] = {}
 
     async def run(self, ready: Callable[[], None]) -> None:
@@ -243,7 +244,7 @@ class Daemon:
                     nursery.start_soon(store.run_trimmer)
                 nursery.start_soon(control.serve, self.control_path, control.StoreAPI(self).handle)
                 if self.peer is not None:
-                    await nursery.start(self.peer.run)
+                    nursery.start_soon(self._run_peer)
         finally:
             pyfuse3.close(unmount=not self.external_unmount)
             log.info("unmounted %s", config.mountpoint)
@@ -398,6 +399,14 @@ class Daemon:
         self.external_unmount = True
         await self._leave()
         nursery.cancel_scope.cancel()
+
+    async def _run_peer(self) -> None:
+        """The cluster side; should it fail, the mount goes on serving what is local."""
+        try:
+            await self.peer.run()
+        except Exception:
+            log.exception("the cluster side of this peer failed; serving local stores only")
+            self.peer_error = True
 
     async def _leave(self) -> None:
         """Tell the other peers this one leaves (bounded), before everything stops."""
