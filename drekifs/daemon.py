@@ -205,6 +205,7 @@ class Daemon:
             from .fs.remote import RemoteStores
 
             remote = RemoteStores(self.node, slots, self.peer.client_of, config.max_local_value)
+            self.peer.on_remote_change = remote.changed
         self.ops = ops = Operations(
             ns,
             status,

@@ -77,6 +77,17 @@ def test_remote_store_read_write_and_failure(cluster) -> None:
     wait_for(lambda: (b_local_from_a / "dir" / "from-b").exists(), timeout=3, what="1 s cache")
     assert (b_local_from_a / "dir" / "from-b").read_text() == "b wrote\n"
 
+    # A change on B reaches A's kernel cache at once (store.changed), not after 1 s.
+    seen_by_a = b_local_from_a / "dir" / "from-b"
+    assert seen_by_a.stat().st_size == len("b wrote\n")
+    (b_local_on_b / "dir" / "from-b").write_text("b wrote a longer line\n")
+    wait_for(
+        lambda: seen_by_a.read_text() == "b wrote a longer line\n",
+        timeout=0.6,
+        interval=0.02,
+        what="A told of B's change",
+    )
+
     # The same errnos as locally.
     with pytest.raises(FileNotFoundError):
         (b_local_from_a / "nope").read_text()

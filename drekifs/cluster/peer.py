@@ -10,6 +10,7 @@ read again when it changes, so keys rotate without a restart.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -25,7 +26,7 @@ import trio
 from ..stores.base import Store
 from ..world.model import World
 from .keyring import KeyRing, KeyRingError
-from .net import PeerAddr
+from .net import PeerAddr, RemoteError
 from .storerpc import StoreClient, StoreService
 from .swim import Membership, SwimConfig
 from .transport import Transport
@@ -76,8 +77,11 @@ class Peer:
         self.port = node_rec.address.port
         self.transport = Transport(world.domain, self.keyring, ("0.0.0.0", self.port))
         local_stores = {n: s for n, s in stores.items() if n != "global"}
-        self.service = StoreService(node, local_stores)
+        self.service = StoreService(node, local_stores, self._addr_of_subscriber)
         self.service.register(self.transport)
+        self.transport.register("store.changed", self._changed_there)
+        # Set by the daemon: (owner node, store, changed keys) -> invalidate what is cached.
+        self.on_remote_change: Callable[[str, str, list], None] = lambda o, s, k: None
         meta = {"stores": sorted(local_stores), "version": version}
         self.membership = Membership(
             node,
@@ -129,6 +133,7 @@ class Peer:
             await nursery.start(self.membership.run)
             nursery.start_soon(self._follow_keyring)
             nursery.start_soon(self._follow_world)
+            nursery.start_soon(self.service.run_notifier, self.transport)
             log.info(
                 "peer %s listening on port %d (key %s)",
                 self.node,
@@ -169,9 +174,28 @@ class Peer:
         key = (node, store)
         client = self._clients.get(key)
         if client is None:
-            client = StoreClient(self.transport, node, store, lambda: self.address_of(node))
+            client = StoreClient(
+                self.transport, node, store, lambda: self.address_of(node), me=self.node
+            )
             self._clients[key] = client
         return client
+
+    def _addr_of_subscriber(self, node: str) -> PeerAddr | None:
+        return self.address_of(node) if node in self.world.nodes else None
+
+    async def _changed_there(self, src: PeerAddr, args: Any) -> None:
+        """Another node's store changed (store.changed from its owner)."""
+        if not isinstance(args, dict):
+            raise RemoteError(errno.EINVAL, "arguments must be a map")
+        owner, store, keys = args.get("o"), args.get("s"), args.get("keys")
+        if not isinstance(owner, str) or not isinstance(store, str) or not isinstance(keys, list):
+            raise RemoteError(errno.EINVAL, "store.changed needs o, s and keys")
+        good = [
+            tuple(k)
+            for k in keys
+            if isinstance(k, list) and k and all(isinstance(p, bytes) for p in k)
+        ]
+        self.on_remote_change(owner, store, good)
 
     def stores_of(self, node: str) -> tuple[str, ...] | None:
         """A node's local stores, as its membership metadata says (None: not heard of)."""

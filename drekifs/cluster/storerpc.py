@@ -20,11 +20,21 @@ Methods (args are msgpack maps; ``s`` store name, ``k`` key parts, ``e`` eid)::
     store.setxattr {s, k, name, value}      -> rec
     store.rmxattr  {s, k, name}             -> rec
     store.sync     {s}                      -> None   (fsync: on the owner's disk)
+
+Every call may carry ``n``, the caller's node name: the owner then counts it as subscribed to
+changes of that store for ``SUBSCRIPTION`` seconds, and calls it back with
+
+    store.changed  {o: owner node, s, keys: [k, ...]}  -> None
+
+for every change made there meanwhile, by anyone (batched every ``NOTIFY_EVERY`` seconds), so
+the subscriber's kernel drops what it cached at once rather than after its 1 s timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -42,6 +52,9 @@ log = logging.getLogger(__name__)
 PAGE = 1000  # entries per listing page
 CHUNK = 1 << 20  # bytes per stage call: well under the transport's frame limit
 STAGE_TTL = 60.0
+SUBSCRIPTION = 30.0
+NOTIFY_EVERY = 0.05
+NOTIFY_MAX_KEYS = 1000  # more changes than that in one batch: the subscriber drops everything
 METHODS = [
     "stat",
     "locate",
@@ -85,14 +98,53 @@ class _Stage:
 class StoreService:
     """The owner's side: answers store.* calls about this node's local stores."""
 
-    def __init__(self, node: str, stores: dict[str, Store]) -> None:
+    def __init__(
+        self,
+        node: str,
+        stores: dict[str, Store],
+        address_of: Callable[[str], PeerAddr | None] = lambda node: None,
+    ) -> None:
         self.node = node
         self.stores = stores
+        self.address_of = address_of  # a subscriber's node name -> where to call it back
         self._stages: dict[tuple[PeerAddr, int], _Stage] = {}
+        self._subscribers: dict[tuple[str, str], float] = {}  # (node, store) -> until
+        self._changed: dict[str, set[Key]] = {}  # store -> keys changed since the last batch
+        self._wake = trio.Event()
+        for store in stores.values():
+            store.watchers.append(functools.partial(self._store_changed, store.name))
 
     def register(self, net: Network) -> None:
         for name in METHODS:
             net.register(f"store.{name}", self._wrap(getattr(self, f"_{name}")))
+
+    def _store_changed(self, store: str, loc: str, parts: Key, origin: object) -> None:
+        if loc != self.node or not parts:
+            return
+        now = trio.current_time()
+        if not any(s == store and until > now for (_, s), until in self._subscribers.items()):
+            return
+        self._changed.setdefault(store, set()).add(parts)
+        self._wake.set()
+
+    async def run_notifier(self, net: Network) -> None:
+        """Call subscribers back with what changed, in batches (cancel to stop)."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._wake.wait()
+                await trio.sleep(NOTIFY_EVERY)
+                self._wake = trio.Event()
+                changed, self._changed = self._changed, {}
+                now = trio.current_time()
+                self._subscribers = {k: t for k, t in self._subscribers.items() if t > now}
+                for (node, store), _ in self._subscribers.items():
+                    keys = changed.get(store)
+                    addr = self.address_of(node)
+                    if not keys or addr is None:
+                        continue
+                    batch = [list(k) for k in keys] if len(keys) <= NOTIFY_MAX_KEYS else []
+                    args = {"o": self.node, "s": store, "keys": batch}
+                    nursery.start_soon(_notify, net, addr, args)
 
     def _wrap(self, fn: Callable) -> Callable:
         async def handler(src: PeerAddr, args: Any) -> Any:
@@ -101,6 +153,9 @@ class StoreService:
             store = self.stores.get(args.get("s"))  # type: ignore[arg-type]
             if store is None or store.name == "global":
                 raise RemoteError(errno.ENOENT, f"no local store {args.get('s')!r} here")
+            caller = args.get("n")
+            if isinstance(caller, str) and caller != self.node and len(self._subscribers) < 10_000:
+                self._subscribers[(caller, store.name)] = trio.current_time() + SUBSCRIPTION
             try:
                 return await fn(store, src, args)
             except StoreError as e:
@@ -216,6 +271,11 @@ class StoreService:
         await store.sync()
 
 
+async def _notify(net: Network, addr: PeerAddr, args: dict) -> None:
+    with contextlib.suppress(PeerUnreachable, RemoteError):  # best effort: caches expire
+        await net.call(addr, "store.changed", args, timeout=1.0)
+
+
 def _fields(f: Any) -> dict[str, int]:
     if not isinstance(f, dict) or not set(f) <= SETTABLE:
         raise RemoteError(errno.EINVAL, f"settable fields are {sorted(SETTABLE)}")
@@ -238,8 +298,10 @@ class StoreClient:
         address: Callable[[], PeerAddr | None],
         *,
         timeout: float = 1.5,
+        me: str | None = None,
     ) -> None:
         self.net = net
+        self.me = me  # this peer's node: the owner calls it back with changes
         self.node = node
         self.name = store
         self.address = address  # None: the owner is known dead or has no address
@@ -251,6 +313,8 @@ class StoreClient:
         if addr is None:
             raise StoreError(errno.EHOSTDOWN, f"{self.node} is down")
         args["s"] = self.name
+        if self.me is not None:
+            args["n"] = self.me
         try:
             return await self.net.call(addr, f"store.{method}", args, timeout=self.timeout)
         except RemoteError as e:

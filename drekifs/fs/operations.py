@@ -145,6 +145,11 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self.files = OpenFiles()
         self.remote = remote
+        if remote is not None:
+            remote.invalidator = self.invalidator
+            remote.roots_of = lambda node, store: [
+                e.ino for e in self.ns.store_roots.get((node, store), ())
+            ]
         self._handles: dict[int, Any] = {}
         self._next_fh = itertools.count(1)
         self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}

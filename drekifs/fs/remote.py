@@ -101,6 +101,11 @@ class RemoteStores:
             if "@" in name
         }
         self._seen: dict[int, tuple[float, Key, Record]] = {}
+        # (node, store, key) -> the inodes it has here (one per path of the node)
+        self._inos: dict[tuple[str, str, Key], set[int]] = {}
+        # Set by Operations: where invalidations go, and a store root's inodes.
+        self.invalidator: Any = None
+        self.roots_of: Callable[[str, str], list[int]] = lambda node, store: []
         self._files: dict[tuple[str, str, int], RemoteFile] = {}
         self._fh = itertools.count(1 << 40)  # apart from local handles
 
@@ -141,7 +146,40 @@ class RemoteStores:
     def _remember(self, ino: int, parts: Key, rec: Record) -> None:
         if len(self._seen) > 50_000:
             self._seen.clear()
+            self._inos.clear()
         self._seen[ino] = (trio.current_time() + REMOTE_TIMEOUT, parts, rec)
+        pair = self.by_slot.get(inodes.unpack(ino).slot)
+        if pair is not None:
+            self._inos.setdefault((*pair, parts), set()).add(ino)
+
+    def changed(self, node: str, store: str, keys: list[Key]) -> None:
+        """The owner says these keys changed: forget them here and in the kernel (queued
+        invalidations: this runs in a request handler of the transport, not of FUSE).
+        No keys: too many changed, forget everything of that store."""
+        inv = self.invalidator
+        if inv is None:
+            return
+        if not keys:
+            for (n, s, _), inos in list(self._inos.items()):
+                if (n, s) == (node, store):
+                    for ino in inos:
+                        self._seen.pop(ino, None)
+                        inv.inode(ino)
+            for root in self.roots_of(node, store):
+                inv.inode(root)
+            return
+        for parts in keys:
+            for ino in self._inos.pop((node, store, parts), ()):
+                self._seen.pop(ino, None)
+                inv.inode(ino)
+            parent = parts[:-1]
+            parents = (
+                self.roots_of(node, store) if not parent else self._inos.get((node, store, parent))
+            )
+            for p in parents or ():
+                self._seen.pop(p, None)
+                inv.entry(p, parts[-1])
+                inv.inode(p)
 
     async def resolve(self, ref: RemoteRef) -> tuple[Key, Record]:
         seen = self._seen.get(ref.ino)
