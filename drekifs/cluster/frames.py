@@ -19,8 +19,13 @@ back to its server is not a request. The payloads carry a sequence number, 0, 1,
 direction, which the receiver checks, so frames cannot be dropped, repeated or reordered within a
 connection either::
 
+    proof:    [0]                                  the client's first frame, at most AUTH_FRAME_MAX
     request:  [seq, request id, method, args]
     reply:    [seq, request id, true, result]  |  [seq, request id, false, [code, message]]
+
+The client sends its proof right after the server's hello, without waiting, and its requests
+after it. The proof is small so that a server buffers no more than that for a client that has not
+shown it holds a key: only then may frames be as large as the transport's ``max_frame``.
 
 **UDP.** A datagram is ``KeyRing.seal(msgpack([sent_ms, id, msg]), world | 0x00 | b"drekifs udp
 v1")``, at most ``net.MAX_DATAGRAM`` bytes: ``sent_ms`` the sender's wall clock in milliseconds,
@@ -47,6 +52,7 @@ SERVER_HELLO_BYTES = len(MAGIC) + CHALLENGE_BYTES
 LENGTH = struct.Struct(">I")
 KEY_ID = slice(1, 5)  # where a sealed message names its key: version (1) | key id (4) | ...
 
+AUTH_FRAME_MAX = 128  # a proof sealed weighs OVERHEAD + 2 bytes
 REQUEST_TAG = b"drekifs tcp request v1"
 REPLY_TAG = b"drekifs tcp reply v1"
 DATAGRAM_TAG = b"drekifs udp v1"
@@ -228,6 +234,14 @@ def _is_int(v: Any) -> bool:
 
 # The packers splice already-packed parts, so a message is packed once, outside any lock, and
 # only its sequence number is packed where the order of frames is decided.
+
+
+PROOF = _packb([0])
+
+
+def check_proof(plaintext: bytes) -> None:
+    if _unpack(plaintext) != [0]:
+        raise Malformed(SHAPE)
 
 
 def pack_request(seq: int, rid: int, method: bytes, args: bytes) -> bytes:

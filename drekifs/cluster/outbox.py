@@ -11,20 +11,31 @@ nothing holds no more than the queue.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import trio
 
 RESET = "reset"
 STALLED = "send-timeout"
+CLOSED = "closed"
 
 
 class Outbox:
-    def __init__(self, sock: trio.socket.SocketType, high_water: int = 1 << 20) -> None:
+    """``on_failure(why)`` is called once, synchronously, when a write fails or the writer
+    stalls (not on close()): the owner ends the connection there and then."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        on_failure: Callable[[str], None],
+        high_water: int = 1 << 20,
+    ) -> None:
         # os.write on the descriptor is send(2) without flags, and never blocks (trio made the
         # socket non-blocking). The connection's owner calls close() before closing the
         # socket, so a reused descriptor number is never written to.
         self._fd = sock.fileno()
         self.high_water = high_water
+        self._on_failure = on_failure
         self.failed: str | None = None
         self._queue = bytearray()
         self._queued = trio.Event()  # set while the queue has bytes for the writer
@@ -37,7 +48,7 @@ class Outbox:
 
     def write(self, data: bytes) -> None:
         """Send ``data`` after everything written before; never blocks, never raises (a
-        failure ends :meth:`run`, whose caller ends the connection)."""
+        failure goes to ``on_failure``)."""
         if self.failed is not None:
             return
         if self._queue:
@@ -62,11 +73,10 @@ class Outbox:
 
     def close(self) -> None:
         """No more writes (before the socket is closed)."""
-        self._fail("closed")
+        self._fail(CLOSED)
 
-    async def run(self, stall_timeout: float) -> str:
-        """The writer task: flush what write() queued; return why the outbox stopped (RESET,
-        STALLED, or "closed")."""
+    async def run(self, stall_timeout: float) -> None:
+        """The writer task: flush what write() queues, until the outbox fails or closes."""
         while self.failed is None:
             await self._queued.wait()
             while self._queue and self.failed is None:
@@ -86,7 +96,6 @@ class Outbox:
             if not self._queue:
                 self._queued = trio.Event()
                 self._drained.set()
-        return self.failed or "closed"
 
     def _fail(self, why: str) -> None:
         if self.failed is None:
@@ -95,3 +104,5 @@ class Outbox:
             self._queue.clear()
             self._queued.set()  # wake the writer, so run() returns
             self._drained.set()  # and whoever waits for room
+            if why != CLOSED:
+                self._on_failure(why)
