@@ -1,0 +1,66 @@
+"""What the calling and the serving side of a transport share: the world, the keys (swapped
+as a whole on reload), the limits and the counters; and reading frames off a stream."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import trio
+
+from . import frames
+from .frames import FrameDecoder, Keys, Malformed
+from .limits import Limits
+from .net import PeerAddr
+
+log = logging.getLogger(__name__)
+
+RECEIVE_BYTES = 1 << 16
+# What a broken connection raises from a read or a handshake write.
+BROKEN = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(eq=False)
+class Endpoint:
+    world: bytes
+    keys: Keys
+    limits: Limits
+    max_frame: int
+    addr: PeerAddr  # where this transport listens (the real port once bound)
+    counters: Counter[str]
+
+    def drop(self, proto: str, reason: str, peer: object) -> None:
+        """Count input dropped (``<proto>.dropped.<reason>``); logged at debug level only, as
+        a flood of junk must not flood the log."""
+        self.counters[f"{proto}.dropped.{reason}"] += 1
+        log.debug("%s from %s dropped: %s", proto, peer, reason)
+
+
+async def next_frame(stream: trio.SocketStream, decoder: FrameDecoder) -> bytes | None:
+    """The next frame's body; None when the stream ends between frames; Malformed (OVERSIZED,
+    TRUNCATED) otherwise."""
+    while True:
+        body = decoder.next()
+        if body is not None:
+            return body
+        if decoder.oversized:
+            raise Malformed(frames.OVERSIZED)
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            if decoder.buffered():
+                raise Malformed(frames.TRUNCATED)
+            return None
+        decoder.feed(data)
+
+
+async def read_exact(stream: trio.SocketStream, decoder: FrameDecoder, n: int) -> bytes:
+    """The next ``n`` raw bytes (a hello); Malformed(TRUNCATED) if the stream ends first."""
+    while True:
+        out = decoder.take(n)
+        if out is not None:
+            return out
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            raise Malformed(frames.TRUNCATED)
+        decoder.feed(data)

@@ -1,0 +1,245 @@
+"""The serving side of the transport: accepting connections, authenticating them, and serving
+their requests concurrently, within :class:`~drekifs.cluster.limits.Limits`.
+
+A connection gets a handshake timeout to send its hello and its proof of key (a small sealed
+frame, see frames.py), and is only then allowed frames of ``max_frame`` bytes; it is closed
+after the idle timeout with nothing in flight. Its requests run as tasks in the connection's
+nursery; past the per-connection or per-host limit of requests in flight, the connection is not
+read until one finishes (backpressure on the client, nothing refused). Anything wrong on a
+connection — junk, a bad frame, a replay — is counted and ends that connection only.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import frames
+from .endpoint import BROKEN, Endpoint, next_frame, read_exact
+from .frames import FrameDecoder, Malformed, Session
+from .keyring import OVERHEAD
+from .net import CallHandler, PeerAddr, RemoteError
+from .outbox import STALLED, Outbox
+
+log = logging.getLogger(__name__)
+
+ACCEPT_PAUSE = 0.1  # after accept() fails for want of descriptors or memory
+MAX_ERROR_MESSAGE = 1000  # characters of an error message sent back
+
+
+@dataclass(eq=False)
+class _Host:
+    """What one remote IP address holds of this server."""
+
+    conns: int = 0
+    running: int = 0  # requests being served, all its connections together
+    finished: trio.Event = field(default_factory=trio.Event)  # set (and replaced) as one ends
+
+
+@dataclass(eq=False)
+class _Connection:
+    """An accepted connection, authenticated."""
+
+    stream: trio.SocketStream
+    outbox: Outbox
+    session: Session
+    peer: PeerAddr  # the client's IP and the listening port it declared
+    host: _Host
+    last_frame: float  # trio time of the last request
+    send_seq: int = 0
+    recv_seq: int = 1  # the proof was 0
+    running: int = 0  # requests being served
+
+
+class Server:
+    def __init__(self, ep: Endpoint) -> None:
+        self.ep = ep
+        self.handlers: dict[str, CallHandler] = {}
+        self._hosts: dict[str, _Host] = {}
+        self._conns = 0
+
+    def connections(self) -> int:
+        return self._conns
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        limits, counters = self.ep.limits, self.ep.counters
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # out of descriptors or memory: let some connections close
+                counters["tcp.accept-error"] += 1
+                log.warning("accept failed: %s", e)
+                await trio.sleep(ACCEPT_PAUSE)
+                continue
+            try:
+                host = stream.socket.getpeername()[0]
+            except OSError:  # gone already
+                await trio.aclose_forcefully(stream)
+                continue
+            h = self._hosts.get(host)
+            if self._conns >= limits.max_conns:
+                counters["tcp.refused.total"] += 1
+            elif h is not None and h.conns >= limits.max_conns_per_host:
+                counters["tcp.refused.limit"] += 1
+            else:
+                if h is None:
+                    h = self._hosts[host] = _Host()
+                h.conns += 1
+                self._conns += 1
+                counters["tcp.accepted"] += 1
+                nursery.start_soon(self._connection, stream, host, h)
+                continue
+            log.debug("connection from %s refused: over the limits", host)
+            await trio.aclose_forcefully(stream)
+
+    async def _connection(self, stream: trio.SocketStream, host: str, h: _Host) -> None:
+        try:
+            await self._serve(stream, host, h)
+        finally:
+            self._conns -= 1
+            h.conns -= 1
+            if h.conns == 0:
+                del self._hosts[host]
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream, host: str, h: _Host) -> None:
+        ep = self.ep
+        decoder = FrameDecoder(frames.AUTH_FRAME_MAX)  # until the client has proved its key
+        try:
+            with trio.move_on_after(ep.limits.handshake_timeout) as handshake:
+                hello = frames.server_hello()
+                await stream.send_all(hello)
+                client_hello = await read_exact(stream, decoder, frames.CLIENT_HELLO_BYTES)
+                peer = (host, frames.hello_port(client_hello))
+                session = Session.of(ep.world, client_hello, hello)
+                proof = await next_frame(stream, decoder)
+            if handshake.cancelled_caught:
+                ep.drop("tcp", "handshake-timeout", host)
+                return
+            if proof is None:
+                raise Malformed(frames.TRUNCATED)
+            frames.check_proof(ep.keys.open(proof, session.request_aad))
+        except Malformed as e:
+            ep.drop("tcp", e.reason, host)
+            return
+        except BROKEN:
+            ep.counters["tcp.closed.reset"] += 1
+            return
+        decoder.max_frame = ep.max_frame
+        with trio.CancelScope() as scope:
+            outbox = Outbox(stream.socket, lambda why: self._write_failed(why, peer, scope))
+            conn = _Connection(stream, outbox, session, peer, h, trio.current_time())
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(outbox.run, ep.limits.send_timeout)
+                    await self._serve_requests(conn, decoder, nursery)
+            finally:
+                outbox.close()
+
+    def _write_failed(self, why: str, peer: PeerAddr, connection: trio.CancelScope) -> None:
+        if why == STALLED:
+            self.ep.drop("tcp", why, peer)
+        else:
+            self.ep.counters[f"tcp.closed.{why}"] += 1
+        connection.cancel()
+
+    async def _serve_requests(
+        self, conn: _Connection, decoder: FrameDecoder, nursery: trio.Nursery
+    ) -> None:
+        """Serve the connection's requests in ``nursery`` until it ends; then cancel those
+        still running (no reply could go out) and the writer. Raises nothing: from a nursery's
+        body an exception would come out wrapped in an ExceptionGroup."""
+        try:
+            await self._read_requests(conn, decoder, nursery)
+        except Malformed as e:
+            self.ep.drop("tcp", e.reason, conn.peer)
+        except BROKEN:
+            self.ep.counters["tcp.closed.reset"] += 1
+        finally:
+            nursery.cancel_scope.cancel()
+
+    async def _read_requests(
+        self, conn: _Connection, decoder: FrameDecoder, nursery: trio.Nursery
+    ) -> None:
+        """Start serving each request; return at the end of the stream or when idle; raise
+        Malformed on a frame to drop."""
+        ep, h, aad = self.ep, conn.host, conn.session.request_aad
+        idle = ep.limits.idle_timeout
+        per_conn, per_host = ep.limits.max_inflight_per_conn, ep.limits.max_inflight_per_host
+        checked = conn.last_frame
+        while True:
+            # The deadline is not pushed back at every frame (that costs more than the rest of
+            # a request's reading): when it passes, the time of the last frame decides.
+            with trio.CancelScope(deadline=max(conn.last_frame, checked) + idle):
+                while True:
+                    while conn.running >= per_conn or h.running >= per_host:
+                        ep.counters["tcp.backpressure"] += 1
+                        await h.finished.wait()
+                    body = await next_frame(conn.stream, decoder)
+                    if body is None:
+                        return
+                    seq, rid, method, args = frames.unpack_request(ep.keys.open(body, aad))
+                    if seq != conn.recv_seq:
+                        raise Malformed(frames.REPLAY)
+                    conn.recv_seq += 1
+                    conn.last_frame = trio.current_time()
+                    conn.running += 1
+                    h.running += 1
+                    nursery.start_soon(self._serve_request, conn, rid, method, args)
+            checked = trio.current_time()
+            if conn.running == 0 and checked - conn.last_frame >= idle:
+                ep.counters["tcp.closed.idle"] += 1
+                return
+
+    async def _serve_request(self, conn: _Connection, rid: int, method: str, args: Any) -> None:
+        try:
+            ok, value = await self._answer(conn.peer, method, args)
+            await conn.outbox.wait_room()
+            plaintext = frames.pack_reply(conn.send_seq, rid, ok, value)
+            conn.send_seq += 1
+            sealed = self.ep.keys.seal(plaintext, conn.session.reply_aad)
+            conn.outbox.write(frames.frame(sealed))
+        finally:
+            conn.running -= 1
+            h = conn.host
+            h.running -= 1
+            h.finished.set()
+            h.finished = trio.Event()
+
+    async def _answer(self, peer: PeerAddr, method: str, args: Any) -> tuple[bool, bytes]:
+        """The reply to a request: (True, packed result) or (False, packed [code, message])."""
+        counters = self.ep.counters
+        handler = self.handlers.get(method)
+        if handler is None:
+            counters["rpc.unknown-method"] += 1
+            return False, _error(errno.ENOSYS, f"no method {method[:100]!r}")
+        timeout = self.ep.limits.handler_timeout
+        try:
+            with trio.fail_after(timeout):
+                result = await handler(peer, args)
+            packed = frames.pack(result)
+        except RemoteError as e:
+            counters["rpc.remote-error"] += 1
+            return False, _error(e.code if type(e.code) is int else errno.EIO, str(e))
+        except trio.TooSlowError:
+            counters["rpc.timeout"] += 1
+            log.warning("%s from %s: no answer within %s s", method, peer, timeout)
+            return False, _error(errno.ETIMEDOUT, f"{method}: timed out")
+        except Exception as e:
+            counters["rpc.eio"] += 1
+            log.exception("%s from %s failed", method, peer)
+            return False, _error(errno.EIO, f"{method}: internal error ({type(e).__name__})")
+        if frames.PAYLOAD_SLACK + len(packed) + OVERHEAD > self.ep.max_frame:
+            counters["rpc.reply-too-large"] += 1
+            log.warning("%s from %s: a reply of %d bytes is too large", method, peer, len(packed))
+            return False, _error(errno.EMSGSIZE, f"{method}: reply too large")
+        counters["rpc.served"] += 1
+        return True, packed
+
+
+def _error(code: int, message: str) -> bytes:
+    return frames.pack([code, message[:MAX_ERROR_MESSAGE]])
