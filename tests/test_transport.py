@@ -80,6 +80,20 @@ def drops(t: Transport, proto: str) -> int:
     return sum(n for k, n in t.counters.items() if k.startswith(f"{proto}.dropped."))
 
 
+@contextlib.asynccontextmanager
+async def raw_client(t: Transport, ring: KeyRing):
+    """A client written from the wire format alone: connected, hello and proof of key sent;
+    yields (socket, session)."""
+    with trio.socket.socket() as s:
+        await s.connect(t.addr)
+        ch = frames.client_hello(4242)
+        await s.send(ch)
+        sh = await s.recv(frames.SERVER_HELLO_BYTES)
+        session = Session.of(WORLD.encode(), ch, sh)
+        await s.send(frames.frame(Keys.of(ring).seal(frames.PROOF, session.request_aad)))
+        yield s, session
+
+
 # -- calls ------------------------------------------------------------------------------------
 
 
@@ -244,11 +258,15 @@ async def test_oversized_requests_and_replies_are_refused(nursery) -> None:
     with pytest.raises(RemoteError) as e:
         await a.call(b.addr, "big", 10_000, timeout=2)
     assert e.value.code == errno.EMSGSIZE
-    # A frame announced larger than the limit ends the connection and is counted.
+    # A frame announced larger than the limit ends the connection and is counted; before
+    # the proof of key, the limit is tiny.
     with trio.socket.socket() as s:
         await s.connect(b.addr)
-        await s.send(frames.client_hello(1) + frames.LENGTH.pack(10_001) + b"\1" * 100)
+        await s.send(frames.client_hello(1) + frames.LENGTH.pack(frames.AUTH_FRAME_MAX + 1))
         await eventually(lambda: b.counters["tcp.dropped.oversized"] == 1, "the drop")
+    async with raw_client(b, ring) as (s, _):
+        await s.send(frames.LENGTH.pack(10_001) + b"\1" * 100)
+        await eventually(lambda: b.counters["tcp.dropped.oversized"] == 2, "the drop")
     assert await a.call(b.addr, "echo", 1, timeout=2) == 1
 
 
@@ -455,11 +473,11 @@ async def test_junk_does_not_disturb_legitimate_traffic(nursery) -> None:
         rnd.randbytes(chunk),
         frames.client_hello(1) + rnd.randbytes(chunk),  # a hello, then a random length
         frames.client_hello(1) + rnd.randbytes(chunk),
-        # A plausible frame of random bytes, then of our version and key id.
-        frames.client_hello(1) + frames.frame(rnd.randbytes(1000)) + rnd.randbytes(chunk),
-        frames.client_hello(1) + frames.frame(b"\1" + kid + rnd.randbytes(1000)),
-        frames.client_hello(1) + frames.frame(b"\1" + b"XXXX" + rnd.randbytes(1000)),
-        frames.client_hello(1) + frames.LENGTH.pack(1000) + b"\1" * 10,  # then hangs up
+        # A plausible proof of random bytes, then of our version and key id.
+        frames.client_hello(1) + frames.frame(rnd.randbytes(100)) + rnd.randbytes(chunk),
+        frames.client_hello(1) + frames.frame(b"\1" + kid + rnd.randbytes(100)),
+        frames.client_hello(1) + frames.frame(b"\1" + b"XXXX" + rnd.randbytes(100)),
+        frames.client_hello(1) + frames.LENGTH.pack(100) + b"\1" * 10,  # then hangs up
     ]
     calls = 0
 
@@ -530,6 +548,29 @@ class Recorder:
             nursery.start_soon(pump, server, client, False)
 
 
+class RepeatFrame:
+    """A client's bytes, with the frame numbered ``n`` (0: the proof) sent twice."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.hello = b""
+        self.decoder = FrameDecoder(1 << 20)
+        self.seen = 0
+
+    def __call__(self, data: bytes) -> bytes:
+        if len(self.hello) < frames.CLIENT_HELLO_BYTES:
+            cut = frames.CLIENT_HELLO_BYTES - len(self.hello)
+            self.hello += data[:cut]
+            out, data = data[:cut], data[cut:]
+        else:
+            out = b""
+        self.decoder.feed(data)
+        while (body := self.decoder.next()) is not None:
+            out += frames.frame(body) * (2 if self.seen == self.n else 1)
+            self.seen += 1
+        return out
+
+
 async def test_a_recorded_connection_replayed_serves_nothing(nursery) -> None:
     ring = KeyRing.generate()
     a, b = await start(nursery, ring), await start(nursery, ring)
@@ -548,17 +589,7 @@ async def test_a_frame_repeated_within_a_connection_is_a_replay(nursery) -> None
     ring = KeyRing.generate()
     a, b = await start(nursery, ring), await start(nursery, ring)
     served = serve_echo(b)
-    repeated: list[bytes] = []
-
-    def repeat_first_frame(data: bytes) -> bytes:
-        # The hello and the first request come in separate chunks (the client waits for the
-        # server's hello in between); the chunk holding the first frame is sent twice.
-        if len(data) > frames.CLIENT_HELLO_BYTES and not repeated:
-            repeated.append(data)
-            return data + data
-        return data
-
-    proxy = Recorder(b.addr, repeat_first_frame)
+    proxy = Recorder(b.addr, RepeatFrame(1))  # the first request, after the proof
     await nursery.start(proxy.run)
     # The first copy may be answered before the second is seen, or not: never twice.
     with contextlib.suppress(PeerUnreachable):
@@ -597,6 +628,9 @@ async def test_connections_over_the_per_host_limit_are_refused(nursery) -> None:
     await eventually(lambda: b.counters["tcp.refused.limit"] == 6, "refusals")
     assert b.counters["tcp.accepted"] == 3
     assert await a.call(b.addr, "echo", 2, timeout=2) == 2  # the pooled one still serves
+    other_host = Transport(WORLD, ring, ("127.0.0.2", 0), limits=FAST)
+    await nursery.start(other_host.serve)
+    assert await other_host.call(b.addr, "echo", "me too", timeout=2) == "me too"
     # The silent ones get nowhere: closed after the handshake timeout, room made again.
     await eventually(lambda: b.counters["tcp.dropped.handshake-timeout"] == 2, "timeouts", 3)
     for s in silent:
@@ -605,19 +639,58 @@ async def test_connections_over_the_per_host_limit_are_refused(nursery) -> None:
     assert await c.call(b.addr, "echo", 3, timeout=2) == 3
 
 
+async def test_requests_in_flight_are_bounded_by_not_reading(nursery) -> None:
+    ring = KeyRing.generate()
+    a = await start(nursery, ring)
+    b = await start(nursery, ring, limits=Limits(max_inflight_per_conn=3))
+    running = peak = 0
+
+    async def slow(peer: PeerAddr, n: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await trio.sleep(0.02)
+        running -= 1
+        return n
+
+    b.register("slow", slow)
+    results = []
+
+    async def one(n: int) -> None:
+        results.append(await a.call(b.addr, "slow", n, timeout=5))
+
+    async with trio.open_nursery() as calls:
+        for n in range(20):
+            calls.start_soon(one, n)
+    assert sorted(results) == list(range(20)) and peak == 3
+    assert b.counters["tcp.backpressure"] > 0
+
+
+async def test_a_client_that_reads_no_replies_is_dropped(nursery) -> None:
+    ring = KeyRing.generate()
+    b = await start(nursery, ring, limits=Limits(send_timeout=0.3))
+
+    async def big(peer: PeerAddr, args: Any) -> bytes:
+        return b"x" * (1 << 20)
+
+    b.register("big", big)
+    keys = Keys.of(ring)
+    async with raw_client(b, ring) as (s, session):
+        for seq in range(1, 40):
+            request = frames.pack_request(seq, seq, frames.pack("big"), frames.pack(None))
+            await s.send(frames.frame(keys.seal(request, session.request_aad)))
+        await eventually(lambda: b.counters["tcp.dropped.send-timeout"] == 1, "the drop")
+        await eventually(lambda: b.stats()["connections"]["in"] == 0, "the close")
+
+
 async def test_a_silent_client_after_its_requests_is_closed_when_idle(nursery) -> None:
     """A client written from the wire format alone, which then says nothing."""
     ring = KeyRing.generate()
     b = await start(nursery, ring, limits=Limits(idle_timeout=0.3))
     serve_echo(b)
     keys = Keys.of(ring)
-    with trio.socket.socket() as s:
-        await s.connect(b.addr)
-        ch = frames.client_hello(4242)
-        await s.send(ch)
-        sh = await s.recv(frames.SERVER_HELLO_BYTES)
-        session = Session.of(WORLD.encode(), ch, sh)
-        request = frames.pack_request(0, 7, frames.pack("echo"), frames.pack("raw"))
+    async with raw_client(b, ring) as (s, session):
+        request = frames.pack_request(1, 7, frames.pack("echo"), frames.pack("raw"))
         await s.send(frames.frame(keys.seal(request, session.request_aad)))
         decoder = FrameDecoder(1 << 20)
         while (body := decoder.next()) is None:
@@ -633,6 +706,8 @@ async def test_calls_fail_cleanly_when_the_transport_stops() -> None:
     a = Transport(WORLD, ring, (LOCAL, 0), limits=FAST)
     with pytest.raises(RuntimeError, match="not serving"):
         await a.call((LOCAL, 1), "echo", 1, timeout=1)
+    with pytest.raises(RuntimeError, match="not serving"):
+        a.send_datagram((LOCAL, 1), "too early")
     async with trio.open_nursery() as nursery:
         await nursery.start(a.serve)
         b = await start(nursery, ring)
@@ -655,6 +730,8 @@ async def test_calls_fail_cleanly_when_the_transport_stops() -> None:
         nursery.cancel_scope.cancel()
     with pytest.raises(PeerUnreachable, match="closed"):
         await a.call(b.addr, "echo", 1, timeout=1)
+    a.send_datagram(b.addr, "lost")  # as datagrams may be
+    assert a.counters["udp.send-failed"] == 1
     assert a.stats()["state"] == "closed"
 
 
