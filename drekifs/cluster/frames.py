@@ -23,9 +23,9 @@ connection either::
     request:  [seq, request id, method, args]
     reply:    [seq, request id, true, result]  |  [seq, request id, false, [code, message]]
 
-The client sends its proof right after the server's hello, without waiting, and its requests
-after it. The proof is small so that a server buffers no more than that for a client that has not
-shown it holds a key: only then may frames be as large as the transport's ``max_frame``.
+The client sends its proof as soon as it has the server's hello, and its requests right after,
+without waiting for an answer. The proof is small so that a server buffers no more than that for
+a client that has not shown it holds a key: only then may frames be as large as ``max_frame``.
 
 **UDP.** A datagram is ``KeyRing.seal(msgpack([sent_ms, id, msg]), world | 0x00 | b"drekifs udp
 v1")``, at most ``net.MAX_DATAGRAM`` bytes: ``sent_ms`` the sender's wall clock in milliseconds,

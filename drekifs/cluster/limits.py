@@ -17,7 +17,7 @@ class Limits:
     connect_timeout: float = 5.0
     """An outgoing connection must be open, and the server's hello in, within this."""
     handshake_timeout: float = 5.0
-    """An accepted connection must send its hello and its first complete frame within this."""
+    """An accepted connection must send its hello and its proof of key within this."""
     idle_timeout: float = 120.0
     """An accepted connection that completes no frame for this long, with no request of its
     own in flight, is closed. Outgoing connections close themselves after half of it, so a
