@@ -21,7 +21,7 @@ Methods (args are msgpack maps; ``s`` store name, ``k`` key parts, ``e`` eid)::
     store.rmxattr  {s, k, name}             -> rec
     store.sync     {s}                      -> None   (fsync: on the owner's disk)
 
-Every call may carry ``n``, the caller's node name: the owner then counts it as subscribed to
+Every call may carry ``from``, the caller's node name: the owner then counts it as subscribed to
 changes of that store for ``SUBSCRIPTION`` seconds, and calls it back with
 
     store.changed  {o: owner node, s, keys: [k, ...]}  -> None
@@ -153,7 +153,7 @@ class StoreService:
             store = self.stores.get(args.get("s"))  # type: ignore[arg-type]
             if store is None or store.name == "global":
                 raise RemoteError(errno.ENOENT, f"no local store {args.get('s')!r} here")
-            caller = args.get("n")
+            caller = args.get("from")
             if isinstance(caller, str) and caller != self.node and len(self._subscribers) < 10_000:
                 self._subscribers[(caller, store.name)] = trio.current_time() + SUBSCRIPTION
             try:
@@ -314,7 +314,7 @@ class StoreClient:
             raise StoreError(errno.EHOSTDOWN, f"{self.node} is down")
         args["s"] = self.name
         if self.me is not None:
-            args["n"] = self.me
+            args["from"] = self.me
         try:
             return await self.net.call(addr, f"store.{method}", args, timeout=self.timeout)
         except RemoteError as e:
