@@ -23,7 +23,7 @@ def have_netns() -> str | None:
     """Why multi-host tests cannot run here, or None."""
     if os.getuid() != 0:
         return "not root"
-    for tool in ("ip", "nft"):
+    for tool in ("ip", "nft", "nsenter"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             return f"{tool} is not installed"
     return None
@@ -77,7 +77,9 @@ class Hosts:
         self.names.clear()
 
     def exec(self, i: int, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(i), *cmd]
+        """Run in host ``i``'s network namespace only. (``ip netns exec`` would also give the
+        command a mount namespace of its own, where a FUSE mount is invisible to the test.)"""
+        return ["nsenter", f"--net=/var/run/netns/{self.ns(i)}", *cmd]
 
     def loss(self, i: int, percent: int) -> None:
         """Drop ``percent`` % of what host ``i`` receives."""
