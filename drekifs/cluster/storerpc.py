@@ -11,6 +11,7 @@ Methods (args are msgpack maps; ``s`` store name, ``k`` key parts, ``e`` eid)::
     store.locate   {s, e}                   -> [k, rec]
     store.list     {s, k, after, n}         -> [[name, rec], ...], more    (one page)
     store.read     {s, e, o, n}             -> bytes
+    store.open     {s, e, n}                -> [k, rec, first n bytes]   (stat and read at once)
     store.create   {s, k, kind, perm, uid, gid, target}  -> rec
     store.stage    {s, id, o, data}         -> None   (a part of a large value, kept 60 s)
     store.put      {s, k, e, v | stage, size, f}         -> rec | None   (one new version)
@@ -56,6 +57,7 @@ SUBSCRIPTION = 30.0
 NOTIFY_EVERY = 0.05
 NOTIFY_MAX_KEYS = 1000  # more changes than that in one batch: the subscriber drops everything
 METHODS = [
+    "open",
     "stat",
     "locate",
     "list",
@@ -194,6 +196,11 @@ class StoreService:
         names = sorted(name for name in kids if name > after)
         page = names[:n]
         return [[[name, kids[name].pack()] for name in page], len(names) > n]
+
+    async def _open(self, store: Store, src: PeerAddr, a: dict) -> list:
+        k, rec = await self._locate(store, src, a)
+        size = min(_int(a["n"], "n"), CHUNK)
+        return [k, rec, store.read(_int(a["e"], "e"), 0, size)]
 
     async def _read(self, store: Store, src: PeerAddr, a: dict) -> bytes:
         size = min(_int(a["n"], "n"), CHUNK)
@@ -339,6 +346,11 @@ class StoreClient:
                 break
             after = items[-1][0]
         return out
+
+    async def open(self, eid: int, size: int) -> tuple[Key, Record, bytes]:
+        """Where the entry is, its record, and its first ``size`` bytes: one round trip."""
+        k, rec, data = await self._call("open", {"e": eid, "n": size})
+        return tuple(k), Record.unpack(rec), data
 
     async def read(self, eid: int, offset: int, size: int) -> bytes:
         chunks = []
