@@ -206,9 +206,9 @@ class Membership:
         For simulations and benchmarks that start from a converged cluster of thousands of
         peers: converging through the protocol costs O(n^2 log n) messages to simulate.
         """
-        states = {State.ALIVE: State.ALIVE, State.DEAD: State.DEAD, State.LEFT: State.LEFT}
+        states: dict[str, State] = {s: State(s) for s in ("alive", "dead", "left")}
         for info in members:
-            state = states.get(info.state)  # type: ignore[call-overload]
+            state = states.get(info.state)
             if info.name == self.name:
                 # The others know this life already: no need to announce it at start.
                 self._announced |= info.incarnation == self._me.incarnation
