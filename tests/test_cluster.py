@@ -70,8 +70,8 @@ def test_remote_store_read_write_and_failure(cluster) -> None:
         f.flush()
         os.fsync(f.fileno())
     assert (b_local_on_b / "dir" / "synced").read_text() == "durable\n"
-    wait_for(lambda: (b_local_on_b / "dir" / "hello").exists(), what="release reached b")
-    assert (b_local_on_b / "dir" / "hello").read_text() == "from a\n"
+    hello = b_local_on_b / "dir" / "hello"
+    wait_for(lambda: hello.exists() and hello.read_text() == "from a\n", what="release at b")
     assert sorted(os.listdir(b_local_from_a / "dir")) == ["hello", "synced"]
     (b_local_on_b / "dir" / "from-b").write_text("b wrote\n")
     wait_for(lambda: (b_local_from_a / "dir" / "from-b").exists(), timeout=3, what="1 s cache")

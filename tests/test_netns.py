@@ -68,8 +68,9 @@ def test_loss_partition_heal(hosts) -> None:
     # Through host 0's mount, into node 1's store (over the bridge).
     target = mounts[0] / "n1" / "local" / "from-n0"
     target.write_text("across hosts\n")
-    wait_for(lambda: (mounts[1] / "n1" / "local" / "from-n0").exists(), what="write landed")
-    assert (mounts[1] / "n1" / "local" / "from-n0").read_text() == "across hosts\n"
+    landed = mounts[1] / "n1" / "local" / "from-n0"
+    # close() does not wait for release, which carries the bytes to the owner: poll.
+    wait_for(lambda: landed.exists() and landed.read_text() == "across hosts\n", what="landed")
 
     # 10 % loss everywhere (and 20 ms delay where the kernel has netem): nobody dies.
     for i in range(N):

@@ -53,6 +53,22 @@ def resolve_host(host: str) -> str | None:
     return None
 
 
+def _bind_host(target: str) -> str:
+    """Where to listen: the address DNS gives this node (others are told it, and send there),
+    when it is one of this host's; else every address, with a warning."""
+    ip = resolve_host(target)
+    if ip is not None:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((ip, 0))
+                return ip
+            except OSError:
+                pass
+    log.warning("%s (%s) is not an address of this host: listening on all of them", target, ip)
+    return "0.0.0.0"
+
+
 class Peer:
     def __init__(
         self,
@@ -75,7 +91,9 @@ class Peer:
         if node_rec.address is None:
             raise KeyRingError(f"node {node} has no _node._dreki SRV address")
         self.port = node_rec.address.port
-        self.transport = Transport(world.domain, self.keyring, ("0.0.0.0", self.port))
+        self.transport = Transport(
+            world.domain, self.keyring, (_bind_host(node_rec.address.host), self.port)
+        )
         local_stores = {n: s for n, s in stores.items() if n != "global"}
         self.service = StoreService(node, local_stores, self._addr_of_subscriber)
         self.service.register(self.transport)

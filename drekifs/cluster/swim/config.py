@@ -42,7 +42,7 @@ class SwimConfig:
     """Maximum suspicion timeout (no confirmation yet) = this * the minimum."""
     suspicion_confirmations: int = 3
     """Independent confirmations that bring the timeout down to the minimum (0 when the cluster
-    has fewer than this + 2 members: nobody could confirm)."""
+    has fewer than this + 2 members: nobody could confirm; the timeout is then half the maximum)."""
 
     # -- Dissemination ------------------------------------------------------------------------
     retransmit_mult: int = 4

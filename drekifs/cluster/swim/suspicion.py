@@ -37,8 +37,10 @@ class Suspicion:
     def timeout(self, confirmations: int) -> float:
         """The whole timeout (from ``start``) after ``confirmations`` independent ones."""
         if self.k == 0:
-            # Nobody else is expected to confirm (tiny cluster): no reason to wait longer.
-            return self.min_timeout
+            # Nobody else is expected to confirm (a tiny cluster): half the maximum. The
+            # minimum alone is too short for a lossy link to carry the suspicion to the member
+            # and its refutation back (three peers at 10% loss died falsely within seconds).
+            return max(self.min_timeout, self.max_timeout / 2)
         fraction = math.log(confirmations + 1) / math.log(self.k + 1)
         raw = self.max_timeout - fraction * (self.max_timeout - self.min_timeout)
         return max(raw, self.min_timeout)
