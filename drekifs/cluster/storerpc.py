@@ -8,6 +8,7 @@ with the same errno as the same request made on the owner's own mount.
 Methods (args are msgpack maps; ``s`` store name, ``k`` key parts, ``e`` eid)::
 
     store.stat     {s, k}                   -> rec            (ENOENT when absent)
+    store.lookup   {s, k, n}                -> [rec, bytes | None]   (the value if <= n bytes)
     store.locate   {s, e}                   -> [k, rec]
     store.list     {s, k, after, n}         -> [[name, rec], ...], more    (one page)
     store.read     {s, e, o, n}             -> bytes
@@ -45,7 +46,7 @@ from typing import Any
 import trio
 
 from ..stores.base import Key, Store
-from ..stores.record import Record, StoreError
+from ..stores.record import FILE, Record, StoreError
 from .net import Network, PeerAddr, PeerUnreachable, RemoteError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ NOTIFY_EVERY = 0.05
 NOTIFY_MAX_KEYS = 1000  # more changes than that in one batch: the subscriber drops everything
 METHODS = [
     "open",
+    "lookup",
     "stat",
     "locate",
     "list",
@@ -175,6 +177,12 @@ class StoreService:
 
     async def _stat(self, store: Store, src: PeerAddr, a: dict) -> bytes:
         return self._get(store, _key(a["k"])).pack()
+
+    async def _lookup(self, store: Store, src: PeerAddr, a: dict) -> list:
+        rec = self._get(store, _key(a["k"]))
+        small = min(_int(a["n"], "n"), CHUNK)
+        data = store.read(rec.eid) if rec.kind == FILE and rec.size <= small else None
+        return [rec.pack(), data]
 
     async def _locate(self, store: Store, src: PeerAddr, a: dict) -> list:
         eid = _int(a["e"], "e")
@@ -331,6 +339,11 @@ class StoreClient:
 
     async def stat(self, parts: Key) -> Record:
         return Record.unpack(await self._call("stat", {"k": list(parts)}))
+
+    async def lookup(self, parts: Key, small: int) -> tuple[Record, bytes | None]:
+        """stat, and the value with it when it is at most ``small`` bytes."""
+        rec, data = await self._call("lookup", {"k": list(parts), "n": small})
+        return Record.unpack(rec), data
 
     async def locate(self, eid: int) -> tuple[Key, Record]:
         k, rec = await self._call("locate", {"e": eid})

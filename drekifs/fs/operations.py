@@ -642,7 +642,7 @@ class Operations(pyfuse3.Operations):
         if self.remote and (r := self.remote.ref(self.ns, inode)):
             rfh, rhandle = await self.remote.open(r, flags)
             self._handles[rfh] = rhandle
-            return pyfuse3.FileInfo(fh=rfh, keep_cache=False)
+            return pyfuse3.FileInfo(fh=rfh, keep_cache=rhandle.keep_cache)
         node = self._node(inode)
         fh = next(self._next_fh)
         if isinstance(node, StoreNode):

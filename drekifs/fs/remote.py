@@ -5,10 +5,12 @@ below it (:meth:`RemoteStores.ref`). Entries keep the owner's entry ids, with a 
 peer's for the (node, store) pair (``store@node`` in slots.json), so inode numbers are stable
 across remounts here and never collide with local ones.
 
-Nothing is cached for long: the kernel keeps remote entries and attributes for
-``REMOTE_TIMEOUT`` seconds and no page cache across opens; this side remembers what it
-resolved for as long. A file's bytes are buffered while it is written, shared by the handles
-of this mount, and sent to the owner as one new version on fsync and at release, as locally.
+Nothing is cached for long: the kernel keeps remote entries, attributes and pages for
+``REMOTE_TIMEOUT`` seconds, and this side what it resolved, unless the owner says sooner that
+they changed (store.changed). An open within that time asks nothing and reads the kernel's
+pages; a later one asks the owner (stat and the first 128 KiB in one round trip) and drops
+them. A file's bytes are buffered while it is written, shared by the handles of this mount,
+and sent to the owner as one new version on fsync and at release, as locally.
 An owner that is down or does not answer gives EHOSTDOWN within the call timeout.
 """
 
@@ -74,9 +76,11 @@ class RemoteFile:
 class RemoteFileHandle:
     file: RemoteFile
     data: bytes | None = None  # the whole value as the open found it, when small
+    keep_cache: bool = False  # the kernel's pages of it are known current
 
 
 PREFETCH = 128 << 10  # bytes fetched with an open: a small file costs one round trip
+SMALL = 4096  # values this small come with their lookup: ``cat`` of a new key, one round trip
 
 
 @dataclass(slots=True)
@@ -105,6 +109,9 @@ class RemoteStores:
             if "@" in name
         }
         self._seen: dict[int, tuple[float, Key, Record]] = {}
+        # Small values that came with a lookup, for the open and read that usually follow;
+        # as current as the entry in _seen beside them, and forgotten with it.
+        self._small: dict[int, bytes] = {}
         # (node, store, key) -> the inodes it has here (one per path of the node)
         self._inos: dict[tuple[str, str, Key], set[int]] = {}
         # Set by Operations: where invalidations go, and a store root's inodes.
@@ -150,11 +157,17 @@ class RemoteStores:
     def _remember(self, ino: int, parts: Key, rec: Record) -> None:
         if len(self._seen) > 50_000:
             self._seen.clear()
+            self._small.clear()
             self._inos.clear()
         self._seen[ino] = (trio.current_time() + REMOTE_TIMEOUT, parts, rec)
+        self._small.pop(ino, None)
         pair = self.by_slot.get(inodes.unpack(ino).slot)
         if pair is not None:
             self._inos.setdefault((*pair, parts), set()).add(ino)
+
+    def _forget(self, ino: int) -> None:
+        self._seen.pop(ino, None)
+        self._small.pop(ino, None)
 
     def changed(self, node: str, store: str, keys: list[Key]) -> None:
         """The owner says these keys changed: forget them here and in the kernel (queued
@@ -167,21 +180,21 @@ class RemoteStores:
             for (n, s, _), inos in list(self._inos.items()):
                 if (n, s) == (node, store):
                     for ino in inos:
-                        self._seen.pop(ino, None)
+                        self._forget(ino)
                         inv.inode(ino)
             for root in self.roots_of(node, store):
                 inv.inode(root)
             return
         for parts in keys:
             for ino in self._inos.pop((node, store, parts), ()):
-                self._seen.pop(ino, None)
+                self._forget(ino)
                 inv.inode(ino)
             parent = parts[:-1]
             parents = (
                 self.roots_of(node, store) if not parent else self._inos.get((node, store, parent))
             )
             for p in parents or ():
-                self._seen.pop(p, None)
+                self._forget(p)
                 inv.entry(p, parts[-1])
                 inv.inode(p)
 
@@ -241,7 +254,11 @@ class RemoteStores:
 
     async def lookup(self, parent: RemoteRef, name: bytes) -> pyfuse3.EntryAttributes:
         parts = (*await self._dir(parent), name)
-        return self._entry(parent, parts, await parent.client.stat(parts))
+        rec, data = await parent.client.lookup(parts, SMALL)
+        attr = self._entry(parent, parts, rec)
+        if data is not None and len(data) == rec.size:
+            self._small[attr.st_ino] = data
+        return attr
 
     async def getattr(self, ref: RemoteRef) -> pyfuse3.EntryAttributes:
         _, rec = await self.resolve(ref)
@@ -355,8 +372,25 @@ class RemoteStores:
         return f
 
     async def open(self, ref: RemoteRef, flags: int) -> tuple[int, RemoteFileHandle]:
+        if ref.root is None:
+            f = self._files.get(_file_key(ref.client, ref.ino & inodes.EID_MASK))
+            if f is not None:
+                # Open here already, its bytes maybe still on their way to the owner: they are
+                # the truth on this mount (an answer of the owner could predate them).
+                f.handles += 1
+                if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+                    f.buffer = bytearray()
+                    f.changed()
+                return next(self._fh), RemoteFileHandle(f)
         data: bytes | None = None
-        if ref.root is None and flags & os.O_ACCMODE == os.O_RDONLY:
+        seen = self._seen.get(ref.ino)
+        keep = seen is not None and seen[0] > trio.current_time()
+        if keep:
+            # Known current (learned < 1 s ago, and the owner would have said otherwise): the
+            # kernel's pages of it are good too; a change would have invalidated them.
+            _, parts, rec = seen  # type: ignore[misc]
+            data = self._small.get(ref.ino)
+        elif ref.root is None and flags & os.O_ACCMODE == os.O_RDONLY:
             # Close-to-open, as NFS: a reader sees the value as it was when it opened.
             parts, rec, data = await ref.client.open(ref.ino & inodes.EID_MASK, PREFETCH)
             self._remember(ref.ino, parts, rec)
@@ -372,7 +406,7 @@ class RemoteStores:
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             f.buffer = bytearray()
             f.changed()
-        return next(self._fh), RemoteFileHandle(f, data)
+        return next(self._fh), RemoteFileHandle(f, data, keep)
 
     async def _load(self, f: RemoteFile) -> bytearray:
         if f.buffer is None:
