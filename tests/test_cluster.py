@@ -101,6 +101,14 @@ def test_remote_store_read_write_and_failure(cluster) -> None:
     assert info.value.errno == errno.EXDEV
     os.unlink(b_local_from_a / "dir" / "moved")
     assert not (b_local_on_b / "dir" / "moved").exists()
+    # A large value goes in parts (store.stage) and comes back in parts.
+    big = os.urandom(3 << 20)
+    with open(b_local_from_a / "big", "wb") as f:
+        f.write(big)
+        os.fsync(f.fileno())
+    assert (b_local_on_b / "big").read_bytes() == big
+    assert (b_local_from_a / "big").read_bytes() == big
+    assert os.stat(b_local_from_a / "big").st_size == len(big)
     urn = os.getxattr(b_local_from_a / "dir" / "synced", "user.dreki.urn").decode()
     assert urn == "w.test:dc:b::local::dir/synced"
 
@@ -131,13 +139,19 @@ def test_remote_store_read_write_and_failure(cluster) -> None:
 def test_foreign_keyring_and_junk(cluster, tmp_path, mount_world) -> None:
     mounts, ports, _, zone_path = cluster
     a = mounts["a"].path
-    # A peer of the same world with another key ring: never alive, never served.
+    # A graceful leave: "left", not "dead".
     mounts["c"].umount()
+    wait_for(lambda: members(a)["c"] == "left", timeout=5, what="c left")
+    # A peer of the same world with another key ring: never alive, never served.
     other = tmp_path / "other-ring"
     drekifs("keygen", other)
-    mount_world("--zone", zone_path, "--node", "c", "--keyring", other, name="mc2")
+    c2 = mount_world("--zone", zone_path, "--node", "c", "--keyring", other, name="mc2")
     time.sleep(4)
     assert members(a)["c"] != "alive"
+    assert members(c2.path)["a"] != "alive"
+    with pytest.raises(OSError) as info:
+        os.listdir(c2.path / "dc" / "a" / "local")
+    assert info.value.errno == errno.EHOSTDOWN
 
     # Junk at A's ports: it keeps serving, and says what it dropped.
     rng = os.urandom
