@@ -178,7 +178,7 @@ class Daemon:
         self.control_path = control_socket_path(config.data_dir)
         self.peer = None  # cluster.peer.Peer, with a key ring
         self.peer_error = False
-        self._stores_seen: dict[str, tuple[str, ...]] = {}
+        self._stores_seen: dict[str, tuple[str, ...]] = {}  # other nodes' stores, as announced
 
     async def run(self, ready: Callable[[], None]) -> None:
         import pyfuse3
@@ -282,8 +282,8 @@ class Daemon:
         membership metadata says (global and local until it is heard of)."""
         if node == self.node:
             return ("global", "local", *self.config.stores)
-        theirs = self.peer.stores_of(node) if self.peer is not None else None
-        return ("global", *sorted(set(theirs or ()) | {"local"}))
+        theirs = self._stores_seen.get(node, ())
+        return ("global", *sorted(set(theirs) | {"local"}))
 
     def _make_peer(self, world: World):
         config = self.config
@@ -311,16 +311,15 @@ class Daemon:
         except KeyRingError as e:
             raise MountError(str(e)) from None
 
-    def _members_changed(self) -> None:
-        """Another node's stores may have changed: its directory must show them."""
-        if self.ops is None or self.peer is None:
+    def _members_changed(self, node: str, stores: tuple[str, ...] | None) -> None:
+        """A member changed: when its stores did, its directory must show them. (Called for
+        every change of state, from the membership's handlers: only compare, cheaply.)"""
+        if self.ops is None or self.peer is None or node == self.node:
             return
-        seen = {n: self._node_stores(n) for n in self.watcher.world.nodes if n != self.node}
-        if seen != self._stores_seen:
-            self._stores_seen = seen
-            self._rebuild_namespace(("members", "members.json"))
-        else:
-            self.ops.set_namespace(self.ops.ns, changed_status=("members", "members.json"))
+        if stores is not None and self._stores_seen.get(node) != stores:
+            self._stores_seen[node] = stores
+            if node in self.watcher.world.nodes:
+                self._rebuild_namespace(())
 
     def _pick_node(self, world: World) -> str | None:
         if self.config.node is None:
@@ -410,8 +409,11 @@ class Daemon:
             self.peer_error = True
 
     async def _leave(self) -> None:
-        """Tell the other peers this one leaves (bounded), before everything stops."""
+        """Send what other nodes' files still buffer, and tell the other peers this one
+        leaves (both bounded), before everything stops."""
         if self.peer is not None:
+            if self.ops is not None and self.ops.remote is not None:
+                await self.ops.remote.commit_all()
             await self.peer.leave()
 
     async def _on_signals(self, nursery) -> None:

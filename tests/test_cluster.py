@@ -101,6 +101,17 @@ def test_remote_store_read_write_and_failure(cluster) -> None:
     assert info.value.errno == errno.EXDEV
     os.unlink(b_local_from_a / "dir" / "moved")
     assert not (b_local_on_b / "dir" / "moved").exists()
+    # Renamed while open, then written: the bytes follow the entry (the owner finds it by id).
+    with open(b_local_from_a / "dir" / "tomove", "w") as f:
+        f.write("before")
+        f.flush()
+        os.rename(b_local_from_a / "dir" / "tomove", b_local_from_a / "dir" / "moved2")
+        f.write(" after")
+    moved2 = b_local_on_b / "dir" / "moved2"
+    wait_for(lambda: moved2.exists() and moved2.read_text() == "before after", what="by id")
+    os.chmod(b_local_from_a / "dir" / "moved2", 0o600)
+    wait_for(lambda: moved2.stat().st_mode & 0o777 == 0o600, timeout=3, what="chmod by id")
+
     # A large value goes in parts (store.stage) and comes back in parts.
     big = os.urandom(3 << 20)
     with open(b_local_from_a / "big", "wb") as f:

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from ..stores.base import Store
+from ..urn import is_valid_store_name
 from ..world.model import World
 from .keyring import KeyRing, KeyRingError
 from .net import PeerAddr, RemoteError
@@ -79,7 +80,7 @@ class Peer:
         *,
         save_incarnation: Callable[[int], None],
         incarnation: int,
-        on_members_changed: Callable[[], None] = lambda: None,
+        on_members_changed: Callable[[str, tuple[str, ...] | None], None] = lambda n, s: None,
         version: str = "",
     ) -> None:
         self.world = world
@@ -109,7 +110,9 @@ class Peer:
             meta=meta,
             save_incarnation=save_incarnation,
         )
-        self.membership.watchers.append(lambda info: on_members_changed())
+        self.membership.watchers.append(
+            lambda info: on_members_changed(info.name, _stores_in(info.meta))
+        )
         self._addrs: dict[str, PeerAddr] = {}
         self._world_moved = trio.Event()
         self._clients: dict[tuple[str, str], StoreClient] = {}
@@ -215,15 +218,6 @@ class Peer:
         ]
         self.on_remote_change(owner, store, good)
 
-    def stores_of(self, node: str) -> tuple[str, ...] | None:
-        """A node's local stores, as its membership metadata says (None: not heard of)."""
-        for m in self.membership.members():
-            if m.name == node and isinstance(m.meta, dict):
-                names = m.meta.get("stores")
-                if isinstance(names, list) and all(isinstance(n, str) for n in names):
-                    return tuple(names)
-        return None
-
     # -- status ----------------------------------------------------------------------------
 
     def member_rows(self) -> list[dict[str, Any]]:
@@ -261,6 +255,15 @@ class Peer:
         counters = dict(self.transport.counters)
         counters.update((f"swim.{k}", v) for k, v in self.membership.counters.items())
         return "".join(f"{k} {v}\n" for k, v in sorted(counters.items()))
+
+
+def _stores_in(meta: Any) -> tuple[str, ...] | None:
+    """The local stores a member announces, valid names only (None: it says nothing)."""
+    names = meta.get("stores") if isinstance(meta, dict) else None
+    if not isinstance(names, list):
+        return None
+    good = {n for n in names if isinstance(n, str) and is_valid_store_name(n) and n != "global"}
+    return tuple(sorted(good))
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -46,7 +46,7 @@ from typing import Any
 import trio
 
 from ..stores.base import Key, Store
-from ..stores.record import FILE, Record, StoreError
+from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from .net import Network, PeerAddr, PeerUnreachable, RemoteError
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ class StoreService:
         async def handler(src: PeerAddr, args: Any) -> Any:
             if not isinstance(args, dict):
                 raise RemoteError(errno.EINVAL, "arguments must be a map")
-            store = self.stores.get(args.get("s"))  # type: ignore[arg-type]
+            name = args.get("s")
+            store = self.stores.get(name) if isinstance(name, str) else None
             if store is None or store.name == "global":
                 raise RemoteError(errno.ENOENT, f"no local store {args.get('s')!r} here")
             caller = args.get("from")
@@ -168,6 +169,17 @@ class StoreService:
                 raise RemoteError(errno.EINVAL, f"bad arguments: {e}") from None
 
         return handler
+
+    def _where(self, store: Store, a: dict) -> Key:
+        """The entry a change is about: by its eid when given (it may have been renamed since
+        the caller learned its path), else by its key."""
+        if "e" not in a:
+            return _key(a["k"])
+        eid = _int(a["e"], "e")
+        where = store.locate(eid)
+        if where is None or where[0] != self.node:
+            raise RemoteError(errno.ESTALE, f"{store.name}: entry {eid} is gone")
+        return where[1]
 
     def _get(self, store: Store, parts: Key) -> Record:
         rec = store.get(self.node, parts)
@@ -215,14 +227,19 @@ class StoreService:
         return store.read(_int(a["e"], "e"), _int(a["o"], "o"), size)
 
     async def _create(self, store: Store, src: PeerAddr, a: dict) -> bytes:
+        kind, target = _int(a["kind"], "kind"), a.get("target") or b""
+        if kind not in (FILE, DIR, SYMLINK):
+            raise RemoteError(errno.EINVAL, f"kind {kind} is not a file, directory or symlink")
+        if not isinstance(target, bytes) or len(target) > 4096:
+            raise RemoteError(errno.EINVAL, "target must be at most 4096 bytes")
         rec = store.create(
             self.node,
             _key(a["k"]),
-            _int(a["kind"], "kind"),
+            kind,
             _int(a["perm"], "perm") & 0o7777,
-            _int(a["uid"], "uid"),
-            _int(a["gid"], "gid"),
-            bytes(a.get("target") or b""),
+            _id(a["uid"], "uid"),
+            _id(a["gid"], "gid"),
+            target,
             ORIGIN,
         )
         return rec.pack()
@@ -257,11 +274,12 @@ class StoreService:
             if not isinstance(value, bytes):
                 raise RemoteError(errno.EINVAL, "v must be bytes")
         fields = _fields(a.get("f") or {})
-        rec = store.write_value(self.node, _key(a["k"]), _int(a["e"], "e"), value, ORIGIN, **fields)
+        parts = self._where(store, a)
+        rec = store.write_value(self.node, parts, _int(a["e"], "e"), value, ORIGIN, **fields)
         return rec.pack() if rec is not None else None
 
     async def _update(self, store: Store, src: PeerAddr, a: dict) -> bytes:
-        return store.update(self.node, _key(a["k"]), ORIGIN, **_fields(a["f"])).pack()
+        return store.update(self.node, self._where(store, a), ORIGIN, **_fields(a["f"])).pack()
 
     async def _remove(self, store: Store, src: PeerAddr, a: dict) -> None:
         store.remove(self.node, _key(a["k"]), is_dir=bool(a["dir"]), origin=ORIGIN)
@@ -272,15 +290,14 @@ class StoreService:
         )
 
     async def _setxattr(self, store: Store, src: PeerAddr, a: dict) -> bytes:
-        name, value = a["name"], a["value"]
-        if not isinstance(name, bytes) or not isinstance(value, bytes):
-            raise RemoteError(errno.EINVAL, "name and value must be bytes")
-        return store.set_xattr(self.node, _key(a["k"]), name, value, origin=ORIGIN).pack()
+        name, value = _xattr_name(a["name"]), a["value"]
+        if not isinstance(value, bytes):
+            raise RemoteError(errno.EINVAL, "value must be bytes")
+        return store.set_xattr(self.node, self._where(store, a), name, value, origin=ORIGIN).pack()
 
     async def _rmxattr(self, store: Store, src: PeerAddr, a: dict) -> bytes:
-        if not isinstance(a["name"], bytes):
-            raise RemoteError(errno.EINVAL, "name must be bytes")
-        return store.remove_xattr(self.node, _key(a["k"]), a["name"], origin=ORIGIN).pack()
+        name = _xattr_name(a["name"])
+        return store.remove_xattr(self.node, self._where(store, a), name, origin=ORIGIN).pack()
 
     async def _sync(self, store: Store, src: PeerAddr, a: dict) -> None:
         await store.sync()
@@ -294,7 +311,64 @@ async def _notify(net: Network, addr: PeerAddr, args: dict) -> None:
 def _fields(f: Any) -> dict[str, int]:
     if not isinstance(f, dict) or not set(f) <= SETTABLE:
         raise RemoteError(errno.EINVAL, f"settable fields are {sorted(SETTABLE)}")
-    return {k: _int(v, k) for k, v in f.items()}
+    out = {k: _int(v, k) for k, v in f.items()}
+    for k in ("uid", "gid"):
+        if k in out:
+            out[k] = _id(out[k], k)
+    if "perm" in out:
+        out["perm"] &= 0o7777
+    for k in ("mtime_ns", "atime_ns", "ctime_ns"):
+        if out.get(k, 0) >= 1 << 63:
+            raise RemoteError(errno.EINVAL, f"{k} out of range")
+    return out
+
+
+def _id(v: Any, what: str) -> int:
+    v = _int(v, what)
+    if v >= 1 << 32:
+        raise RemoteError(errno.EINVAL, f"{what} out of range")
+    return v
+
+
+def _xattr_name(name: Any) -> bytes:
+    if not isinstance(name, bytes) or not name.startswith(b"user.") or len(name) > 255:
+        raise RemoteError(errno.EINVAL, "an xattr name is user.* bytes, at most 255")
+    if name.startswith(b"user.dreki."):
+        raise RemoteError(errno.EPERM, "user.dreki.* are computed, not stored")
+    return name
+
+
+def _record(raw: Any) -> Record:
+    """A record an owner sent, checked: a malformed one must never reach the kernel."""
+    try:
+        rec = Record.unpack(raw)
+    except Exception:
+        raise StoreError(errno.EIO, "the owner sent a malformed record") from None
+    ints = (rec.kind, rec.eid, rec.perm, rec.uid, rec.gid, rec.mtime_ns, rec.ctime_ns, rec.size)
+    if (
+        rec.kind not in (FILE, DIR, SYMLINK)
+        or not all(type(i) is int and 0 <= i < 1 << 63 for i in ints)
+        or type(rec.atime_ns) is not int
+        or type(rec.subdirs) is not int
+        or not isinstance(rec.target, bytes)
+        or not isinstance(rec.xattrs, dict)
+        or not all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in rec.xattrs.items())
+    ):
+        raise StoreError(errno.EIO, "the owner sent a malformed record")
+    return rec
+
+
+def _parts(v: Any) -> Key:
+    try:
+        return _key(v)
+    except RemoteError:
+        raise StoreError(errno.EIO, "the owner sent a malformed key") from None
+
+
+def _bytes(v: Any) -> bytes:
+    if not isinstance(v, bytes):
+        raise StoreError(errno.EIO, "the owner sent a malformed value")
+    return v
 
 
 # -- the client ----------------------------------------------------------------------------------
@@ -336,25 +410,27 @@ class StoreClient:
             raise StoreError(e.code or errno.EIO, f"{self.node}: {e}") from None
         except PeerUnreachable as e:
             raise StoreError(errno.EHOSTDOWN, f"{self.node} does not answer ({e})") from None
+        except RuntimeError as e:  # the transport is not serving (yet, or any more)
+            raise StoreError(errno.EHOSTDOWN, f"{self.node}: {e}") from None
 
     async def stat(self, parts: Key) -> Record:
-        return Record.unpack(await self._call("stat", {"k": list(parts)}))
+        return _record(await self._call("stat", {"k": list(parts)}))
 
     async def lookup(self, parts: Key, small: int) -> tuple[Record, bytes | None]:
         """stat, and the value with it when it is at most ``small`` bytes."""
         rec, data = await self._call("lookup", {"k": list(parts), "n": small})
-        return Record.unpack(rec), data
+        return _record(rec), None if data is None else _bytes(data)
 
     async def locate(self, eid: int) -> tuple[Key, Record]:
         k, rec = await self._call("locate", {"e": eid})
-        return tuple(k), Record.unpack(rec)
+        return _parts(k), _record(rec)
 
     async def children(self, parts: Key) -> list[tuple[bytes, Record]]:
         out: list[tuple[bytes, Record]] = []
         after = b""
         for _ in range(1 << 20):  # bounded: a page is PAGE entries
             items, more = await self._call("list", {"k": list(parts), "after": after, "n": PAGE})
-            out.extend((name, Record.unpack(rec)) for name, rec in items)
+            out.extend((_bytes(name), _record(rec)) for name, rec in items)
             if not more or not items:
                 break
             after = items[-1][0]
@@ -363,12 +439,12 @@ class StoreClient:
     async def open(self, eid: int, size: int) -> tuple[Key, Record, bytes]:
         """Where the entry is, its record, and its first ``size`` bytes: one round trip."""
         k, rec, data = await self._call("open", {"e": eid, "n": size})
-        return tuple(k), Record.unpack(rec), data
+        return _parts(k), _record(rec), _bytes(data)
 
     async def read(self, eid: int, offset: int, size: int) -> bytes:
         chunks = []
         while size > 0:
-            data = await self._call("read", {"e": eid, "o": offset, "n": min(size, CHUNK)})
+            data = _bytes(await self._call("read", {"e": eid, "o": offset, "n": min(size, CHUNK)}))
             chunks.append(data)
             if len(data) < min(size, CHUNK):
                 break
@@ -382,7 +458,7 @@ class StoreClient:
         args = {"k": list(parts), "kind": kind, "perm": perm, "uid": uid, "gid": gid}
         if target:
             args["target"] = target
-        return Record.unpack(await self._call("create", args))
+        return _record(await self._call("create", args))
 
     async def put(self, parts: Key, eid: int, value: bytes, **fields: int) -> Record | None:
         args: dict[str, Any] = {"k": list(parts), "e": eid, "f": fields}
@@ -395,10 +471,13 @@ class StoreClient:
                 await self._call("stage", {"id": sid, "o": off, "data": value[off : off + CHUNK]})
             args["stage"] = sid
         raw = await self._call("put", args)
-        return Record.unpack(raw) if raw is not None else None
+        return _record(raw) if raw is not None else None
 
-    async def update(self, parts: Key, **fields: int) -> Record:
-        return Record.unpack(await self._call("update", {"k": list(parts), "f": fields}))
+    async def update(self, parts: Key, eid: int | None = None, **fields: int) -> Record:
+        args: dict[str, Any] = {"k": list(parts), "f": fields}
+        if eid is not None:
+            args["e"] = eid  # the owner finds it by id: it may have moved since
+        return _record(await self._call("update", args))
 
     async def remove(self, parts: Key, *, is_dir: bool) -> None:
         await self._call("remove", {"k": list(parts), "dir": is_dir})
@@ -406,12 +485,13 @@ class StoreClient:
     async def rename(self, src: Key, dst: Key, *, noreplace: bool) -> None:
         await self._call("rename", {"src": list(src), "dst": list(dst), "noreplace": noreplace})
 
-    async def set_xattr(self, parts: Key, name: bytes, value: bytes) -> Record:
-        args = {"k": list(parts), "name": name, "value": value}
-        return Record.unpack(await self._call("setxattr", args))
+    async def set_xattr(self, parts: Key, eid: int, name: bytes, value: bytes) -> Record:
+        args = {"k": list(parts), "e": eid, "name": name, "value": value}
+        return _record(await self._call("setxattr", args))
 
-    async def remove_xattr(self, parts: Key, name: bytes) -> Record:
-        return Record.unpack(await self._call("rmxattr", {"k": list(parts), "name": name}))
+    async def remove_xattr(self, parts: Key, eid: int, name: bytes) -> Record:
+        args = {"k": list(parts), "e": eid, "name": name}
+        return _record(await self._call("rmxattr", args))
 
     async def sync(self) -> None:
         await self._call("sync", {})

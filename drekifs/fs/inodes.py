@@ -75,9 +75,10 @@ class StoreSlots:
 
     def slot(self, name: str) -> int:
         if name not in self.slots:
-            self.slots[name] = max(self.slots.values()) + 1
-            if self.slots[name] > SLOT_MASK:
-                raise ValueError("too many stores")
+            slot = max(self.slots.values()) + 1
+            if slot > SLOT_MASK:
+                raise ValueError(f"too many stores ({SLOT_MASK}) for inode numbers")
+            self.slots[name] = slot
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_suffix(".tmp")

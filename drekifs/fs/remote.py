@@ -16,8 +16,10 @@ An owner that is down or does not answer gives EHOSTDOWN within the call timeout
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
+import logging
 import os
 import stat
 import time
@@ -32,10 +34,12 @@ from pyfuse3 import FUSEError
 
 from ..cluster.storerpc import StoreClient
 from ..stores.base import Key
-from ..stores.record import FILE, SYMLINK, Record
+from ..stores.record import FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes
 from .namespace import Entry, Kind, Namespace
+
+log = logging.getLogger(__name__)
 
 REMOTE_TIMEOUT = 1.0  # seconds the kernel and this side keep what an owner said
 
@@ -66,6 +70,9 @@ class RemoteFile:
     dirty: bool = False  # changed since the owner last acknowledged it
     mtime_ns: int = 0
     changes: int = 0  # writes so far: a commit clears ``dirty`` only if none came meanwhile
+    # One load or commit at a time: the owner may serve two requests of one connection in
+    # either order, and an older buffer must never land last.
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
     def changed(self) -> None:
         self.dirty, self.mtime_ns = True, time.time_ns()
@@ -155,6 +162,9 @@ class RemoteStores:
         return inodes.pack(ref.alias, self._slot(ref.client), eid)
 
     def _remember(self, ino: int, parts: Key, rec: Record) -> None:
+        known = self._seen.get(ino)
+        if known is not None and known[2].ctime_ns > rec.ctime_ns and known[2].eid == rec.eid:
+            return  # an answer older than what is known (replies may cross)
         if len(self._seen) > 50_000:
             self._seen.clear()
             self._small.clear()
@@ -174,6 +184,9 @@ class RemoteStores:
         invalidations: this runs in a request handler of the transport, not of FUSE).
         No keys: too many changed, forget everything of that store."""
         inv = self.invalidator
+        for f in self._files.values():
+            if (f.client.node, f.client.name) == (node, store) and not f.dirty:
+                f.buffer = None  # changed there: read it again
         if inv is None:
             return
         if not keys:
@@ -301,7 +314,7 @@ class RemoteStores:
             f = self._files.get(_file_key(client, rec.eid))
             if f is not None and f.dirty:
                 await self._commit(f)  # bytes first: the explicit times must win
-            rec = await client.update(parts, **changes)
+            rec = await client.update(parts, rec.eid, **changes)
         self._remember(ref.ino, parts, rec)
         return await self.getattr(ref)
 
@@ -328,7 +341,16 @@ class RemoteStores:
 
     async def remove(self, parent: RemoteRef, name: bytes, is_dir: bool) -> None:
         parts = (*await self._dir(parent), name)
+        if not is_dir:
+            await self._keep_open_content(parent.client, parts)
         await parent.client.remove(parts, is_dir=is_dir)
+
+    async def _keep_open_content(self, client: StoreClient, parts: Key) -> None:
+        """An entry about to go: handles open on it here keep reading what it held."""
+        for f in list(self._files.values()):
+            if f.client is client and f.parts == parts:
+                with contextlib.suppress(StoreError, FUSEError):
+                    await self._load(f)
 
     async def rename(
         self, old: RemoteRef, name_old: bytes, new: RemoteRef, name_new: bytes, noreplace: bool
@@ -337,7 +359,15 @@ class RemoteStores:
             raise FUSEError(errno.EXDEV)
         src = (*await self._dir(old), name_old)
         dst = (*await self._dir(new), name_new)
+        await self._keep_open_content(old.client, dst)
         await old.client.rename(src, dst, noreplace=noreplace)
+        # Paths below src moved: what is remembered by path is wrong now (1 s of it at most).
+        self._seen.clear()
+        self._small.clear()
+        self._inos.clear()
+        for f in self._files.values():
+            if f.client is old.client and f.parts[: len(src)] == src:
+                f.parts = dst + f.parts[len(src) :]
 
     async def opendir(self, ref: RemoteRef) -> tuple[int, RemoteDirHandle]:
         parts = await self._dir(ref)
@@ -409,6 +439,12 @@ class RemoteStores:
         return next(self._fh), RemoteFileHandle(f, data, keep)
 
     async def _load(self, f: RemoteFile) -> bytearray:
+        if f.buffer is not None:
+            return f.buffer
+        async with f.lock:
+            return await self._load_locked(f)
+
+    async def _load_locked(self, f: RemoteFile) -> bytearray:
         if f.buffer is None:
             parts, rec = f.parts, await f.client.stat(f.parts)
             if rec.eid != f.eid:
@@ -439,14 +475,28 @@ class RemoteStores:
     async def _commit(self, f: RemoteFile) -> None:
         """Send the bytes; ``dirty`` (and so the size getattr reports from the buffer) stays
         until the owner has them, and stays if another write came meanwhile."""
-        if not f.dirty:
-            return
-        upto = f.changes
-        rec = await f.client.put(f.parts, f.eid, bytes(f.buffer or b""), mtime_ns=f.mtime_ns)
-        if rec is not None:
-            self._remember(f.ino, f.parts, rec)
-        if f.changes == upto:
-            f.dirty = False
+        async with f.lock:
+            if not f.dirty:
+                return
+            upto = f.changes
+            value = bytes(f.buffer or b"")
+            rec = await f.client.put(f.parts, f.eid, value, mtime_ns=f.mtime_ns)
+            if rec is not None:
+                self._remember(f.ino, f.parts, rec)
+            if f.changes == upto:
+                # The owner has it all: later opens read from there again, so a change made
+                # elsewhere meanwhile is seen (and a later write starts from it).
+                f.dirty = False
+                f.buffer = None
+
+    async def commit_all(self) -> None:
+        """At unmount: send what is still buffered, each owner bounded by the call timeout."""
+        for f in list(self._files.values()):
+            try:
+                await self._commit(f)
+            except (StoreError, FUSEError) as e:
+                log.error("%s@%s entry %d: %d bytes not sent: %s", f.client.name,
+                          f.client.node, f.eid, len(f.buffer or b""), e)  # fmt: skip
 
     async def fsync(self, h: RemoteFileHandle) -> None:
         await self._commit(h.file)
@@ -484,12 +534,12 @@ class RemoteStores:
         return sorted(rec.xattrs)
 
     async def setxattr(self, ref: RemoteRef, name: bytes, value: bytes) -> None:
-        parts, _ = await self.resolve(ref)
-        self._remember(ref.ino, parts, await ref.client.set_xattr(parts, name, value))
+        parts, rec = await self.resolve(ref)
+        self._remember(ref.ino, parts, await ref.client.set_xattr(parts, rec.eid, name, value))
 
     async def removexattr(self, ref: RemoteRef, name: bytes) -> None:
-        parts, _ = await self.resolve(ref)
-        self._remember(ref.ino, parts, await ref.client.remove_xattr(parts, name))
+        parts, rec = await self.resolve(ref)
+        self._remember(ref.ino, parts, await ref.client.remove_xattr(parts, rec.eid, name))
 
 
 def _file_key(client: StoreClient, eid: int) -> tuple[str, str, int]:
