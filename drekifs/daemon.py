@@ -316,8 +316,11 @@ class Daemon:
         every change of state, from the membership's handlers: only compare, cheaply.)"""
         if self.ops is None or self.peer is None or node == self.node:
             return
-        if stores is not None and self._stores_seen.get(node) != stores:
-            self._stores_seen[node] = stores
+        if stores is None:
+            return
+        shown = tuple(sorted(set(stores) - {"local"}))  # local is always shown
+        if self._stores_seen.get(node, ()) != shown:
+            self._stores_seen[node] = shown
             if node in self.watcher.world.nodes:
                 self._rebuild_namespace(())
 
