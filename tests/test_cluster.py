@@ -44,8 +44,12 @@ def cluster(tmp_path, zone_file, mount_world):
     path = zone_file(zone)
     ring = tmp_path / "ring"
     drekifs("keygen", ring)
+    extra = {"b": ("--store", "extra")}  # b has one more store: its metadata tells the others
     mounts = {
-        n: mount_world("--zone", path, "--node", n, "--keyring", ring, name=f"m{n}") for n in NODES
+        n: mount_world(
+            "--zone", path, "--node", n, "--keyring", ring, *extra.get(n, ()), name=f"m{n}"
+        )
+        for n in NODES
     }
     for n in NODES:
         wait_for(
@@ -61,6 +65,12 @@ def test_remote_store_read_write_and_failure(cluster) -> None:
     a, b = mounts["a"].path, mounts["b"].path
     b_local_from_a = a / "dc" / "b" / "local"
     b_local_on_b = b / "dc" / "b" / "local"
+
+    # B's stores, as its membership metadata announces them, under its directory everywhere.
+    wait_for(lambda: "extra" in os.listdir(a / "dc" / "b"), timeout=5, what="b's extra store")
+    assert sorted(os.listdir(a / "dc" / "b")) == ["extra", "global", "local"]
+    (a / "dc" / "b" / "extra" / "e").write_text("in extra\n")
+    wait_for(lambda: (b / "dc" / "b" / "extra" / "e").exists(), what="extra written")
 
     # A writes into B's store; B sees it in its own store, and A reads it back.
     (b_local_from_a / "dir").mkdir()
