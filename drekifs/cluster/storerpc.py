@@ -56,6 +56,8 @@ CHUNK = 1 << 20  # bytes per stage call: well under the transport's frame limit
 STAGE_TTL = 60.0
 SUBSCRIPTION = 30.0
 NOTIFY_EVERY = 0.05
+MAX_SUBSCRIBERS = 10_000
+SYNC_TIMEOUT = 15.0
 NOTIFY_MAX_KEYS = 1000  # more changes than that in one batch: the subscriber drops everything
 METHODS = [
     "open",
@@ -122,6 +124,13 @@ class StoreService:
         for name in METHODS:
             net.register(f"store.{name}", self._wrap(getattr(self, f"_{name}")))
 
+    def _subscribe(self, caller: str, store: str) -> None:
+        now = trio.current_time()
+        if len(self._subscribers) >= MAX_SUBSCRIBERS:
+            self._subscribers = {k: t for k, t in self._subscribers.items() if t > now}
+        if len(self._subscribers) < MAX_SUBSCRIBERS:
+            self._subscribers[(caller, store)] = now + SUBSCRIPTION
+
     def _store_changed(self, store: str, loc: str, parts: Key, origin: object) -> None:
         if loc != self.node or not parts:
             return
@@ -159,8 +168,8 @@ class StoreService:
             if store is None or store.name == "global":
                 raise RemoteError(errno.ENOENT, f"no local store {args.get('s')!r} here")
             caller = args.get("from")
-            if isinstance(caller, str) and caller != self.node and len(self._subscribers) < 10_000:
-                self._subscribers[(caller, store.name)] = trio.current_time() + SUBSCRIPTION
+            if isinstance(caller, str) and caller != self.node:
+                self._subscribe(caller, store.name)
             try:
                 return await fn(store, src, args)
             except StoreError as e:
@@ -397,7 +406,7 @@ class StoreClient:
         self.timeout = timeout
         self._next_stage = int.from_bytes(os.urandom(4), "big")
 
-    async def _call(self, method: str, args: dict) -> Any:
+    async def _call(self, method: str, args: dict, timeout: float | None = None) -> Any:
         addr = self.address()
         if addr is None:
             raise StoreError(errno.EHOSTDOWN, f"{self.node} is down")
@@ -405,7 +414,9 @@ class StoreClient:
         if self.me is not None:
             args["from"] = self.me
         try:
-            return await self.net.call(addr, f"store.{method}", args, timeout=self.timeout)
+            return await self.net.call(
+                addr, f"store.{method}", args, timeout=timeout or self.timeout
+            )
         except RemoteError as e:
             raise StoreError(e.code or errno.EIO, f"{self.node}: {e}") from None
         except PeerUnreachable as e:
@@ -494,4 +505,5 @@ class StoreClient:
         return _record(await self._call("rmxattr", args))
 
     async def sync(self) -> None:
-        await self._call("sync", {})
+        # An fsync on a busy disk takes its time: a slow answer is not a dead owner.
+        await self._call("sync", {}, timeout=SYNC_TIMEOUT)
