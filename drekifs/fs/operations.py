@@ -235,8 +235,20 @@ class Operations(pyfuse3.Operations):
         """What an inode is now; ENOENT when it is gone."""
         if inodes.is_store_inode(ino):
             cached = self._nodes.get(ino)
-            if cached is not None and cached[1] == cached[0].store.changes:
-                return cached[0]
+            if cached is not None:
+                node, seen = cached
+                store = node.store
+                if seen == store.changes:
+                    return node
+                # The store changed since: still there, under the same path? (An entry id is
+                # never reused, so the same id at the same path is the same entry.)
+                rec = store.get(node.loc, node.parts)
+                if rec is not None and rec.eid == node.rec.eid:
+                    node = StoreNode(
+                        ino, store, node.loc, node.segments, node.alias, node.parts, rec, node.root
+                    )
+                    self._nodes[ino] = (node, store.changes)
+                    return node
             si = inodes.unpack(ino)
             store = self.by_slot.get(si.slot)
             if store is not None:
@@ -498,6 +510,8 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=rfh, keep_cache=False), attr
         node = self._create(parent_inode, name, FILE, mode, ctx)
         f = self.files.open(node.store, node.loc, node.rec.eid)
+        if f.buffer is None and f.handles == 1:
+            f.buffer = bytearray()  # new and empty: no need to read it from the store
         fh = next(self._next_fh)
         self._handles[fh] = FileHandle(file=f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._store_attrs(node)
