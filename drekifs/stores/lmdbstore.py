@@ -41,8 +41,9 @@ import lmdb
 import trio
 
 from .base import Key, Watcher
+from .conflicts import conflict_name, decide
 from .record import DIR, FILE, SYMLINK, TOMBSTONE, Record, StoreError
-from .version import HybridClock, Version, first_version
+from .version import HybridClock, Version, first_version, version_digest
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class LmdbStore:
         self.committed = 0  # changes on disk
         self.commit_error: str | None = None
         self.watchers: list[Watcher] = []
+        self.conflicts = 0  # concurrent versions settled since the start (replication)
         # Bounded caches of LMDB reads, kept current by every change (_put, _set_eid).
         self._records: dict[bytes, Record | None] = {}
         self._where: dict[int, bytes | None] = {}
@@ -566,6 +568,120 @@ class LmdbStore:
             raise StoreError(errno.ENODATA, f"no xattr {name!r}")
         xattrs = {k: v for k, v in rec.xattrs.items() if k != name}
         return self.update(loc, parts, origin, xattrs=xattrs)
+
+    # -- replication (global) -------------------------------------------------------------
+
+    def digest(self, key: bytes) -> bytes | None:
+        """What anti-entropy compares: a hash of the entry's version (tombstones included)."""
+        rec = self._record(key)
+        return version_digest(rec.version) if rec is not None and rec.version else None
+
+    def has_version(self, key: bytes, version: Version) -> bool:
+        """Whether this replica holds ``version`` of the entry, or one written over it."""
+        rec = self._record(key)
+        return rec is not None and rec.version is not None and rec.version.covers(version)
+
+    def export(self, key: bytes) -> tuple[Record, bytes | None] | None:
+        """The entry as replication sends it: its record, and its bytes for a file."""
+        rec = self._record(key)
+        if rec is None or rec.version is None:
+            return None
+        return rec, self.read(rec.eid) if rec.kind == FILE else None
+
+    def iter_digests(self) -> Iterator[tuple[bytes, bytes]]:
+        """(key, digest) of every replicated entry on disk (to build a hash tree at start,
+        before any change is pending; later changes come through the watchers)."""
+        with self.env.begin(db=self._entries) as txn:
+            for key, raw in txn.cursor():
+                rec = Record.unpack(raw)
+                if rec.version is not None:
+                    yield key, version_digest(rec.version)
+
+    def merge(
+        self, key: bytes, rec: Record, value: bytes | None, origin: object = "replication"
+    ) -> bool:
+        """Apply a version another peer wrote (conflicts.py decides); True if anything changed.
+        Entry ids and subdirectory counts are this replica's own: the remote ones are ignored.
+        An entry may arrive before its parent directory: it is kept, and shows once the parent
+        does (anti-entropy brings it)."""
+        if rec.version is None:
+            raise StoreError(errno.EINVAL, "a replicated entry has a version")
+        loc, parts = split_key(key)
+        if not parts:
+            return False  # store roots are not entries
+        self.clock.observe(rec.version.hlc)
+        local = self._record(key)
+        decision = decide(local, rec)
+        if decision.copies_remote:
+            return self._keep_copy(loc, parts, rec, value, origin)
+        if not decision.replaces:
+            return False
+        if decision.copies_local and local is not None:
+            old = self.read(local.eid) if local.kind == FILE else None
+            self._keep_copy(loc, parts, local, old, origin)
+        self._replace(loc, parts, key, local, rec, value)
+        self._notify(loc, parts, origin)
+        return True
+
+    def _keep_copy(
+        self, loc: str, parts: Parts, loser: Record, value: bytes | None, origin: object
+    ) -> bool:
+        assert loser.version is not None
+        name = conflict_name(parts[-1], loser.version)
+        log.warning(
+            "store %s: concurrent writes to %s; %s kept as %s",
+            self.name,
+            self._label(loc, parts),
+            loser.version.peer,
+            name.decode("utf-8", "replace"),
+        )
+        self.conflicts += 1
+        return self.merge(entry_key(loc, (*parts[:-1], name)), loser, value, origin)
+
+    def _replace(
+        self,
+        loc: str,
+        parts: Parts,
+        key: bytes,
+        local: Record | None,
+        rec: Record,
+        value: bytes | None,
+    ) -> None:
+        was_alive = local is not None and local.alive
+        was_dir = was_alive and local.is_dir  # type: ignore[union-attr]
+        now = self._now()
+        if not rec.alive:
+            new = Record(TOMBSTONE, 0, 0, 0, 0, rec.mtime_ns, rec.ctime_ns, version=rec.version)
+            if was_alive:
+                assert local is not None
+                self._drop_value(local)
+                self._set_eid(local.eid, None)
+        else:
+            same_kind = was_alive and local is not None and local.kind == rec.kind
+            if was_alive and local is not None and not same_kind:
+                # Another kind of entry now: another inode, so no cache mistakes one for the other.
+                self._drop_value(local)
+                self._set_eid(local.eid, None)
+                was_alive = False
+            eid = local.eid if same_kind and local is not None else self._alloc()
+            subdirs = local.subdirs if was_dir and rec.is_dir and local is not None else 0
+            size = len(value or b"") if rec.kind == FILE else rec.size
+            new = rec.but(eid=eid, subdirs=subdirs, size=size)
+            if rec.kind == FILE:
+                old = local.size if same_kind and local is not None else 0
+                self._pending.values[eid] = bytes(value or b"")
+                self._count(size - old)
+            if not was_alive:
+                self._set_eid(eid, key)
+        self._put(key, new)
+        delta = int(new.alive and new.is_dir) - int(was_dir)
+        if (local is not None and local.alive) != new.alive or delta:
+            self._touch_dir(loc, parts[:-1], now, delta)
+
+    def _drop_value(self, rec: Record) -> None:
+        if rec.kind == FILE:
+            self._pending.values[rec.eid] = None
+            self._count(-rec.size)
 
     # -- to disk ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ same way: larger HLC, then larger peer id.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,3 +71,10 @@ class Version:
 
 def first_version(hlc: int, peer: str) -> Version:
     return Version(hlc, peer, ())
+
+
+def version_digest(v: Version) -> bytes:
+    """16 bytes naming a version (what anti-entropy compares)."""
+    return hashlib.blake2b(
+        v.hlc.to_bytes(8, "big") + v.peer.encode("utf-8", "surrogateescape"), digest_size=16
+    ).digest()

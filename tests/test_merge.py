@@ -1,0 +1,146 @@
+"""Replicas of the global store merging each other's versions: replace, ignore, conflicts kept
+as sibling copies, writes over deletes, entries before their parents — and the same outcome in
+every order (hypothesis)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drekifs.stores.conflicts import CONFLICT_MARK, Action, decide
+from drekifs.stores.lmdbstore import LmdbStore, entry_key
+from drekifs.stores.record import DIR, FILE, TOMBSTONE, Record
+from drekifs.stores.version import HybridClock, Version
+
+LOC = "w.test"
+
+
+def replica(tmp: Path, peer: str, start_ms: int = 1_000_000) -> LmdbStore:
+    ms = iter(itertools.count(start_ms))
+    clock = HybridClock(wall_ns=lambda: next(ms) * 1_000_000)
+    return LmdbStore(
+        "global", tmp / peer, peer=peer, replicated=True, max_value=1 << 20, clock=clock
+    )
+
+
+def write(store: LmdbStore, parts: tuple[bytes, ...], value: bytes) -> None:
+    rec = store.get(LOC, parts)
+    if rec is None:
+        rec = store.create(LOC, parts, FILE, 0o644, 0, 0)
+    store.write_value(LOC, parts, rec.eid, value)
+
+
+def ship(src: LmdbStore, dst: LmdbStore, parts: tuple[bytes, ...]) -> bool:
+    key = entry_key(LOC, parts)
+    exported = src.export(key)
+    assert exported is not None
+    return dst.merge(key, *exported)
+
+
+def names(store: LmdbStore, parts: tuple[bytes, ...] = ()) -> list[bytes]:
+    return sorted(store.children(LOC, parts))
+
+
+def test_replace_then_ignore_then_write_over(tmp_path: Path) -> None:
+    a, b = replica(tmp_path, "a"), replica(tmp_path, "b")
+    write(a, (b"f",), b"one")
+    assert ship(a, b, (b"f",))
+    assert b.read(b.get(LOC, (b"f",)).eid) == b"one"  # type: ignore[union-attr]
+    assert not ship(a, b, (b"f",))  # the same version again: nothing to do
+    write(b, (b"f",), b"two")  # written over what b had seen
+    assert ship(b, a, (b"f",))
+    assert a.read(a.get(LOC, (b"f",)).eid) == b"two"  # type: ignore[union-attr]
+    assert names(a) == [b"f"] and a.conflicts == 0
+    assert not ship(a, b, (b"f",))  # a's copy of b's version is b's version
+
+
+def test_concurrent_writes_keep_the_loser_as_the_same_copy_everywhere(tmp_path: Path) -> None:
+    a, b = replica(tmp_path, "a"), replica(tmp_path, "b", start_ms=2_000_000)
+    write(a, (b"f",), b"base")
+    ship(a, b, (b"f",))
+    write(a, (b"f",), b"from a")
+    write(b, (b"f",), b"from b")  # neither saw the other: concurrent; b's HLC is larger
+    ship(a, b, (b"f",))
+    ship(b, a, (b"f",))
+    for r in (a, b):
+        listing = names(r)
+        assert len(listing) == 2 and listing[0] == b"f", listing
+        assert listing[1].startswith(b"f" + CONFLICT_MARK + b"a-")
+        assert r.read(r.get(LOC, (b"f",)).eid) == b"from b"  # type: ignore[union-attr]
+        assert r.read(r.get(LOC, (listing[1],)).eid) == b"from a"  # type: ignore[union-attr]
+    assert names(a) == names(b)
+    # Deleting the copy resolves it: the loser arriving again changes nothing.
+    copy = names(a)[1]
+    a.remove(LOC, (copy,), is_dir=False)
+    ship(a, b, (copy,))
+    assert names(b) == [b"f"]
+    assert not ship(a, b, (b"f",))
+
+
+def test_a_write_concurrent_with_a_delete_wins(tmp_path: Path) -> None:
+    a, b = replica(tmp_path, "a", start_ms=5_000_000), replica(tmp_path, "b")
+    write(a, (b"f",), b"base")
+    ship(a, b, (b"f",))
+    a.remove(LOC, (b"f",), is_dir=False)  # larger HLC, but a delete
+    write(b, (b"f",), b"kept")
+    ship(a, b, (b"f",))
+    ship(b, a, (b"f",))
+    for r in (a, b):
+        assert names(r) == [b"f"]
+        assert r.read(r.get(LOC, (b"f",)).eid) == b"kept"  # type: ignore[union-attr]
+
+
+def test_an_entry_before_its_parent_shows_once_the_parent_arrives(tmp_path: Path) -> None:
+    a, b = replica(tmp_path, "a"), replica(tmp_path, "b")
+    a.create(LOC, (b"d",), DIR, 0o755, 0, 0)
+    write(a, (b"d", b"x"), b"inside")
+    ship(a, b, (b"d", b"x"))
+    assert b.get(LOC, (b"d",)) is None
+    ship(a, b, (b"d",))
+    assert names(b, (b"d",)) == [b"x"]
+    # The directory's link count is b's own count of its subdirectories, not a's.
+    a.create(LOC, (b"d", b"sub"), DIR, 0o755, 0, 0)
+    ship(a, b, (b"d", b"sub"))
+    assert b.get(LOC, (b"d",)).subdirs == 1  # type: ignore[union-attr]
+
+
+def test_deletes_replicate(tmp_path: Path) -> None:
+    a, b = replica(tmp_path, "a"), replica(tmp_path, "b")
+    write(a, (b"f",), b"x")
+    ship(a, b, (b"f",))
+    a.remove(LOC, (b"f",), is_dir=False)
+    assert ship(a, b, (b"f",))
+    assert names(b) == [] and b.value_bytes == 0
+
+
+versions = st.lists(
+    st.tuples(st.integers(1, 50), st.sampled_from(["p", "q", "r"]), st.booleans()),
+    min_size=1,
+    max_size=5,
+    unique_by=lambda t: (t[0], t[1]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(versions, st.randoms(use_true_random=False))
+def test_every_order_gives_the_same_winner(spec, rnd) -> None:
+    """Concurrent versions (none saw another), each a write or a delete: whatever the order of
+    arrival, the same one wins."""
+    recs = [
+        Record(FILE if alive else TOMBSTONE, 0, version=Version(hlc, peer))
+        for hlc, peer, alive in spec
+    ]
+    outcomes = set()
+    for _ in range(4):
+        order = list(recs)
+        rnd.shuffle(order)
+        current: Record | None = None
+        for rec in order:
+            if decide(current, rec).action in (Action.REPLACE, Action.REPLACE_KEEP):
+                current = rec
+        assert current is not None
+        outcomes.add(current.version)
+    assert len(outcomes) == 1
