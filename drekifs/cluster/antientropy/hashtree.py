@@ -1,0 +1,231 @@
+"""A fixed-shape hash tree over (entry key -> version digest), updated in O(1) per write.
+
+Shape: ``depth`` levels below the root, each node with ``2 ** fanout_bits`` children; the
+default (16-way, depth 4) has 65,536 leaf buckets. A key's bucket is the first
+``fanout_bits * depth`` bits of BLAKE2b(key), so keys spread evenly whatever their paths, and a
+node at level ``L`` covers the buckets whose number starts with its own ``fanout_bits * L`` bits.
+
+Hashes: an *item* hash is BLAKE2b-128(BLAKE2b-128(key) || digest); a node's hash is the XOR of
+the item hashes of every key below it (the root's: of every key). XOR makes a write an O(1)
+update: ``set`` XORs (old item hash ^ new item hash) into its leaf and each of its ``depth``
+ancestors, ``depth + 1`` integer XORs whatever the size of the store, and never recomputes a
+path. XOR is safe here because a key occurs once per tree (no item can cancel a twin) and item
+hashes are keyed by the whole key and digest; an empty subtree hashes to zero. Equal sets give
+equal hashes whatever the order of writes, so two peers compare nodes directly.
+
+Keys per bucket are kept in memory (one dict per non-empty bucket: key -> digest): listing a
+differing bucket is then a dict read, not a range scan of the store (keys in a bucket are
+scattered all over the store's key order), and no store index has to be kept in step. The cost
+is the keys themselves plus about 100 bytes per key (see bench/antientropy.py for a 1M-key
+measurement); the store holds every global entry on every peer anyway.
+
+Building at start: :meth:`HashTree.start_build`, then :meth:`HashTree.build` over the store's
+(key, digest) pairs in chunks (or :meth:`HashTree.build_async`, which yields to trio between
+chunks), then :meth:`HashTree.finish_build`. Writes go through :meth:`HashTree.set` /
+:meth:`HashTree.remove` all along; a key written during the build is remembered, and the build's
+(older) pair for it is skipped. ``ready`` is False until the build finishes: readers of the
+store are never blocked, only anti-entropy waits. All methods must be called from one thread
+(the trio thread): the XOR updates are read-modify-write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import trio
+
+HASH_BYTES = 16
+_KEY_PERSON = b"dreki-ae-key"
+_ITEM_PERSON = b"dreki-ae-item"
+_EMPTY: Mapping[bytes, bytes] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class TreeShape:
+    """``depth`` levels of ``2 ** fanout_bits`` children; both peers must use the same."""
+
+    fanout_bits: int = 4
+    depth: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.fanout_bits <= 8 or not 1 <= self.depth <= 8:
+            raise ValueError("fanout_bits and depth must be within 1..8")
+        if self.fanout_bits * self.depth > 24:
+            raise ValueError("at most 2**24 leaf buckets")
+
+    @property
+    def fanout(self) -> int:
+        return 1 << self.fanout_bits
+
+    @property
+    def leaves(self) -> int:
+        return 1 << (self.fanout_bits * self.depth)
+
+    def width(self, level: int) -> int:
+        """How many nodes level ``level`` has (0: the root)."""
+        return 1 << (self.fanout_bits * level)
+
+    def to_wire(self) -> list[int]:
+        return [self.fanout_bits, self.depth]
+
+
+def key_hash(key: bytes) -> bytes:
+    return hashlib.blake2b(key, digest_size=HASH_BYTES, person=_KEY_PERSON).digest()
+
+
+def _item(khash: bytes, digest: bytes) -> int:
+    h = hashlib.blake2b(khash, digest_size=HASH_BYTES, person=_ITEM_PERSON)
+    h.update(digest)
+    return int.from_bytes(h.digest(), "big")
+
+
+class HashTree:
+    """Node hashes of every level plus the (key -> digest) dict of every leaf bucket."""
+
+    def __init__(self, shape: TreeShape | None = None, *, ready: bool = True) -> None:
+        self.shape = shape or TreeShape()
+        self.ready = ready
+        """False while a build is under way: the tree is then incomplete."""
+        self._bits = self.shape.fanout_bits
+        self._depth = self.shape.depth
+        self._total_bits = self._bits * self._depth
+        # _levels[L][i]: the hash of node i at level L, as an int (XOR is cheap on ints).
+        self._levels: list[list[int]] = [
+            [0] * self.shape.width(level) for level in range(self._depth + 1)
+        ]
+        self._buckets: list[dict[bytes, bytes] | None] = [None] * self.shape.leaves
+        self._count = 0
+        self._touched: set[bytes] | None = None  # keys written during a build
+
+    # -- Reading ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._count
+
+    def bucket(self, key: bytes) -> int:
+        """The leaf bucket of ``key``."""
+        return self._bucket_of(key_hash(key))
+
+    def _bucket_of(self, khash: bytes) -> int:
+        return int.from_bytes(khash[:4], "big") >> (32 - self._total_bits)
+
+    def get(self, key: bytes) -> bytes | None:
+        items = self._buckets[self.bucket(key)]
+        return None if items is None else items.get(key)
+
+    def root(self) -> bytes:
+        return self._levels[0][0].to_bytes(HASH_BYTES, "big")
+
+    def node(self, level: int, index: int) -> bytes:
+        return self._levels[level][index].to_bytes(HASH_BYTES, "big")
+
+    def children(self, level: int, index: int) -> bytes:
+        """The hashes of node (``level``, ``index``)'s children, concatenated (fanout * 16
+        bytes); ``level`` < depth."""
+        fanout = self.shape.fanout
+        below = self._levels[level + 1][index * fanout : (index + 1) * fanout]
+        return b"".join(h.to_bytes(HASH_BYTES, "big") for h in below)
+
+    def bucket_items(self, bucket: int) -> Mapping[bytes, bytes]:
+        """The (key -> digest) pairs of a leaf bucket: a live view, not to be modified."""
+        items = self._buckets[bucket]
+        return _EMPTY if items is None else items
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for items in self._buckets:
+            if items:
+                yield from items.items()
+
+    # -- Writing ------------------------------------------------------------------------------
+
+    def set(self, key: bytes, digest: bytes) -> None:
+        """``key``'s current version now has ``digest`` (a write, a delete's tombstone, a
+        merge). O(depth + 1) integer XORs."""
+        if self._touched is not None:
+            self._touched.add(key)
+        self._put(key, digest)
+
+    def remove(self, key: bytes) -> None:
+        """``key`` is gone altogether (its tombstone was collected)."""
+        if self._touched is not None:
+            self._touched.add(key)
+        khash = key_hash(key)
+        bucket = self._bucket_of(khash)
+        items = self._buckets[bucket]
+        if items is None or key not in items:
+            return
+        old = items.pop(key)
+        if not items:
+            self._buckets[bucket] = None  # empty buckets cost nothing
+        self._count -= 1
+        self._xor(bucket, _item(khash, old))
+
+    def update(self, key: bytes, digest: bytes | None) -> None:
+        """:meth:`set`, or :meth:`remove` when ``digest`` is None; nothing when unchanged."""
+        if digest is None:
+            self.remove(key)
+        elif self.get(key) != digest:
+            self.set(key, digest)
+
+    def _put(self, key: bytes, digest: bytes) -> None:
+        khash = key_hash(key)
+        bucket = self._bucket_of(khash)
+        items = self._buckets[bucket]
+        if items is None:
+            items = self._buckets[bucket] = {}
+        old = items.get(key)
+        if old == digest:
+            return
+        delta = _item(khash, digest)
+        if old is None:
+            self._count += 1
+        else:
+            delta ^= _item(khash, old)
+        items[key] = digest
+        self._xor(bucket, delta)
+
+    def _xor(self, bucket: int, delta: int) -> None:
+        shift = 0
+        for level in range(self._depth, -1, -1):
+            self._levels[level][bucket >> shift] ^= delta
+            shift += self._bits
+
+    # -- Building -----------------------------------------------------------------------------
+
+    def start_build(self) -> None:
+        """Begin a build: not ``ready`` until :meth:`finish_build`; writes meanwhile win over
+        the build's pairs for the same keys."""
+        self.ready = False
+        self._touched = set()
+
+    def build(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """Add a chunk of the store's (key, digest) pairs; returns how many were taken."""
+        touched = self._touched
+        if touched is None:
+            raise RuntimeError("build() outside start_build() / finish_build()")
+        taken = 0
+        for key, digest in items:
+            if key not in touched:
+                self._put(key, digest)
+                taken += 1
+        return taken
+
+    def finish_build(self) -> None:
+        self._touched = None
+        self.ready = True
+
+    async def build_async(self, items: Iterable[tuple[bytes, bytes]], *, chunk: int = 4096) -> None:
+        """The whole build, ``chunk`` pairs at a time with a trio checkpoint between chunks
+        (about 10 ms of CPU each), so the peer keeps serving meanwhile."""
+        self.start_build()
+        batch: list[tuple[bytes, bytes]] = []
+        for pair in items:
+            batch.append(pair)
+            if len(batch) >= chunk:
+                self.build(batch)
+                batch.clear()
+                await trio.sleep(0)
+        self.build(batch)
+        self.finish_build()

@@ -1,0 +1,39 @@
+"""What anti-entropy needs from the store: digests of versions, and entries to and from peers."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Protocol
+
+import msgpack
+
+from drekifs.stores.version import Version
+
+DIGEST_BYTES = 16
+
+
+class EntrySource(Protocol):
+    """The replicated store, as anti-entropy sees it. Entries are opaque, msgpack-able values
+    (version, metadata and value); only the store reads them."""
+
+    def digest(self, key: bytes) -> bytes | None:
+        """The digest of ``key``'s current version (tombstones included), None if absent."""
+
+    def export(self, keys: list[bytes]) -> list[tuple[bytes, Any]]:
+        """(key, entry) for those of ``keys`` present (a key may have gone meanwhile)."""
+
+    def merge(self, entries: list[tuple[bytes, Any]]) -> int:
+        """Apply entries from a peer: the store picks winners and keeps conflicts, as for a
+        broadcast. Returns how many keys changed. Raises ValueError (or TypeError) when an entry
+        is malformed; it must then have applied nothing it could not check."""
+
+
+def version_digest(hlc: int, peer: str) -> bytes:
+    """The digest of the version (``hlc``, ``peer``): the pair names one write everywhere."""
+    return hashlib.blake2b(
+        msgpack.packb([hlc, peer]), digest_size=DIGEST_BYTES, person=b"dreki-version"
+    ).digest()
+
+
+def digest_of(version: Version) -> bytes:
+    return version_digest(version.hlc, version.peer)

@@ -1,0 +1,515 @@
+"""Anti-entropy: the hash tree (O(1) updates, builds, removal) and the sync protocol between
+in-memory stores on the simulated network (convergence, both directions, paging, bytes, junk,
+determinism). All protocol tests run on trio's MockClock."""
+
+from __future__ import annotations
+
+import errno
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drekifs.cluster.antientropy import (
+    AntiEntropy,
+    AntiEntropyConfig,
+    HashTree,
+    Malformed,
+    MemorySource,
+    TreeShape,
+    version_digest,
+)
+from drekifs.cluster.net import PeerUnreachable, RemoteError
+from drekifs.cluster.sim import SimWorld
+
+SMALL = TreeShape(fanout_bits=2, depth=3)  # 64 buckets: several keys share one
+CONFIG = AntiEntropyConfig(interval=10.0)
+# Tiny messages: every listing, export and push is paged.
+PAGED = AntiEntropyConfig(reply_bytes=300, request_bytes=300, max_items=5, export_batch=2)
+
+
+def addr(i: int) -> tuple[str, int]:
+    return (f"10.0.0.{i + 1}", 7946)
+
+
+def simulate(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``fn`` under a MockClock (for hypothesis tests, which cannot be async)."""
+    return trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def peers(
+    world: SimWorld,
+    n: int,
+    shape: TreeShape = SMALL,
+    config: AntiEntropyConfig = CONFIG,
+) -> list[AntiEntropy]:
+    out = []
+    for i in range(n):
+        source = MemorySource(HashTree(shape))
+        ae = AntiEntropy(
+            f"p{i}",
+            world.network(addr(i)),
+            source.tree,
+            source,
+            config=config,
+            rng=world.rng(str(i)),
+        )
+        out.append(ae)
+    names = {f"p{i}": addr(i) for i in range(n)}
+    for ae in out:
+        ae.set_peers(names)
+    return out
+
+
+def store(ae: AntiEntropy) -> MemorySource:
+    assert isinstance(ae.source, MemorySource)
+    return ae.source
+
+
+def fresh_root(source: MemorySource) -> bytes:
+    """The root of a tree built from scratch over the store's current digests."""
+    tree = HashTree(source.tree.shape)
+    tree.start_build()
+    tree.build((k, version_digest(e[0], e[1])) for k, e in source.entries.items())
+    tree.finish_build()
+    return tree.root()
+
+
+def assert_converged(*aes: AntiEntropy) -> None:
+    first = store(aes[0])
+    for ae in aes[1:]:
+        assert store(ae).entries == first.entries
+        assert ae.tree.root() == aes[0].tree.root()
+    assert aes[0].tree.root() == fresh_root(first)
+
+
+def lww(*sources: MemorySource) -> dict[bytes, tuple]:
+    """What every store must hold after convergence: the larger (hlc, peer) per key."""
+    out: dict[bytes, tuple] = {}
+    for source in sources:
+        for k, e in source.entries.items():
+            if k not in out or e[:2] > out[k][:2]:
+                out[k] = e
+    return out
+
+
+# -- The hash tree ------------------------------------------------------------------------------
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "remove"]),
+        st.binary(min_size=0, max_size=6),
+        st.binary(min_size=16, max_size=16),
+    ),
+    max_size=60,
+)
+
+
+@given(ops)
+@settings(max_examples=60, deadline=None)
+def test_incremental_tree_equals_a_fresh_build(operations: list) -> None:
+    tree = HashTree(SMALL)
+    state: dict[bytes, bytes] = {}
+    for op, key, digest in operations:
+        if op == "set":
+            tree.set(key, digest)
+            state[key] = digest
+        else:
+            tree.remove(key)
+            state.pop(key, None)
+    fresh = HashTree(SMALL)
+    for key, digest in sorted(state.items(), reverse=True):  # another order
+        fresh.set(key, digest)
+    assert tree.root() == fresh.root()
+    assert len(tree) == len(state)
+    assert dict(tree.items()) == state
+    for level in range(SMALL.depth + 1):
+        for i in range(SMALL.width(level)):
+            assert tree.node(level, i) == fresh.node(level, i)
+    if not state:
+        assert tree.root() == bytes(16)
+
+
+def test_a_write_touches_one_path_only() -> None:
+    """O(1) per write: a set or remove changes depth + 1 node hashes, whatever the size."""
+    tree = HashTree()  # default shape: 65,536 buckets
+    for i in range(20_000):
+        tree.set(b"loc\0/k%d" % i, version_digest(i, "a"))
+
+    def snapshot() -> list[list[int]]:
+        return [list(level) for level in tree._levels]
+
+    for op in ("update", "insert", "remove"):
+        before = snapshot()
+        if op == "update":
+            tree.set(b"loc\0/k7", version_digest(99, "b"))
+        elif op == "insert":
+            tree.set(b"loc\0/new", version_digest(1, "b"))
+        else:
+            tree.remove(b"loc\0/k8")
+        after = snapshot()
+        changed = sum(
+            a != b
+            for la, lb in zip(before, after, strict=True)
+            for a, b in zip(la, lb, strict=True)
+        )
+        assert changed == tree.shape.depth + 1, op
+    # A no-op write changes nothing.
+    before = snapshot()
+    tree.set(b"loc\0/k9", version_digest(9, "a"))
+    tree.remove(b"absent")
+    assert snapshot() == before
+
+
+def test_build_in_chunks_with_writes_meanwhile() -> None:
+    pairs = [(b"k%d" % i, version_digest(i, "a")) for i in range(500)]
+    tree = HashTree(SMALL, ready=False)
+    tree.start_build()
+    tree.build(pairs[:200])
+    assert not tree.ready
+    tree.set(b"k300", version_digest(1000, "b"))  # written after the snapshot was read
+    tree.remove(b"k400")  # deleted and collected after the snapshot was read
+    tree.set(b"k100", version_digest(1001, "b"))  # over a pair already built
+    tree.build(pairs[200:])
+    tree.finish_build()
+    assert tree.ready
+    assert tree.get(b"k300") == version_digest(1000, "b")
+    assert tree.get(b"k100") == version_digest(1001, "b")
+    assert tree.get(b"k400") is None
+    expected = dict(pairs)
+    expected[b"k300"] = version_digest(1000, "b")
+    expected[b"k100"] = version_digest(1001, "b")
+    del expected[b"k400"]
+    fresh = HashTree(SMALL)
+    for k, d in expected.items():
+        fresh.set(k, d)
+    assert tree.root() == fresh.root()
+    with pytest.raises(RuntimeError):
+        tree.build(pairs)
+
+
+async def test_build_async_yields_between_chunks() -> None:
+    tree = HashTree(SMALL)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await tree.build_async(((b"k%d" % i, b"d" * 16) for i in range(1000)), chunk=100)
+        nursery.cancel_scope.cancel()
+    assert tree.ready and len(tree) == 1000
+    assert ticks >= 5
+
+
+# -- Sync between two and several stores -------------------------------------------------------
+
+divergence = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "both"]),
+        st.integers(0, 40),  # key: a small range, so both sides often touch the same key
+        st.integers(1, 30),  # hlc
+        st.one_of(st.none(), st.binary(max_size=40)),  # None: a tombstone
+    ),
+    max_size=80,
+)
+
+
+@given(divergence, st.sampled_from([CONFIG, PAGED]), st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_two_diverged_stores_converge_in_one_sync(writes: list, config: Any, collect: bool) -> None:
+    async def main() -> None:
+        async with SimWorld(seed=1) as world:
+            a, b = peers(world, 2, config=config)
+            for side, k, hlc, value in writes:
+                key = b"loc\0/%d" % k
+                for ae, name in ((a, "a"), (b, "b")):
+                    if side in (name, "both"):
+                        store(ae).put(key, hlc, name, value)
+            if collect:  # some tombstones collected on one side only
+                for k in list(store(a).entries)[::3]:
+                    if store(a).entries[k][2] is None:
+                        store(a).collect(k)
+            expected = lww(store(a), store(b))
+            only_a = {k for k in store(a).entries if store(b).entries.get(k) != store(a).entries[k]}
+            only_b = {k for k in store(b).entries if store(a).entries.get(k) != store(b).entries[k]}
+            a_won = {k for k in only_a if expected[k] == store(a).entries[k]}
+            result = await a.sync(addr(1))
+            assert_converged(a, b)
+            assert store(a).entries == expected
+            assert result.in_sync == (not only_a and not only_b)
+            # Both directions were repaired.
+            assert result.changed_there == len(a_won)
+            assert result.changed_here == len(only_b - a_won)
+            again = await a.sync(addr(1))
+            assert again.in_sync and again.round_trips == 1
+
+    simulate(main)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60), st.integers(1, 9)), max_size=60))
+@settings(max_examples=20, deadline=None)
+def test_several_stores_converge(writes: list) -> None:
+    """A round: every peer syncs with peer 0 (which then holds everything), twice."""
+
+    async def main() -> None:
+        async with SimWorld(seed=2) as world:
+            aes = peers(world, 4)
+            for i, k, hlc in writes:
+                store(aes[i]).put(b"k%d" % k, hlc, f"p{i}", b"v%d" % hlc)
+            expected = lww(*map(store, aes))
+            for _ in range(2):
+                for ae in aes[1:]:
+                    await ae.sync(addr(0))
+            assert_converged(*aes)
+            assert store(aes[0]).entries == expected
+
+    simulate(main)
+
+
+async def test_periodic_sync_converges_a_cluster(autojump_clock: trio.testing.MockClock) -> None:
+    async with SimWorld(seed=3) as world:
+        aes = peers(world, 5)
+        for i, ae in enumerate(aes):
+            for k in range(30):
+                store(ae).put(b"k%d-%d" % (i, k), k + 1, f"p{i}", b"x" * k)
+        for i, ae in enumerate(aes):
+            world.start_soon(addr(i), ae.run)
+        await trio.sleep(CONFIG.interval * 8)
+        assert_converged(*aes)
+        assert len(store(aes[0]).entries) == 150
+        stats = aes[0].stats()
+        assert stats["keys"] == 150 and stats["ready"]
+        assert stats["counters"]["syncs"] >= 5
+        some = next(iter(stats["peers"].values()))
+        assert {"at", "result", "bytes_sent", "bytes_received", "round_trips"} <= some.keys()
+
+
+async def test_bytes_grow_with_the_difference(autojump_clock: trio.testing.MockClock) -> None:
+    async with SimWorld(seed=4) as world:
+        a, b = peers(world, 2, shape=TreeShape())
+        value = b"v" * 500
+        for k in range(20_000):
+            key = b"loc.example\0/dir/file-%06d" % k
+            store(a).put(key, 1, "a", value)
+            store(b).put(key, 1, "a", value)
+        in_sync = await a.sync(addr(1))
+        assert in_sync.in_sync and in_sync.bytes_sent + in_sync.bytes_received < 200
+        for k in range(0, 20_000, 2000):  # 10 keys differ, 5 newer on each side
+            key = b"loc.example\0/dir/file-%06d" % k
+            store(a if k % 4000 else b).put(key, 2, "b", value)
+        result = await a.sync(addr(1))
+        assert_converged(a, b)
+        total = result.bytes_sent + result.bytes_received
+        # 10 entries pulled, the 5 that won here pushed; hashes of 10 paths, 10 small buckets.
+        assert result.pulled == 10 and result.pushed == 5
+        assert total < 15 * 600 + 10_000
+        assert result.round_trips == 7  # root, 3 levels of nodes, leaves, export, merge
+        assert result.changed_here == 5 and result.changed_there == 5
+
+
+async def test_paging_moves_everything(autojump_clock: trio.testing.MockClock) -> None:
+    async with SimWorld(seed=5) as world:
+        a, b = peers(world, 2, config=PAGED)
+        for k in range(200):
+            store(a if k % 2 else b).put(b"key-%03d" % k, k + 1, "x", bytes(k))
+        result = await a.sync(addr(1))
+        assert_converged(a, b)
+        assert result.pulled == 100 and result.pushed == 100
+        assert result.round_trips > 50  # small pages
+        # One entry bigger than a whole page still travels (alone).
+        store(b).put(b"huge", 5, "y", bytes(5000))
+        await a.sync(addr(1))
+        assert store(a).entries[b"huge"][2] == bytes(5000)
+
+
+async def test_removal_of_collected_tombstones(autojump_clock: trio.testing.MockClock) -> None:
+    async with SimWorld(seed=6) as world:
+        a, b = peers(world, 2)
+        for ae in (a, b):
+            store(ae).put(b"gone", 3, "a", None)
+            store(ae).put(b"kept", 3, "a", b"v")
+        for ae in (a, b):
+            store(ae).collect(b"gone")
+        assert a.tree.get(b"gone") is None and len(a.tree) == 1
+        assert (await a.sync(addr(1))).in_sync
+        # Collected on one side only: the other one's tombstone comes back (the store decides
+        # what to do with it; anti-entropy only makes both sides agree).
+        store(a).put(b"gone2", 4, "a", None)
+        store(b).put(b"gone2", 4, "a", None)
+        store(a).collect(b"gone2")
+        result = await a.sync(addr(1))
+        assert result.pulled == 1 and result.pushed == 0
+        assert_converged(a, b)
+
+
+async def test_full_sync_for_a_newcomer_and_pull_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with SimWorld(seed=7) as world:
+        a, b = peers(world, 2)
+        for k in range(300):
+            store(b).put(b"k%d" % k, 1, "b", b"v")
+        store(a).put(b"stale", 1, "a", b"old")
+        result = await a.full_sync(addr(1), push=False)
+        assert not result.in_sync and result.exchanges == CONFIG.full_sync_rounds
+        assert len(store(a).entries) == 301 and b"stale" not in store(b).entries
+        result = await a.full_sync(addr(1))
+        assert result.in_sync
+        assert_converged(a, b)
+
+
+# -- Junk, failures, determinism ----------------------------------------------------------------
+
+
+async def test_malformed_requests_are_refused(autojump_clock: trio.testing.MockClock) -> None:
+    async with SimWorld(seed=8) as world:
+        (a,) = peers(world, 1)
+        store(a).put(b"k", 1, "a", b"v")
+        raw = world.network(addr(9))
+        junk = [
+            ("ae.root", None),
+            ("ae.root", {"shape": [4, 4], "root": bytes(16)}),  # another shape
+            ("ae.root", {"shape": [2, 3], "root": b"short"}),
+            ("ae.nodes", {"level": 3, "nodes": [0]}),  # leaves have no children
+            ("ae.nodes", {"level": 1, "nodes": [4]}),  # no such node
+            ("ae.nodes", {"level": True, "nodes": [0]}),
+            ("ae.nodes", {"level": 0, "nodes": list(range(100_000))}),
+            ("ae.leaves", {"buckets": [64], "after": None}),
+            ("ae.leaves", {"buckets": [0], "after": 7}),
+            ("ae.leaves", {"buckets": "all"}),
+            ("ae.export", {"keys": [b"k", "not bytes"]}),
+            ("ae.export", {"keys": [b"x" * 10_000]}),
+            ("ae.merge", {"entries": [[b"k"]]}),
+            ("ae.merge", {"entries": [[b"k", [1, 2, 3]]]}),  # the store refuses it
+            ("ae.merge", {"entries": [[b"k", "junk"]]}),
+            ("ae.merge", [1, 2]),
+        ]
+        for method, args in junk:
+            with pytest.raises(RemoteError) as info:
+                await raw.call(addr(0), method, args, timeout=5)
+            assert info.value.code == errno.EINVAL, (method, args)
+        assert a.counters["bad_requests"] == len(junk)
+        assert store(a).entries == {b"k": (1, "a", b"v")}
+        # Still serving.
+        reply = await raw.call(addr(0), "ae.root", {"shape": [2, 3], "root": bytes(16)}, timeout=5)
+        assert reply["root"] == a.tree.root()
+
+
+async def test_a_tree_being_built_answers_eagain(autojump_clock: trio.testing.MockClock) -> None:
+    async with SimWorld(seed=9) as world:
+        a, b = peers(world, 2)
+        b.tree.start_build()
+        with pytest.raises(RemoteError) as info:
+            await a.sync(addr(1))
+        assert info.value.code == errno.EAGAIN
+        with pytest.raises(RuntimeError):
+            await b.sync(addr(0))
+
+
+def junk_peer(world: SimWorld, replies: dict[str, Any]) -> None:
+    """A peer at addr(1) that answers the given methods with the given (bad) replies."""
+    net = world.network(addr(1))
+    for method, reply in replies.items():
+
+        async def handler(_src: Any, _args: Any, reply: Any = reply) -> Any:
+            return reply
+
+        net.register(method, handler)
+
+
+SHALLOW = TreeShape(fanout_bits=2, depth=1)  # the root's children are the leaf buckets
+BAD_REPLIES = [
+    {"ae.root": "nonsense"},
+    {"ae.root": {"root": bytes(16), "children": b"short"}},
+    {"ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64}, "ae.leaves": {"keys": [b"k"]}},
+    {
+        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
+        "ae.leaves": {"keys": [b"k"], "digests": [b""], "next": None},
+    },
+    {  # a continuation that makes no progress
+        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
+        "ae.leaves": {"keys": [], "digests": [], "next": [0, b"k"]},
+    },
+    {  # an entry nobody asked for
+        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
+        "ae.leaves": {"keys": [b"k"], "digests": [b"\x02" * 16], "next": None},
+        "ae.export": {"entries": [[b"other", [1, "x", b""]]], "done": 1},
+    },
+    {  # the store refuses the entry
+        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
+        "ae.leaves": {"keys": [b"k"], "digests": [b"\x02" * 16], "next": None},
+        "ae.export": {"entries": [[b"k", [-1, "x", b""]]], "done": 1},
+    },
+    {  # no progress
+        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
+        "ae.leaves": {"keys": [b"k"], "digests": [b"\x02" * 16], "next": None},
+        "ae.export": {"entries": [], "done": 0},
+    },
+]
+
+
+@pytest.mark.parametrize("replies", BAD_REPLIES)
+async def test_malformed_replies_end_the_exchange(
+    autojump_clock: trio.testing.MockClock, replies: dict
+) -> None:
+    async with SimWorld(seed=10) as world:
+        source = MemorySource(HashTree(SHALLOW))
+        source.put(b"mine", 1, "a", b"v")
+        a = AntiEntropy("a", world.network(addr(0)), source.tree, source, config=CONFIG)
+        junk_peer(world, replies)
+        with pytest.raises(Malformed):
+            await a.sync(addr(1))
+        assert source.entries == {b"mine": (1, "a", b"v")}
+        # The loop counts it and goes on.
+        a.set_peers({"b": addr(1)})
+        with trio.move_on_after(CONFIG.interval * 3.5):
+            await a.run()
+        assert a.counters["bad_replies"] >= 2
+        assert a.stats()["peers"]["b"]["result"].startswith("bad reply")
+
+
+async def test_unreachable_peers_are_counted(autojump_clock: trio.testing.MockClock) -> None:
+    async with SimWorld(seed=11) as world:
+        a, _, c = peers(world, 3)
+        store(c).put(b"k", 1, "c", b"v")
+        world.crash(addr(1))
+        with pytest.raises(PeerUnreachable):
+            await a.sync(addr(1))
+        world.start_soon(addr(0), a.run)
+        await trio.sleep(CONFIG.interval * 12)
+        assert a.counters["unreachable"] >= 1
+        assert store(a).entries == store(c).entries
+
+
+def test_deterministic_for_a_seed() -> None:
+    def trace(seed: int) -> list:
+        log: list = []
+
+        async def main() -> None:
+            async with SimWorld(seed=seed, delay=(0.001, 0.05)) as world:
+                world.tap = lambda t, src, dst, kind, msg: log.append((t, src, dst, kind))
+                aes = peers(world, 4)
+                rng = random.Random(seed)
+                for i, ae in enumerate(aes):
+                    for _ in range(40):
+                        store(ae).put(b"k%d" % rng.randrange(60), rng.randrange(9), f"p{i}", b"v")
+                for i, ae in enumerate(aes):
+                    world.start_soon(addr(i), ae.run)
+                await trio.sleep(CONFIG.interval * 6)
+                log.append([ae.stats() for ae in aes])
+
+        simulate(main)
+        return log
+
+    assert trace(1) == trace(1)
+    assert trace(1) != trace(2)
