@@ -428,32 +428,43 @@ def junk_peer(world: SimWorld, replies: dict[str, Any]) -> None:
 
 
 SHALLOW = TreeShape(fanout_bits=2, depth=1)  # the root's children are the leaf buckets
+ROOT = {"root": b"\x01" * 16, "children": b"\x01" * 64}  # every bucket differs
+LISTING = {"ids": b"12345678", "counts": [1, 0, 0, 0], "next": None}
 BAD_REPLIES = [
     {"ae.root": "nonsense"},
     {"ae.root": {"root": bytes(16), "children": b"short"}},
-    {"ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64}, "ae.leaves": {"keys": [b"k"]}},
-    {
-        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
-        "ae.leaves": {"keys": [b"k"], "digests": [b""], "next": None},
-    },
+    {"ae.root": ROOT, "ae.leaves": {"ids": b"12345678"}},
+    {"ae.root": ROOT, "ae.leaves": {"ids": b"1234567", "counts": [1, 0, 0, 0], "next": None}},
+    {"ae.root": ROOT, "ae.leaves": {"ids": b"12345678", "counts": [1], "next": None}},
+    {"ae.root": ROOT, "ae.leaves": {"ids": b"12345678", "counts": [1, 0, 0, 0, 0], "next": None}},
     {  # a continuation that makes no progress
-        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
-        "ae.leaves": {"keys": [], "digests": [], "next": [0, b"k"]},
+        "ae.root": ROOT,
+        "ae.leaves": {"ids": b"", "counts": [0], "next": [0, b"12345678"]},
+    },
+    {  # a continuation from another bucket than its last id's
+        "ae.root": ROOT,
+        "ae.leaves": {"ids": b"12345678", "counts": [1, 0], "next": [0, b"12345678"]},
     },
     {  # an entry nobody asked for
-        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
-        "ae.leaves": {"keys": [b"k"], "digests": [b"\x02" * 16], "next": None},
-        "ae.export": {"entries": [[b"other", [1, "x", b""]]], "done": 1},
+        "ae.root": ROOT,
+        "ae.leaves": LISTING,
+        "ae.export": {"entries": [[b"k", [1, "x", b""]], [b"k2", [1, "x", b""]]], "done": 1},
     },
     {  # the store refuses the entry
-        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
-        "ae.leaves": {"keys": [b"k"], "digests": [b"\x02" * 16], "next": None},
+        "ae.root": ROOT,
+        "ae.leaves": LISTING,
         "ae.export": {"entries": [[b"k", [-1, "x", b""]]], "done": 1},
     },
     {  # no progress
-        "ae.root": {"root": b"\x01" * 16, "children": b"\x01" * 64},
-        "ae.leaves": {"keys": [b"k"], "digests": [b"\x02" * 16], "next": None},
+        "ae.root": ROOT,
+        "ae.leaves": LISTING,
         "ae.export": {"entries": [], "done": 0},
+    },
+    {  # the merge reply
+        "ae.root": ROOT,
+        "ae.leaves": LISTING,
+        "ae.export": {"entries": [], "done": 1},
+        "ae.merge": {"changed": 5},
     },
 ]
 

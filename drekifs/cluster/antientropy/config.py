@@ -32,8 +32,6 @@ class AntiEntropyConfig:
     """Node ids, bucket ids or keys in one request: a cheap bound checked before any work."""
     max_key_bytes: int = 8192
     """A longer key in a message is malformed (store keys are at most about 4 KiB)."""
-    max_digest_bytes: int = 64
-    """A longer version digest in a message is malformed (ours are 16 bytes)."""
     export_batch: int = 64
     """Keys handed to ``EntrySource.export`` at a time while a reply is filled: small, so the
     entries read past the reply's budget (and thrown away) stay few."""

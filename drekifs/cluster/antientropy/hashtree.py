@@ -37,6 +37,9 @@ from dataclasses import dataclass
 import trio
 
 HASH_BYTES = 16
+ITEM_ID_BYTES = 8
+"""A (key, digest) pair is named by the first 8 bytes of its item hash in bucket listings: two
+pairs of one bucket (a handful of keys) collide with odds of about 2**-60."""
 _KEY_PERSON = b"dreki-ae-key"
 _ITEM_PERSON = b"dreki-ae-item"
 _EMPTY: Mapping[bytes, bytes] = {}
@@ -132,6 +135,20 @@ class HashTree:
         """The (key -> digest) pairs of a leaf bucket: a live view, not to be modified."""
         items = self._buckets[bucket]
         return _EMPTY if items is None else items
+
+    def item_ids(self, bucket: int) -> dict[bytes, bytes]:
+        """Item id (see ITEM_ID_BYTES) -> key, for the pairs of a leaf bucket."""
+        out = {}
+        for key, digest in self.bucket_items(bucket).items():
+            out[_item(key_hash(key), digest).to_bytes(HASH_BYTES, "big")[:ITEM_ID_BYTES]] = key
+        return out
+
+    def item_id(self, key: bytes) -> bytes | None:
+        """The item id of ``key``'s current pair, None if absent."""
+        digest = self.get(key)
+        if digest is None:
+            return None
+        return _item(key_hash(key), digest).to_bytes(HASH_BYTES, "big")[:ITEM_ID_BYTES]
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         for items in self._buckets:

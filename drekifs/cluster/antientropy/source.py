@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Protocol
 
-import msgpack
-
+from drekifs.stores import version as _version
 from drekifs.stores.version import Version
 
 DIGEST_BYTES = 16
@@ -28,12 +26,12 @@ class EntrySource(Protocol):
         is malformed; it must then have applied nothing it could not check."""
 
 
+def digest_of(version: Version) -> bytes:
+    """The digest the store gives a version (the store's own function: the trees of peers
+    compare only if every peer digests alike)."""
+    return _version.version_digest(version)
+
+
 def version_digest(hlc: int, peer: str) -> bytes:
     """The digest of the version (``hlc``, ``peer``): the pair names one write everywhere."""
-    return hashlib.blake2b(
-        msgpack.packb([hlc, peer]), digest_size=DIGEST_BYTES, person=b"dreki-version"
-    ).digest()
-
-
-def digest_of(version: Version) -> bytes:
-    return version_digest(version.hlc, version.peer)
+    return digest_of(Version(hlc, peer))

@@ -6,19 +6,22 @@ One exchange, driven by the initiator (the responder keeps no state between call
    differ (so an exchange between peers in sync costs one small round trip).
 2. ``ae.nodes``, one call per level (more only if a level's hashes outgrow a reply): the child
    hashes of every node that differs, compared locally to find the next level's differing nodes.
-3. ``ae.leaves``: the (key, digest) pairs of the differing leaf buckets, paged.
-4. ``ae.export`` (pull): the peer's entries for keys whose digest differs from ours or that we
-   lack; merged into our store, which picks winners and keeps conflicts.
-5. ``ae.merge`` (push): our entries for keys the peer lacks or has with another digest, except
-   those now equal to the peer's (the pull just gave us its version, and it won here).
+3. ``ae.leaves``: the item ids (8 bytes naming a (key, digest) pair) of the differing leaf
+   buckets, paged. Ids rather than keys: keys run to kilobytes, and most pairs of a differing
+   bucket are equal on both sides.
+4. ``ae.export`` (pull): the peer's entries for its ids we lack (a key we lack, or hold at
+   another version); merged into our store, which picks winners and keeps conflicts.
+5. ``ae.merge`` (push): our entries whose ids the peer lacks, except those whose pair now
+   equals one of the peer's (the pull just gave us its version, and it won here).
 
 Bytes grow with the difference: hashes of the differing paths (16 bytes x fanout per differing
-node), the pairs of the differing buckets (a few keys each), and the differing entries. Every
-message is bounded (config.reply_bytes / request_bytes) and checked (:mod:`.wire`).
+node), 8 bytes per pair of the differing buckets (a few pairs each), and the differing entries.
+Every message is bounded (config.reply_bytes / request_bytes) and checked (:mod:`.wire`).
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 from collections import Counter
@@ -31,7 +34,7 @@ import trio
 
 from drekifs.cluster.antientropy import wire
 from drekifs.cluster.antientropy.config import AntiEntropyConfig
-from drekifs.cluster.antientropy.hashtree import HASH_BYTES, HashTree
+from drekifs.cluster.antientropy.hashtree import HASH_BYTES, ITEM_ID_BYTES, HashTree
 from drekifs.cluster.antientropy.source import EntrySource
 from drekifs.cluster.antientropy.wire import Malformed, packed_size
 from drekifs.cluster.net import Network, PeerAddr, PeerUnreachable, RemoteError
@@ -222,20 +225,20 @@ class AntiEntropy:
         result.buckets = len(diff)
         remote = await self._listing(call, diff)
 
-        pull: list[bytes] = []
-        maybe_push: list[bytes] = []
+        pull: list[tuple[int, bytes]] = []  # (bucket, item id) of the peer's
+        maybe_push: list[bytes] = []  # our keys
         for bucket in diff:
-            theirs = remote.get(bucket, {})
-            ours = tree.bucket_items(bucket)
-            pull.extend(k for k, d in theirs.items() if ours.get(k) != d)
-            maybe_push.extend(k for k, d in ours.items() if theirs.get(k) != d)
+            theirs = remote.get(bucket, set())
+            ours = tree.item_ids(bucket)
+            pull.extend((bucket, i) for i in sorted(theirs) if i not in ours)
+            maybe_push.extend(k for i, k in ours.items() if i not in theirs)
         await self._pull(call, pull, result)
         if push:
-            # Keys whose winner here is now the peer's own version need not go back.
+            # Keys whose pair here is now the peer's (its version won here) need not go back.
             keys = []
             for k in maybe_push:
-                mine = tree.get(k)
-                if mine is not None and mine != remote.get(tree.bucket(k), {}).get(k):
+                mine = tree.item_id(k)
+                if mine is not None and mine not in remote.get(tree.bucket(k), ()):
                     keys.append(k)
             await self._push(call, keys, result)
 
@@ -283,44 +286,55 @@ class AntiEntropy:
             parts.append(wire.hashes(wire.field(reply, "hashes"), len(chunk) * fanout))
         return b"".join(parts)
 
-    async def _listing(self, call: Callable, buckets: list[int]) -> dict[int, dict[bytes, bytes]]:
-        """The peer's (key -> digest) pairs of ``buckets``, by bucket."""
-        config, tree = self.config, self.tree
-        out: dict[int, dict[bytes, bytes]] = {}
+    async def _listing(self, call: Callable, buckets: list[int]) -> dict[int, set[bytes]]:
+        """The peer's item ids in ``buckets``, by bucket."""
+        config = self.config
+        out: dict[int, set[bytes]] = {}
         todo, after = buckets, None
         while todo:
             chunk = todo[: config.max_items]
             reply = await call(LEAVES, {"buckets": chunk, "after": after})
-            keys = wire.key_list(wire.field(reply, "keys"), config, config.reply_bytes)
-            digests = wire.field(reply, "digests")
-            if not isinstance(digests, list) or len(digests) != len(keys):
-                raise Malformed("digests do not match keys")
-            wanted = set(chunk)
-            for k, d in zip(keys, digests, strict=True):
-                bucket = tree.bucket(k)
-                if bucket not in wanted:
-                    raise Malformed("a key from a bucket not asked for")
-                out.setdefault(bucket, {})[k] = wire.digest(d, config)
+            counts = wire.int_list(
+                wire.field(reply, "counts"), config.max_items + 1, config, "counts"
+            )
+            ids = wire.ids(wire.field(reply, "ids"), sum(counts))
             more = wire.field(reply, "next")
+            if len(counts) != len(chunk) if more is None else not 0 < len(counts) <= len(chunk):
+                raise Malformed("counts do not match the buckets")
+            at = 0
+            for bucket, count in zip(chunk, counts, strict=False):
+                got = out.setdefault(bucket, set())
+                for j in range(at, at + count * ITEM_ID_BYTES, ITEM_ID_BYTES):
+                    got.add(ids[j : j + ITEM_ID_BYTES])
+                at += count * ITEM_ID_BYTES
             if more is None:
                 todo, after = todo[len(chunk) :], None
                 continue
-            if not isinstance(more, list) or len(more) != 2 or not keys:
+            if not isinstance(more, list) or len(more) != 2 or not ids or not counts:
                 raise Malformed("bad continuation")
-            todo = todo[wire.integer(more[0], 0, len(chunk), "next") :]
-            after = wire.key(more[1], config)
+            if wire.integer(more[0], 0, len(chunk), "next") != len(counts) - 1:
+                raise Malformed("bad continuation")
+            todo = todo[len(counts) - 1 :]
+            after = wire.ids(more[1], 1)
         return out
 
-    async def _pull(self, call: Callable, keys: list[bytes], result: SyncResult) -> None:
-        config = self.config
+    async def _pull(
+        self, call: Callable, items: list[tuple[int, bytes]], result: SyncResult
+    ) -> None:
+        """The peer's entries for ``items`` ((bucket, item id)), merged here."""
+        config, tree = self.config, self.tree
+        limit = max(1, min(config.max_items, config.request_bytes // (ITEM_ID_BYTES + 4)))
         start = 0
-        while start < len(keys):
-            chunk = self._key_chunk(keys, start)
-            reply = await call(EXPORT, {"keys": chunk})
+        while start < len(items):
+            chunk = items[start : start + limit]
+            reply = await call(
+                EXPORT,
+                {"buckets": [b for b, _ in chunk], "ids": b"".join(i for _, i in chunk)},
+            )
             done = wire.integer(wire.field(reply, "done"), 1, len(chunk) + 1, "done")
             entries = wire.entries(wire.field(reply, "entries"), config)
-            asked = set(chunk[:done])
-            if any(k not in asked for k, _ in entries):
+            asked = {b for b, _ in chunk[:done]}
+            if len(entries) > done or any(tree.bucket(k) not in asked for k, _ in entries):
                 raise Malformed("an entry not asked for")
             result.pulled += len(entries)
             result.changed_here += self._merge(entries)
@@ -337,16 +351,6 @@ class AntiEntropy:
             result.changed_there += wire.integer(
                 wire.field(reply, "changed"), 0, len(page) + 1, "changed"
             )
-
-    def _key_chunk(self, keys: list[bytes], start: int) -> list[bytes]:
-        """As many keys from ``start`` as one request may carry (at least one)."""
-        config = self.config
-        size, end = 0, start
-        limit = min(len(keys), start + config.max_items)
-        while end < limit and (end == start or size + len(keys[end]) <= config.request_bytes):
-            size += len(keys[end])
-            end += 1
-        return keys[start:end]
 
     # -- Both sides ---------------------------------------------------------------------------
 
@@ -420,29 +424,46 @@ class AntiEntropy:
         buckets = wire.int_list(wire.field(args, "buckets"), tree.shape.leaves, config, "buckets")
         after = wire.field(args, "after")
         if after is not None:
-            after = wire.key(after, config)
-        keys: list[bytes] = []
-        digests: list[bytes] = []
-        size = last = 0
+            after = wire.ids(after, 1)
+        # Per bucket: its item ids, sorted (``after`` continues within the first bucket).
+        limit = max(1, min(config.max_items, config.reply_bytes // (ITEM_ID_BYTES + 1)))
+        ids: list[bytes] = []
+        counts: list[int] = []
         for i, bucket in enumerate(buckets):
-            items = tree.bucket_items(bucket)
-            for k in sorted(items):
-                if i == 0 and after is not None and k <= after:
+            counts.append(0)
+            for item in sorted(tree.item_ids(bucket)):
+                if i == 0 and after is not None and item <= after:
                     continue
-                d = items[k]
-                cost = len(k) + len(d) + 8  # msgpack headers, generously
-                if keys and (size + cost > config.reply_bytes or len(keys) >= config.max_items):
-                    return {"keys": keys, "digests": digests, "next": [last, keys[-1]]}
-                keys.append(k)
-                digests.append(d)
-                size += cost
-                last = i
-        return {"keys": keys, "digests": digests, "next": None}
+                if len(ids) >= limit:
+                    while counts[-1] == 0:  # end the page at the bucket of its last id
+                        counts.pop()
+                    return {
+                        "ids": b"".join(ids),
+                        "counts": counts,
+                        "next": [len(counts) - 1, ids[-1]],
+                    }
+                ids.append(item)
+                counts[-1] += 1
+        return {"ids": b"".join(ids), "counts": counts, "next": None}
 
     def _on_export(self, args: Any) -> dict[str, Any]:
-        keys = wire.key_list(wire.field(args, "keys"), self.config, self.config.request_bytes)
-        page, done = self._export_page(keys, 0, self.config.reply_bytes)
-        return {"entries": page, "done": done}
+        config, tree = self.config, self.tree
+        buckets = wire.int_list(wire.field(args, "buckets"), tree.shape.leaves, config, "buckets")
+        ids = wire.ids(wire.field(args, "ids"), len(buckets))
+        keys: list[bytes] = []
+        done: list[int] = []  # how many of the asked items are covered by keys[:n]
+        cache: dict[int, dict[bytes, bytes]] = {}
+        for j, bucket in enumerate(buckets):
+            if bucket not in cache:
+                cache[bucket] = tree.item_ids(bucket)
+            key = cache[bucket].get(ids[j * ITEM_ID_BYTES : (j + 1) * ITEM_ID_BYTES])
+            if key is not None:  # None: written or collected since the listing
+                keys.append(key)
+            done.append(len(keys))
+        page, taken = self._export_page(keys, 0, config.reply_bytes)
+        # Items answered: all up to the first one whose key did not make it into the page.
+        answered = bisect.bisect_right(done, taken) if taken < len(keys) else len(buckets)
+        return {"entries": page, "done": max(1, answered) if buckets else 0}
 
     def _on_merge(self, args: Any) -> dict[str, Any]:
         entries = wire.entries(wire.field(args, "entries"), self.config)

@@ -9,12 +9,14 @@ Requests and replies (all dicts with short str keys):
 - ``ae.root``   {shape: [fanout_bits, depth], root: hash} ->
   {root: hash, children: concatenated child hashes | None when the roots agree}
 - ``ae.nodes``  {level: L, nodes: [index]} -> {hashes: concatenated child hashes, in order}
-- ``ae.leaves`` {buckets: [bucket], after: key | None} ->
-  {keys: [key], digests: [digest], next: [i, key] | None}: the pairs of the buckets in order,
-  keys sorted within a bucket, ``after`` skipping the first bucket's keys up to it; ``next``
-  says where to continue (``buckets[i:]``, after ``key``) when the reply filled up.
-- ``ae.export`` {keys: [key]} -> {entries: [[key, entry]], done: n}: the first ``n`` keys were
-  handled (absent ones give no entry); ask again for the rest.
+- ``ae.leaves`` {buckets: [bucket], after: id | None} ->
+  {ids: concatenated item ids, counts: [n per bucket], next: [i, id] | None}: the item ids
+  (8 bytes naming a (key, digest) pair, see hashtree.ITEM_ID_BYTES) of the buckets in order,
+  sorted within a bucket, ``after`` skipping the first bucket's ids up to it; ``next`` says
+  where to continue (``buckets[i:]``, after ``id``) when the reply filled up.
+- ``ae.export`` {buckets: [bucket], ids: concatenated item ids, one per bucket} ->
+  {entries: [[key, entry]], done: n}: the first ``n`` items were handled (an id no longer
+  there gives no entry); ask again for the rest.
 - ``ae.merge``  {entries: [[key, entry]]} -> {changed: n}
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 import msgpack
 
 from drekifs.cluster.antientropy.config import AntiEntropyConfig
-from drekifs.cluster.antientropy.hashtree import HASH_BYTES
+from drekifs.cluster.antientropy.hashtree import HASH_BYTES, ITEM_ID_BYTES
 
 
 class Malformed(ValueError):
@@ -62,25 +64,16 @@ def key(value: Any, config: AntiEntropyConfig) -> bytes:
     return value
 
 
-def key_list(value: Any, config: AntiEntropyConfig, max_bytes: int) -> list[bytes]:
-    """At most ``config.max_items`` keys, of ``max_bytes`` together."""
-    if not isinstance(value, list) or len(value) > config.max_items:
-        raise Malformed("keys: not a list, or too long")
-    keys = [key(k, config) for k in value]
-    if sum(map(len, keys)) > max_bytes:
-        raise Malformed("keys: too many bytes")
-    return keys
-
-
-def digest(value: Any, config: AntiEntropyConfig) -> bytes:
-    if not isinstance(value, bytes) or not 0 < len(value) <= config.max_digest_bytes:
-        raise Malformed("bad digest")
-    return value
-
-
 def tree_hash(value: Any) -> bytes:
     if not isinstance(value, bytes) or len(value) != HASH_BYTES:
         raise Malformed("bad hash")
+    return value
+
+
+def ids(value: Any, count: int) -> bytes:
+    """``count`` item ids concatenated."""
+    if not isinstance(value, bytes) or len(value) != count * ITEM_ID_BYTES:
+        raise Malformed("bad item id list")
     return value
 
 
