@@ -375,6 +375,7 @@ class Daemon:
         files.add("members", lambda: peer.members_text() if peer else alone, volatile=True)
         files.add("members.json", lambda: peer.members_json() if peer else "[]\n", volatile=True)
         files.add("cluster", lambda: peer.counters_text() if peer else alone, volatile=True)
+        files.add("replication", lambda: peer.replication_text() if peer else alone, volatile=True)
         return files
 
     def _world_changed(self, old: Snapshot | None, new: Snapshot) -> None:

@@ -24,10 +24,12 @@ from typing import Any
 import trio
 
 from ..stores.base import Store
+from ..stores.lmdbstore import LmdbStore
 from ..urn import is_valid_store_name
 from ..world.model import World
 from .keyring import KeyRing, KeyRingError
 from .net import PeerAddr, RemoteError
+from .replication import Replication
 from .storerpc import StoreClient, StoreService
 from .swim import Membership, SwimConfig
 from .transport import Transport
@@ -102,9 +104,15 @@ class Peer:
         # Set by the daemon: (owner node, store, changed keys) -> invalidate what is cached.
         self.on_remote_change: Callable[[str, str, list], None] = lambda o, s, k: None
         meta = {"stores": sorted(local_stores), "version": version}
+        # One datagram handler slot on the transport: Plumtree's datagrams, then SWIM's.
+        self._mux = DatagramMux(self.transport)
+        self.replication: Replication | None = None
+        if "global" in stores and isinstance(stores["global"], LmdbStore):
+            self.replication = Replication(node, self._mux, stores["global"])
+            self._mux.first = self.replication.broadcast.handle_datagram
         self.membership = Membership(
             node,
-            self.transport,
+            self._mux,
             SwimConfig(),
             incarnation=incarnation,
             meta=meta,
@@ -113,6 +121,8 @@ class Peer:
         self.membership.watchers.append(
             lambda info: on_members_changed(info.name, _stores_in(info.meta))
         )
+        self._members_moved = trio.Event()
+        self.membership.watchers.append(lambda info: self._members_moved.set())
         self._addrs: dict[str, PeerAddr] = {}
         self._world_moved = trio.Event()
         self._clients: dict[tuple[str, str], StoreClient] = {}
@@ -133,6 +143,27 @@ class Peer:
             addrs[name] = (ip, node.address.port)
         self._addrs = addrs
         self.membership.set_seeds({n: a for n, a in addrs.items() if n != self.node})
+
+    def alive(self) -> dict[str, PeerAddr]:
+        return {
+            m.name: m.addr
+            for m in self.membership.members()
+            if m.state == "alive" and m.addr is not None
+        }
+
+    async def _follow_members(self) -> None:
+        """Replication's peers follow membership (at most every 0.5 s: members change in
+        bursts); the first time others are alive, catch up with one of them."""
+        assert self.replication is not None
+        caught_up = False
+        while True:
+            await self._members_moved.wait()
+            self._members_moved = trio.Event()
+            alive = self.alive()
+            self.replication.set_members(alive)
+            if not caught_up and len(alive) > 1:
+                caught_up = await self.replication.catch_up(alive)
+            await trio.sleep(0.5)
 
     def update_world(self, world: World) -> None:
         """The DNS world changed (called from the world watcher): seeds follow, soon."""
@@ -155,6 +186,9 @@ class Peer:
             nursery.start_soon(self._follow_keyring)
             nursery.start_soon(self._follow_world)
             nursery.start_soon(self.service.run_notifier, self.transport)
+            if self.replication is not None:
+                await nursery.start(self.replication.run)
+                nursery.start_soon(self._follow_members)
             log.info(
                 "peer %s listening on port %d (key %s)",
                 self.node,
@@ -248,6 +282,11 @@ class Peer:
             lines.append(f"{r['node']} {r['state']} {r['address']} {r['incarnation']} {since}")
         return "\n".join(lines) + "\n"
 
+    def replication_text(self) -> str:
+        if self.replication is None:
+            return "no global store\n"
+        return json.dumps(self.replication.stats(), indent=1, default=str) + "\n"
+
     def members_json(self) -> str:
         return json.dumps(self.member_rows(), indent=1) + "\n"
 
@@ -255,6 +294,34 @@ class Peer:
         counters = dict(self.transport.counters)
         counters.update((f"swim.{k}", v) for k, v in self.membership.counters.items())
         return "".join(f"{k} {v}\n" for k, v in sorted(counters.items()))
+
+
+class DatagramMux:
+    """The transport, with its single datagram handler shared: ``first`` (Plumtree) sees each
+    datagram and says whether it was its own; the others go to the handler set here (SWIM)."""
+
+    def __init__(self, net: Transport) -> None:
+        self.net = net
+        self.addr = net.addr
+        self.first: Callable[[PeerAddr, Any], bool] = lambda src, msg: False
+        self._rest: Callable[[PeerAddr, Any], None] = lambda src, msg: None
+        net.on_datagram(self._datagram)
+
+    def _datagram(self, src: PeerAddr, msg: Any) -> None:
+        if not self.first(src, msg):
+            self._rest(src, msg)
+
+    def on_datagram(self, handler: Callable[[PeerAddr, Any], None]) -> None:
+        self._rest = handler
+
+    def send_datagram(self, to: PeerAddr, msg: Any) -> None:
+        self.net.send_datagram(to, msg)
+
+    async def call(self, to: PeerAddr, method: str, args: Any, *, timeout: float) -> Any:
+        return await self.net.call(to, method, args, timeout=timeout)
+
+    def register(self, method: str, handler: Any) -> None:
+        self.net.register(method, handler)
 
 
 def _stores_in(meta: Any) -> tuple[str, ...] | None:

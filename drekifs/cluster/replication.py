@@ -1,0 +1,209 @@
+"""The global store, replicated: every write broadcast (Plumtree), every replica repaired
+(anti-entropy), every version merged by the store's own rules (stores/conflicts.py).
+
+:class:`GlobalReplica` is the store as both protocols see it — Plumtree's message cache
+(message id = entry key + version) and anti-entropy's entry source — and :class:`Replication`
+runs them: a local write (a store change whose origin is not replication) is broadcast; every
+change, local or merged, updates the hash tree; membership gives both their peers.
+
+On the wire an entry is ``[record (Record.pack()), value or None]``; a message id is
+``hlc (8 bytes) | length of peer (1) | peer | key``.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any
+
+import trio
+
+from ..stores.lmdbstore import LmdbStore, entry_key
+from ..stores.record import Record
+from ..stores.version import Version
+from .antientropy import AntiEntropy, HashTree
+from .net import Network, PeerAddr
+from .plumtree import Broadcast, PlumtreeConfig
+
+log = logging.getLogger(__name__)
+
+ORIGIN = "replication"
+_HLC = struct.Struct(">Q")
+SEND_EVERY = 0.02  # seconds local writes gather before they are broadcast
+BUILD_CHUNK = 5_000  # keys hashed into the tree per step at start, between other work
+
+
+def message_id(key: bytes, version: Version) -> bytes:
+    peer = version.peer.encode()[:255]
+    return _HLC.pack(version.hlc) + bytes([len(peer)]) + peer + key
+
+
+def split_message_id(mid: bytes) -> tuple[bytes, Version]:
+    """The entry key and the version a message id names; ValueError when it names none."""
+    if len(mid) < 10:
+        raise ValueError("not a message id")
+    n = mid[8]
+    peer, key = mid[9 : 9 + n], mid[9 + n :]
+    if len(peer) != n or not key:
+        raise ValueError("not a message id")
+    return key, Version(_HLC.unpack(mid[:8])[0], peer.decode("utf-8", "replace"))
+
+
+def _entry(raw: Any) -> tuple[Record, bytes | None]:
+    if not isinstance(raw, list | tuple) or len(raw) != 2:
+        raise ValueError("an entry is [record, value]")
+    packed, value = raw
+    if not isinstance(packed, bytes) or not (value is None or isinstance(value, bytes)):
+        raise ValueError("an entry is [record bytes, value bytes or nil]")
+    rec = Record.unpack(packed)
+    if rec.version is None:
+        raise ValueError("a replicated entry has a version")
+    return rec, value
+
+
+class GlobalReplica:
+    """The global store as Plumtree's MessageStore and anti-entropy's EntrySource."""
+
+    def __init__(self, store: LmdbStore) -> None:
+        self.store = store
+        self.merged = 0  # entries from peers that changed something here
+
+    # -- Plumtree --------------------------------------------------------------------------
+
+    def has(self, mid: bytes) -> bool:
+        key, version = split_message_id(mid)
+        return self.store.has_version(key, version)
+
+    def get(self, mid: bytes) -> Any | None:
+        key, version = split_message_id(mid)
+        exported = self.store.export(key)
+        if exported is None or exported[0].version != version:
+            return None  # superseded: the newer version travels on its own
+        rec, value = exported
+        return [rec.pack(), value]
+
+    def deliver(self, mid: bytes, payload: Any) -> bool:
+        key, _ = split_message_id(mid)
+        rec, value = _entry(payload)
+        return self._merge_one(key, rec, value)
+
+    # -- anti-entropy ----------------------------------------------------------------------
+
+    def digest(self, key: bytes) -> bytes | None:
+        return self.store.digest(key)
+
+    def export(self, keys: list[bytes]) -> list[tuple[bytes, Any]]:
+        out = []
+        for key in keys:
+            exported = self.store.export(key)
+            if exported is not None:
+                out.append((key, [exported[0].pack(), exported[1]]))
+        return out
+
+    def merge(self, entries: list[tuple[bytes, Any]]) -> int:
+        checked = [(key, *_entry(raw)) for key, raw in entries]  # all checked before any applied
+        return sum(self._merge_one(key, rec, value) for key, rec, value in checked)
+
+    def _merge_one(self, key: bytes, rec: Record, value: bytes | None) -> bool:
+        if not isinstance(key, bytes) or key.count(b"\0") not in (1, 2):
+            raise ValueError("not an entry key")
+        if value is not None and len(value) > self.store.max_value:
+            raise ValueError("value larger than this store takes")
+        changed = self.store.merge(key, rec, value, ORIGIN)
+        self.merged += changed
+        return changed
+
+
+class Replication:
+    """Broadcast and anti-entropy for one peer's global store (run it in the peer's nursery)."""
+
+    def __init__(self, name: str, net: Network, store: LmdbStore) -> None:
+        self.name = name
+        self.store = store
+        self.replica = GlobalReplica(store)
+        self.tree = HashTree(ready=False)
+        self.broadcast = Broadcast(name, net, PlumtreeConfig(), self.replica)
+        self.antientropy = AntiEntropy(name, net, self.tree, self.replica)
+        self._running = False
+        # Local writes waiting to be broadcast: a burst on one key (create, write, chown,
+        # utimes) goes out once, as its last version, off the request path.
+        self._outgoing: dict[bytes, None] = {}
+        self._wake = trio.Event()
+        store.watchers.append(self._changed)
+
+    def _changed(self, loc: str, parts: tuple[bytes, ...], origin: object) -> None:
+        key = entry_key(loc, parts)
+        self.tree.update(key, self.store.digest(key))
+        if origin != ORIGIN:
+            self._outgoing[key] = None
+            self._wake.set()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await trio.sleep(SEND_EVERY)
+            self._wake = trio.Event()
+            keys, self._outgoing = self._outgoing, {}
+            for key in keys:
+                exported = self.store.export(key)
+                if exported is None or exported[0].version is None:
+                    continue
+                rec, value = exported
+                try:
+                    self.broadcast.broadcast(message_id(key, rec.version), [rec.pack(), value])
+                except ValueError as e:  # an id too long to send: anti-entropy carries it
+                    log.warning("not broadcast: %s", e)
+
+    def set_members(self, alive: dict[str, PeerAddr]) -> None:
+        """The live members (this peer may be among them): neighbours and exchange partners."""
+        self.broadcast.set_neighbours(alive)
+        self.antientropy.set_peers(alive)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.broadcast.run)
+            self._running = True
+            nursery.start_soon(self._send_loop)
+            task_status.started()
+            await self._build_tree()
+            nursery.start_soon(self.antientropy.run)
+
+    async def _build_tree(self) -> None:
+        """The tree from what is on disk, a chunk at a time (reads go on meanwhile); changes
+        made during the build are applied on top (the tree takes updates while building)."""
+        self.tree.start_build()
+        items = self.store.iter_digests()
+        while True:
+            chunk = [item for _, item in zip(range(BUILD_CHUNK), items, strict=False)]
+            if not chunk:
+                break
+            self.tree.build(chunk)
+            await trio.sleep(0)
+        self.tree.finish_build()
+        log.info("replication: hash tree of %d global entries ready", len(self.tree))
+
+    async def catch_up(self, alive: dict[str, PeerAddr]) -> bool:
+        """A (re)joining peer: exchange with live peers until one full sync succeeds."""
+        while not self.tree.ready:
+            await trio.sleep(0.05)
+        for name in sorted(alive, key=lambda _: self.antientropy.rng.random()):
+            if name == self.name:
+                continue
+            try:
+                with trio.move_on_after(60):
+                    result = await self.antientropy.full_sync(alive[name])
+                    log.info("replication: caught up with %s (%s)", name, result)
+                    return True
+            except Exception as e:  # unreachable, refused, malformed: try another one
+                log.info("replication: catching up with %s failed: %s", name, e)
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "broadcast": self.broadcast.stats(),
+            "antientropy": self.antientropy.stats(),
+            "merged": self.replica.merged,
+            "conflicts": self.store.conflicts,
+            "tree_keys": len(self.tree),
+            "tree_ready": self.tree.ready,
+        }
