@@ -196,3 +196,38 @@ def test_foreign_keyring_and_junk(cluster, tmp_path, mount_world) -> None:
     udp = sum(int(v) for k, v in counters.items() if k.startswith("udp.dropped"))
     tcp = sum(int(v) for k, v in counters.items() if k.startswith(("tcp.dropped", "tcp.refused")))
     assert udp >= 950 and tcp >= 1, counters
+
+
+def test_global_store_replicates(cluster) -> None:
+    mounts, _, _, _ = cluster
+    a, b, c = (mounts[n].path for n in NODES)
+    # A write on one peer is readable on the others within a second; deletes too.
+    (a / "global" / "motd").write_text("hello from a\n")
+    t0 = time.monotonic()
+    for other in (b, c):
+        wait_for(
+            lambda other=other: (
+                (other / "global" / "motd").exists()
+                and (other / "global" / "motd").read_text() == "hello from a\n"
+            ),
+            timeout=3,
+            what="replicated",
+        )
+    assert time.monotonic() - t0 < 1.5
+    (b / "dc" / "global" / "d").mkdir()
+    (b / "dc" / "global" / "d" / "x").write_text("in a region\n")
+    wait_for(lambda: (a / "dc" / "global" / "d" / "x").exists(), timeout=3, what="region key")
+    os.unlink(a / "global" / "motd")
+    for other in (b, c):
+        wait_for(lambda other=other: not (other / "global" / "motd").exists(), timeout=3)
+    # A peer unmounted while others write catches up after its remount.
+    mounts["c"].umount()
+    for i in range(20):
+        (a / "global" / f"while-away-{i}").write_text(f"{i}\n")
+    mounts["c"].remount()
+    wait_for(
+        lambda: all((c / "global" / f"while-away-{i}").exists() for i in range(20)),
+        timeout=30,
+        what="c caught up",
+    )
+    assert (c / "global" / "while-away-7").read_text() == "7\n"
