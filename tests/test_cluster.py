@@ -231,3 +231,31 @@ def test_global_store_replicates(cluster) -> None:
         what="c caught up",
     )
     assert (c / "global" / "while-away-7").read_text() == "7\n"
+
+
+def test_concurrent_writes_converge_with_a_conflict_copy(cluster) -> None:
+    mounts, _, _, zone_path = cluster
+    a, b = mounts["a"].path, mounts["b"].path
+    (a / "global" / "shared").write_text("base\n")
+    wait_for(lambda: (b / "global" / "shared").exists(), timeout=3, what="base replicated")
+    # B goes away and writes alone (no key ring: it cannot hear A), while A writes too.
+    mb = mounts["b"]
+    mb.umount()
+    drekifs("mount", "--data-dir", mb.data_dir, "--zone", zone_path, "--node", "b", mb.path)
+    (b / "global" / "shared").write_text("written by b alone\n")
+    (a / "global" / "shared").write_text("written by a\n")
+    drekifs("umount", mb.path)
+    mb.remount()  # with the key ring again: it catches up, both ways
+    expected = None
+    for m in (a, b):
+        wait_for(
+            lambda m=m: len([n for n in os.listdir(m / "global") if n.startswith("shared")]) == 2,
+            timeout=45,
+            what="winner and conflict copy",
+        )
+        names = sorted(n for n in os.listdir(m / "global") if n.startswith("shared"))
+        texts = [(m / "global" / n).read_text() for n in names]
+        assert names[0] == "shared" and ".dreki-conflict-" in names[1]
+        assert sorted(texts) == ["written by a\n", "written by b alone\n"]
+        expected = expected or (names, texts)
+        assert (names, texts) == expected  # the same winner and the same copy on both
