@@ -156,6 +156,7 @@ class Peer:
         bursts); the first time others are alive, catch up with one of them."""
         assert self.replication is not None
         caught_up = False
+        before: set[str] = set()
         while True:
             await self._members_moved.wait()
             self._members_moved = trio.Event()
@@ -163,6 +164,12 @@ class Peer:
             self.replication.set_members(alive)
             if not caught_up and len(alive) > 1:
                 caught_up = await self.replication.catch_up(alive)
+            elif caught_up:
+                # Members back from a partition (or a restart) wrote meanwhile: repair now,
+                # not at the next periodic exchange.
+                for name in sorted(set(alive) - before - {self.node}):
+                    await self.replication.exchange(name, alive[name])
+            before = set(alive)
             await trio.sleep(0.5)
 
     def update_world(self, world: World) -> None:

@@ -198,6 +198,15 @@ class Replication:
                 log.info("replication: catching up with %s failed: %s", name, e)
         return False
 
+    async def exchange(self, name: str, addr: PeerAddr) -> None:
+        """One exchange with a member that just came back; failures are only logged."""
+        try:
+            with trio.move_on_after(30):
+                result = await self.antientropy.sync(addr)
+                log.info("replication: exchanged with %s, back: %s", name, result)
+        except Exception as e:
+            log.info("replication: exchange with %s failed: %s", name, e)
+
     def stats(self) -> dict[str, Any]:
         return {
             "broadcast": self.broadcast.stats(),
