@@ -100,6 +100,25 @@ def parse_size(text: str) -> int:
     return int(number) * _UNITS[unit]
 
 
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d``: seconds."""
+    t = text.strip().lower()
+    unit = t[-1:] if t[-1:] in _SECONDS else "s"
+    number = t[:-1] if t[-1:] in _SECONDS else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (e.g. 7d, 12h, 90s)"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration is not negative")
+    return value * _SECONDS[unit]
+
+
 def store_name(text: str) -> str:
     from .urn import is_valid_store_name
 
@@ -184,6 +203,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             max_global_value=args.max_global_value,
             max_local_value=args.max_local_value,
             keyring=Path(os.path.abspath(args.keyring)) if args.keyring else None,
+            tombstone_grace=args.tombstone_grace,
         )
     )
 
@@ -490,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=64 << 20,
         help="largest value of a local key (EFBIG beyond; default 64MiB)",
+    )
+    p.add_argument(
+        "--tombstone-grace",
+        metavar="DURATION",
+        type=parse_duration,
+        default=7 * 86400.0,
+        help="how long a delete of a global key is remembered (default 7d; e.g. 12h, 90s)",
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_mount)

@@ -55,6 +55,7 @@ class MountConfig:
     max_global_value: int = 1 << 20
     max_local_value: int = 64 << 20
     keyring: Path | None = None  # without one, this peer runs alone
+    tombstone_grace: float = 7 * 86400.0  # seconds a delete of a global key is remembered
 
 
 # -- mount table ---------------------------------------------------------------------------------
@@ -306,6 +307,7 @@ class Daemon:
                 incarnation=local.meta_int("incarnation"),
                 save_incarnation=lambda n: local.set_meta_int("incarnation", n),
                 on_members_changed=self._members_changed,
+                tombstone_grace=config.tombstone_grace,
                 version=__version__,
             )
         except KeyRingError as e:

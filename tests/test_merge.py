@@ -144,3 +144,19 @@ def test_every_order_gives_the_same_winner(spec, rnd) -> None:
         assert current is not None
         outcomes.add(current.version)
     assert len(outcomes) == 1
+
+
+def test_old_tombstones_are_collected_recent_ones_kept(tmp_path: Path) -> None:
+    a = replica(tmp_path, "a")  # its clock starts at 1,000,000 ms
+    write(a, (b"old",), b"x")
+    write(a, (b"new",), b"y")
+    a.remove(LOC, (b"old",), is_dir=False)
+    a.remove(LOC, (b"new",), is_dir=False)
+    old_ms = a._record(entry_key(LOC, (b"old",))).version.hlc >> 16  # type: ignore[union-attr]
+    seen: list[tuple[bytes, ...]] = []
+    a.watchers.append(lambda loc, parts, origin: seen.append(parts))
+    assert a.collect_tombstones(cutoff_ms=old_ms + 1) == 1  # only the older delete
+    assert a._record(entry_key(LOC, (b"old",))) is None
+    assert a._record(entry_key(LOC, (b"new",))).kind == TOMBSTONE  # type: ignore[union-attr]
+    assert a.digest(entry_key(LOC, (b"old",))) is None and seen == [(b"old",)]
+    assert a.collect_tombstones(cutoff_ms=old_ms + 1) == 0

@@ -84,6 +84,7 @@ class Peer:
         incarnation: int,
         on_members_changed: Callable[[str, tuple[str, ...] | None], None] = lambda n, s: None,
         version: str = "",
+        tombstone_grace: float = 7 * 86400.0,
     ) -> None:
         self.world = world
         self.node = node
@@ -108,7 +109,9 @@ class Peer:
         self._mux = DatagramMux(self.transport)
         self.replication: Replication | None = None
         if "global" in stores and isinstance(stores["global"], LmdbStore):
-            self.replication = Replication(node, self._mux, stores["global"])
+            self.replication = Replication(
+                node, self._mux, stores["global"], tombstone_grace=tombstone_grace
+            )
             self._mux.first = self.replication.broadcast.handle_datagram
         self.membership = Membership(
             node,

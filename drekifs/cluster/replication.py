@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from typing import Any
 
 import trio
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 ORIGIN = "replication"
 _HLC = struct.Struct(">Q")
+TOMBSTONE_GRACE = 7 * 86400.0  # seconds a delete is remembered (DESIGN §4)
+COLLECT_EVERY = 3600.0
 SEND_EVERY = 0.02  # seconds local writes gather before they are broadcast
 BUILD_CHUNK = 5_000  # keys hashed into the tree per step at start, between other work
 
@@ -117,9 +120,17 @@ class GlobalReplica:
 class Replication:
     """Broadcast and anti-entropy for one peer's global store (run it in the peer's nursery)."""
 
-    def __init__(self, name: str, net: Network, store: LmdbStore) -> None:
+    def __init__(
+        self,
+        name: str,
+        net: Network,
+        store: LmdbStore,
+        tombstone_grace: float = TOMBSTONE_GRACE,
+    ) -> None:
         self.name = name
         self.store = store
+        self.tombstone_grace = tombstone_grace
+        self.collected = 0
         self.replica = GlobalReplica(store)
         self.tree = HashTree(ready=False)
         self.broadcast = Broadcast(name, net, PlumtreeConfig(), self.replica)
@@ -167,6 +178,21 @@ class Replication:
             task_status.started()
             await self._build_tree()
             nursery.start_soon(self.antientropy.run)
+            nursery.start_soon(self._collect_loop)
+
+    async def _collect_loop(self) -> None:
+        """Tombstones older than the grace period go, a batch at a time, every hour."""
+        while True:
+            await trio.sleep(COLLECT_EVERY)
+            cutoff_ms = int((time.time() - self.tombstone_grace) * 1000)
+            while True:
+                gone = self.store.collect_tombstones(cutoff_ms)
+                self.collected += gone
+                if gone:
+                    log.info("replication: %d tombstones collected", gone)
+                await trio.sleep(0)
+                if gone < 10_000:
+                    break
 
     async def _build_tree(self) -> None:
         """The tree from what is on disk, a chunk at a time (reads go on meanwhile); changes
@@ -215,4 +241,6 @@ class Replication:
             "conflicts": self.store.conflicts,
             "tree_keys": len(self.tree),
             "tree_ready": self.tree.ready,
+            "tombstones_collected": self.collected,
+            "tombstone_grace_s": self.tombstone_grace,
         }

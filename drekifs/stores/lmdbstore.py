@@ -623,6 +623,34 @@ class LmdbStore:
         self._notify(loc, parts, origin)
         return True
 
+    def collect_tombstones(self, cutoff_ms: int, limit: int = 10_000) -> int:
+        """Forget tombstones of deletes older than ``cutoff_ms`` (wall clock): their key leaves
+        the store and the hash tree. At most ``limit`` per call (the caller comes back)."""
+        if not self.replicated:
+            return 0
+        old: list[bytes] = []
+        with self.env.begin(db=self._entries) as txn:
+            for key, raw in txn.cursor():
+                rec = Record.unpack(raw)
+                if rec.kind == TOMBSTONE and rec.version and rec.version.hlc >> 16 < cutoff_ms:
+                    old.append(key)
+                    if len(old) >= limit:
+                        break
+        for layer in self._layers():  # deletes not on disk yet
+            old.extend(k for k, r in layer.entries.items() if r is not None and not r.alive)
+        gone = 0
+        for key in dict.fromkeys(old):
+            rec = self._record(key)  # the pending layers may have moved on since
+            if rec is None or rec.kind != TOMBSTONE or rec.version is None:
+                continue
+            if rec.version.hlc >> 16 >= cutoff_ms:
+                continue
+            self._put(key, None)
+            loc, parts = split_key(key)
+            self._notify(loc, parts, "replication")
+            gone += 1
+        return gone
+
     def _keep_copy(
         self, loc: str, parts: Parts, loser: Record, value: bytes | None, origin: object
     ) -> bool:
