@@ -193,7 +193,12 @@ class Operations(pyfuse3.Operations):
             self.invalidator.entry(parent_ino, parts[-1])
             self.invalidator.inode(parent_ino)
             if rec is not None:
-                self.invalidator.inode(inodes.pack(root.alias, slot, rec.eid))
+                ino = inodes.pack(root.alias, slot, rec.eid)
+                if self.files.get(store, rec.eid) is not None:
+                    # Open here: its readers keep their pages (close-to-open), sizes follow.
+                    self.invalidator.attributes(ino)
+                else:
+                    self.invalidator.inode(ino)
 
     # -- resolving inodes ------------------------------------------------------------------
 
