@@ -76,6 +76,8 @@ METHODS = [
     "rmxattr",
     "sync",
 ]
+# Answered from memory and LMDB without waiting on anything (not sync, not a staged upload).
+INSTANT = frozenset({"open", "lookup", "stat", "locate", "list", "read"})
 SETTABLE = frozenset({"perm", "uid", "gid", "mtime_ns", "atime_ns", "ctime_ns"})
 ORIGIN = "remote"
 
@@ -122,7 +124,11 @@ class StoreService:
 
     def register(self, net: Network) -> None:
         for name in METHODS:
-            net.register(f"store.{name}", self._wrap(getattr(self, f"_{name}")))
+            handler = self._wrap(getattr(self, f"_{name}"))
+            if name in INSTANT and hasattr(net, "addr") and _takes_inline(net):
+                net.register(f"store.{name}", handler, inline=True)  # type: ignore[call-arg]
+            else:
+                net.register(f"store.{name}", handler)
 
     def _subscribe(self, caller: str, store: str) -> None:
         now = trio.current_time()
@@ -315,6 +321,12 @@ class StoreService:
 async def _notify(net: Network, addr: PeerAddr, args: dict) -> None:
     with contextlib.suppress(PeerUnreachable, RemoteError):  # best effort: caches expire
         await net.call(addr, "store.changed", args, timeout=1.0)
+
+
+def _takes_inline(net: Network) -> bool:
+    import inspect
+
+    return "inline" in inspect.signature(net.register).parameters
 
 
 def _fields(f: Any) -> dict[str, int]:

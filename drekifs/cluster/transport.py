@@ -97,8 +97,15 @@ class Transport:
 
     # -- the Network interface ----------------------------------------------------------------
 
-    def register(self, method: str, handler: CallHandler) -> None:
+    def register(self, method: str, handler: CallHandler, *, inline: bool = False) -> None:
+        """Serve ``method``. ``inline``: the handler never waits (no I/O, no lock), so it runs
+        in the connection's reader task, saving a task per call; a slow one would hold up the
+        other calls of its connection."""
         self._server.handlers[method] = handler
+        if inline:
+            self._server.inline.add(method)
+        else:
+            self._server.inline.discard(method)
 
     def on_datagram(self, handler: DatagramHandler) -> None:
         self._on_datagram = handler
