@@ -160,3 +160,15 @@ def test_old_tombstones_are_collected_recent_ones_kept(tmp_path: Path) -> None:
     assert a._record(entry_key(LOC, (b"new",))).kind == TOMBSTONE  # type: ignore[union-attr]
     assert a.digest(entry_key(LOC, (b"old",))) is None and seen == [(b"old",)]
     assert a.collect_tombstones(cutoff_ms=old_ms + 1) == 0
+
+
+def test_a_replica_away_too_long_drops_old_entries_of_others_keeps_its_own(tmp_path) -> None:
+    a = replica(tmp_path, "a")
+    write(a, (b"mine",), b"a wrote it")
+    theirs = Record(FILE, 0, size=3, version=Version((1_000_000 << 16) + 5, "z"))
+    a.merge(entry_key(LOC, (b"theirs",)), theirs, b"old")
+    recent = Record(FILE, 0, size=3, version=Version((9_000_000 << 16), "z"))
+    a.merge(entry_key(LOC, (b"recent",)), recent, b"new")
+    assert a.forget_stale(cutoff_ms=5_000_000) == 1
+    assert names(a) == [b"mine", b"recent"]
+    assert a.value_bytes == len(b"a wrote it") + 3

@@ -131,6 +131,7 @@ class Replication:
         self.store = store
         self.tombstone_grace = tombstone_grace
         self.collected = 0
+        self.dropped_stale = self._drop_if_stale()
         self.replica = GlobalReplica(store)
         self.tree = HashTree(ready=False)
         self.broadcast = Broadcast(name, net, PlumtreeConfig(), self.replica)
@@ -139,8 +140,26 @@ class Replication:
         # Local writes waiting to be broadcast: a burst on one key (create, write, chown,
         # utimes) goes out once, as its last version, off the request path.
         self._outgoing: dict[bytes, None] = {}
+        self._last_contact = 0
         self._wake = trio.Event()
         store.watchers.append(self._changed)
+
+    def _drop_if_stale(self) -> int:
+        """Away (no exchange with any peer) for longer than the tombstone grace period: what
+        others wrote before then may have been deleted and forgotten meanwhile; drop it before
+        serving, and fetch what still exists (the catch-up at start)."""
+        last = self.store.meta_int("last_contact_s")
+        if not last or time.time() - last <= self.tombstone_grace:
+            return 0
+        cutoff_ms = int((time.time() - self.tombstone_grace) * 1000)
+        return self.store.forget_stale(cutoff_ms)
+
+    def _contact(self) -> None:
+        """An exchange with a peer succeeded: remember when (at most once a minute)."""
+        now = int(time.time())
+        if now - self._last_contact >= 60:
+            self._last_contact = now
+            self.store.set_meta_int("last_contact_s", now)
 
     def _changed(self, loc: str, parts: tuple[bytes, ...], origin: object) -> None:
         key = entry_key(loc, parts)
@@ -179,6 +198,18 @@ class Replication:
             await self._build_tree()
             nursery.start_soon(self.antientropy.run)
             nursery.start_soon(self._collect_loop)
+            nursery.start_soon(self._contact_loop)
+
+    async def _contact_loop(self) -> None:
+        """Periodic exchanges count as contact too (anti-entropy's own loop runs them)."""
+        seen = 0
+        while True:
+            await trio.sleep(30)
+            c = self.antientropy.counters
+            done = c.get("in_sync", 0) + c.get("repairs", 0)  # exchanges that completed
+            if done != seen:
+                seen = done
+                self._contact()
 
     async def _collect_loop(self) -> None:
         """Tombstones older than the grace period go, a batch at a time, every hour."""
@@ -219,6 +250,7 @@ class Replication:
                 with trio.move_on_after(60):
                     result = await self.antientropy.full_sync(alive[name])
                     log.info("replication: caught up with %s (%s)", name, result)
+                    self._contact()
                     return True
             except Exception as e:  # unreachable, refused, malformed: try another one
                 log.info("replication: catching up with %s failed: %s", name, e)
@@ -230,6 +262,7 @@ class Replication:
             with trio.move_on_after(30):
                 result = await self.antientropy.sync(addr)
                 log.info("replication: exchanged with %s, back: %s", name, result)
+                self._contact()
         except Exception as e:
             log.info("replication: exchange with %s failed: %s", name, e)
 
@@ -242,5 +275,6 @@ class Replication:
             "tree_keys": len(self.tree),
             "tree_ready": self.tree.ready,
             "tombstones_collected": self.collected,
+            "stale_entries_dropped_at_start": self.dropped_stale,
             "tombstone_grace_s": self.tombstone_grace,
         }

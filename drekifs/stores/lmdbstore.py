@@ -651,6 +651,42 @@ class LmdbStore:
             gone += 1
         return gone
 
+    def forget_stale(self, cutoff_ms: int) -> int:
+        """Drop every entry whose version is older than ``cutoff_ms`` and was written by
+        another peer: for a replica away longer than the tombstone grace period, whose old
+        entries may have been deleted elsewhere with the tombstones since collected. What
+        still exists comes back from the peers; its own writes stay (never lose them)."""
+        if not self.replicated:
+            return 0
+        stale: list[bytes] = []
+        with self.env.begin(db=self._entries) as txn:
+            for key, raw in txn.cursor():
+                rec = Record.unpack(raw)
+                v = rec.version
+                if v is not None and v.peer != self.peer and v.hlc >> 16 < cutoff_ms:
+                    stale.append(key)
+        for layer in self._layers():  # merged, not on disk yet
+            stale.extend(k for k, r in layer.entries.items() if r is not None and r.version)
+        dropped = 0
+        for key in dict.fromkeys(stale):
+            rec = self._record(key)
+            v = rec.version if rec is not None else None
+            if rec is None or v is None or v.peer == self.peer or v.hlc >> 16 >= cutoff_ms:
+                continue
+            if rec.alive:
+                self._drop_value(rec)
+                self._set_eid(rec.eid, None)
+            self._put(key, None)
+            dropped += 1
+        if dropped:
+            log.warning(
+                "store %s: away past the tombstone grace period; %d old entries of other peers "
+                "dropped, to be fetched again",
+                self.name,
+                dropped,
+            )
+        return dropped
+
     def _keep_copy(
         self, loc: str, parts: Parts, loser: Record, value: bytes | None, origin: object
     ) -> bool:
