@@ -1,0 +1,151 @@
+"""Plumtree and anti-entropy together (drekifs.cluster.replsim) on the simulated network: the
+store's winner rule, writes through crashes, restarts and a partition with writes on both sides,
+convergence after the heal with no acknowledged write lost, determinism. All on trio's
+MockClock: simulated seconds cost only the CPU they need."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from drekifs.cluster.antientropy import TreeShape
+from drekifs.cluster.replication import message_id
+from drekifs.cluster.replsim import (
+    ANTIENTROPY,
+    BROADCAST,
+    LOCAL,
+    Outcome,
+    ReplConfig,
+    ReplicationCluster,
+    Scenario,
+    SimReplica,
+    run_scenario,
+    run_seeded,
+)
+from drekifs.cluster.sim import SimWorld
+from drekifs.stores.version import Version
+
+LINK = (0.019, 0.021)
+LOSS = 0.05
+
+
+def small(peers: int = 30, **kw: Any) -> Scenario:
+    """The bench's scenario, cut down: fewer peers and writes, the same shape in time."""
+    return Scenario(peers=peers, writes=kw.pop("writes", 40), keys=25, same_key_pairs=4, **kw)
+
+
+def simulate(seed: int, scenario: Scenario, config: ReplConfig | None = None) -> Outcome:
+    async def main() -> Outcome:
+        async with SimWorld(seed=seed, loss=LOSS, delay=LINK) as world:
+            return await run_scenario(world, scenario, config or ReplConfig(call_loss=LOSS))
+
+    return run_seeded(main, seed)
+
+
+def assert_sound(out: Outcome) -> None:
+    """Converged, nothing lost, no bug surfaced in either protocol."""
+    assert out.converged_after is not None, "no convergence after the heal"
+    assert out.lost == 0
+    for counter in ("internal_errors", "malformed", "store_errors", "ae_errors", "ae_bad_replies"):
+        assert out.totals.get(counter, 0) == 0, counter
+    assert out.totals.get("ae_bad_requests", 0) == 0
+    assert out.foreign == 0
+    assert all(c.seconds is not None for c in out.catch_ups), out.catch_ups
+
+
+# -- The store ------------------------------------------------------------------------------
+
+
+def mid(key: bytes, hlc: int, peer: str) -> bytes:
+    return message_id(key, Version(hlc, peer))
+
+
+async def test_replica_keeps_the_newer_version_and_its_tree(autojump_clock: Any) -> None:
+    a, b = SimReplica("a", TreeShape(4, 2)), SimReplica("b", TreeShape(4, 2))
+    hlc, peer, _ = a.write(b"k\0x", b"1")
+    m = mid(b"k\0x", hlc, peer)
+    assert a.has(m) and a.get(m) == [hlc, "a", b"1"]
+    assert not b.has(m) and b.get(m) is None
+    assert b.deliver(m, a.get(m)) and not b.deliver(m, a.get(m))
+    assert b.tree.root() == a.tree.root() and b.hlc >= hlc
+    # b writes over it (its clock is past a's version): the old id is superseded there.
+    newer = b.write(b"k\0x", b"2")
+    assert newer[:2] > (hlc, "a") and b.has(m) and b.get(m) is None
+    # An older version merged by anti-entropy changes nothing; the newer one does.
+    assert b.merge([(b"k\0x", [hlc, "a", b"1"])]) == 0
+    assert a.merge(b.export([b"k\0x"])) == 1
+    assert a.tree.root() == b.tree.root()
+    assert a.arrived[(b"k\0x", newer[0], "b")] == ANTIENTROPY
+    assert b.arrived[(b"k\0x", hlc, "a")] == BROADCAST
+    assert a.arrived[(b"k\0x", hlc, "a")] == LOCAL
+    # Ties break on the peer name, as Version.beats.
+    c = SimReplica("c", TreeShape(4, 2))
+    assert c.merge([(b"t\0", [7, "a", b"x"]), (b"t\0", [7, "b", b"y"])]) == 2
+    assert c.merge([(b"t\0", [7, "a", b"x"])]) == 0 and c.entries[b"t\0"][1] == "b"
+    # A payload that is not the version its id names is refused.
+    with pytest.raises(ValueError):
+        c.deliver(mid(b"t\0", 9, "a"), [8, "a", b"x"])
+    # A rebuilt tree (a restart) equals the one kept up to date.
+    root = a.tree.root()
+    a.rebuild_tree()
+    assert a.tree.root() == root and a.tree.ready
+
+
+# -- Whole runs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_converges_after_crashes_and_a_partition(seed: int) -> None:
+    out = simulate(seed, small())
+    assert_sound(out)
+    # Both protocols did their share: broadcast within each side, anti-entropy across it.
+    assert out.arrivals.get(BROADCAST, 0) > out.arrivals.get(ANTIENTROPY, 0) > 0
+    assert len(out.catch_ups) == 2
+    # The detection delay bounds the convergence after the heal, plus a few exchanges.
+    assert out.converged_after < ReplConfig().detect + 5
+
+
+def test_sixty_peers_converge() -> None:
+    assert_sound(simulate(7, small(60, writes=30)))
+
+
+def test_without_exchanges_on_rejoin_periodic_anti_entropy_converges() -> None:
+    """With no exchange on rejoin, only the periodic exchanges (every 20 s, jittered) repair
+    the two sides: slower, but they converge."""
+    config = ReplConfig(call_loss=LOSS, rejoin_exchanges=0)
+    out = simulate(4, small(writes=20), config)
+    assert_sound(out)
+    assert out.converged_after > ReplConfig().detect + 1
+    assert out.rejoins == 0
+
+
+def test_deterministic_for_a_seed() -> None:
+    def once() -> tuple[Any, ...]:
+        out = simulate(5, small(writes=20))
+        catch_ups = [(c.name, c.seconds, c.pulled) for c in out.catch_ups]
+        return out.converged_after, out.arrivals, out.messages, out.totals, catch_ups
+
+    assert once() == once()
+
+
+async def test_a_write_acknowledged_just_before_a_crash_is_not_lost(autojump_clock: Any) -> None:
+    """The writer crashes before its broadcast leaves (no push got out): the write is in its
+    durable store, and its catch-up after the restart pushes it to the others."""
+    async with SimWorld(seed=11, loss=0.0, delay=LINK) as world:
+        cluster = ReplicationCluster(world, 12, ReplConfig(detect=1.0))
+        await cluster.start()
+        cluster.write("node0003", b"k\0early", b"1")
+        await trio.sleep(1)
+        w = cluster.write("node0005", b"k\0late", b"2")
+        cluster.crash("node0005")  # at the same instant: its pushes are cancelled
+        await trio.sleep(3)
+        assert all(s.version(b"k\0early") is not None for s in cluster.stores.values())
+        assert [n for n, s in cluster.stores.items() if s.version(b"k\0late")] == ["node0005"]
+        cluster.restart("node0005")
+        assert await cluster.wait_converged(10) is not None
+        assert not cluster.lost_writes()
+        assert cluster.catch_ups[0].seconds is not None
+        held = {s.version(w.key) for s in cluster.stores.values()}
+        assert held == {(w.hlc, "node0005")}
