@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from .transport import Transport
 log = logging.getLogger(__name__)
 
 KEYRING_POLL = 2.0  # seconds between looks at the key ring file
+RETURN_EXCHANGES = 3  # members back at once (a heal): try up to this many, until one works
 DOWN_STATES = frozenset({"dead", "left"})
 
 
@@ -125,6 +127,7 @@ class Peer:
             lambda info: on_members_changed(info.name, _stores_in(info.meta))
         )
         self._members_moved = trio.Event()
+        self._rng = random.Random()
         self.membership.watchers.append(lambda info: self._members_moved.set())
         self._addrs: dict[str, PeerAddr] = {}
         self._world_moved = trio.Event()
@@ -170,8 +173,11 @@ class Peer:
             elif caught_up:
                 # Members back from a partition (or a restart) wrote meanwhile: repair now,
                 # not at the next periodic exchange.
-                for name in sorted(set(alive) - before - {self.node}):
-                    await self.replication.exchange(name, alive[name])
+                back = sorted(set(alive) - before - {self.node})
+                self._rng.shuffle(back)
+                for name in back[:RETURN_EXCHANGES]:  # not all: after a heal, all came back
+                    if await self.replication.exchange(name, alive[name]):
+                        break
             before = set(alive)
             await trio.sleep(0.5)
 

@@ -256,15 +256,18 @@ class Replication:
                 log.info("replication: catching up with %s failed: %s", name, e)
         return False
 
-    async def exchange(self, name: str, addr: PeerAddr) -> None:
-        """One exchange with a member that just came back; failures are only logged."""
+    async def exchange(self, name: str, addr: PeerAddr) -> bool:
+        """One exchange with a member that just came back; True if it completed (failures
+        are only logged)."""
         try:
             with trio.move_on_after(30):
                 result = await self.antientropy.sync(addr)
                 log.info("replication: exchanged with %s, back: %s", name, result)
                 self._contact()
+                return True
         except Exception as e:
             log.info("replication: exchange with %s failed: %s", name, e)
+        return False
 
     def stats(self) -> dict[str, Any]:
         return {
