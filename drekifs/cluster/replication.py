@@ -273,6 +273,7 @@ class Replication:
         return {
             "broadcast": self.broadcast.stats(),
             "antientropy": self.antientropy.stats(),
+            "local_writes_waiting": len(self._outgoing),
             "merged": self.replica.merged,
             "conflicts": self.store.conflicts,
             "tree_keys": len(self.tree),
