@@ -31,6 +31,7 @@ from ..stores.base import Key, Store
 from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes
+from .attrs import metadata_changes
 from .files import OpenFile, OpenFiles
 from .invalidate import Invalidator
 from .namespace import Entry, Kind, Namespace, diff
@@ -431,19 +432,7 @@ class Operations(pyfuse3.Operations):
                 del value[attr.st_size :]
                 value.extend(bytes(attr.st_size - len(value)))
                 rec = store.write_value(loc, parts, node.rec.eid, bytes(value), self)
-        changes: dict[str, Any] = {}
-        if fields.update_mode:
-            changes["perm"] = stat.S_IMODE(attr.st_mode)
-        if fields.update_uid:
-            changes["uid"] = attr.st_uid
-        if fields.update_gid:
-            changes["gid"] = attr.st_gid
-        if fields.update_mtime:
-            changes["mtime_ns"] = attr.st_mtime_ns
-        if fields.update_atime:
-            changes["atime_ns"] = attr.st_atime_ns
-        if fields.update_ctime:
-            changes["ctime_ns"] = attr.st_ctime_ns
+        changes = metadata_changes(attr, fields)
         if changes:
             if f is not None and f.dirty and "mtime_ns" in changes:
                 # The explicit time must win over the write's: bytes and times in one version.

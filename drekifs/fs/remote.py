@@ -37,6 +37,7 @@ from ..stores.base import Key
 from ..stores.record import FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes
+from .attrs import metadata_changes
 from .namespace import Entry, Kind, Namespace
 
 log = logging.getLogger(__name__)
@@ -299,17 +300,7 @@ class RemoteStores:
                 del value[attr.st_size :]
                 value.extend(bytes(attr.st_size - len(value)))
                 rec = await client.put(parts, rec.eid, bytes(value)) or rec
-        changes: dict[str, int] = {}
-        if fields.update_mode:
-            changes["perm"] = stat.S_IMODE(attr.st_mode)
-        if fields.update_uid:
-            changes["uid"] = attr.st_uid
-        if fields.update_gid:
-            changes["gid"] = attr.st_gid
-        if fields.update_mtime:
-            changes["mtime_ns"] = attr.st_mtime_ns
-        if fields.update_atime:
-            changes["atime_ns"] = attr.st_atime_ns
+        changes = metadata_changes(attr, fields)
         if changes:
             f = self._files.get(_file_key(client, rec.eid))
             if f is not None and f.dirty:
