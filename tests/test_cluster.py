@@ -247,7 +247,7 @@ def test_concurrent_writes_converge_with_a_conflict_copy(cluster) -> None:
     drekifs("umount", mb.path)
     mb.remount()  # with the key ring again: it catches up, both ways
     expected = None
-    for m in (a, b):
+    for m in (a, b, mounts["c"].path):  # every peer, the third one too
         wait_for(
             lambda m=m: len([n for n in os.listdir(m / "global") if n.startswith("shared")]) == 2,
             timeout=45,
