@@ -5,7 +5,8 @@ VENV ?= .venv
 DEMO_MOUNT ?= /tmp/dreki
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps test-deps venv lint bench clean
+.PHONY: demo test deps test-deps venv lint bench clean install
+PREFIX ?= /usr/local
 
 deps:
 	@PYTHON=$(PYTHON) packaging/install-deps.sh
@@ -35,6 +36,16 @@ test: test-deps
 bench: test-deps
 	@$(MAKE) --no-print-directory venv
 	$(VENV)/bin/python bench/find_world.py
+
+# This node's daemon for real: the command, the mount(8) helper, the systemd unit, a config.
+install: deps
+	@$(MAKE) --no-print-directory venv
+	ln -sf $(CURDIR)/$(VENV)/bin/drekifs $(PREFIX)/bin/drekifs
+	install -m 0755 packaging/mount.fuse.drekifs /sbin/mount.fuse.drekifs
+	install -m 0644 packaging/drekifs.service /etc/systemd/system/drekifs.service
+	install -d -m 0755 /etc/drekifs
+	test -e /etc/drekifs/drekifs.toml || install -m 0644 packaging/drekifs.toml /etc/drekifs/
+	@echo "installed; edit /etc/drekifs/drekifs.toml, then: systemctl enable --now drekifs"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

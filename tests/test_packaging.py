@@ -1,0 +1,55 @@
+"""What an operator installs: the systemd unit and the mount(8) helper."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import DREKIFS
+
+PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (PACKAGING / "drekifs.service").read_text()
+    # As installed, /usr/local/bin/drekifs is the venv's command: point there.
+    unit = unit.replace("/usr/local/bin/drekifs", DREKIFS)
+    (tmp_path / "drekifs.service").write_text(unit)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "drekifs.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    problems = [
+        line for line in (result.stdout + result.stderr).splitlines() if "drekifs.service" in line
+    ]
+    assert not problems, problems
+    for needed in ("Type=notify", "ExecStop=", "DeviceAllow=/dev/fuse rw"):
+        assert needed in unit
+    for hides_the_mount in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices"):
+        assert f"\n{hides_the_mount}=" not in unit
+
+
+def test_the_mount_helper_passes_fuse_options_and_drops_the_others(tmp_path: Path) -> None:
+    fake = tmp_path / "drekifs"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$(dirname "$0")/args"\n')
+    fake.chmod(0o755)
+    helper = PACKAGING / "mount.fuse.drekifs"
+    env = {"DREKIFS": str(fake), "PATH": "/usr/bin:/bin"}
+    subprocess.run(
+        [helper, "/etc/drekifs/drekifs.toml", "/dreki", "-o", "defaults,_netdev,allow_other,ro"],
+        check=True,
+        env=env,
+        timeout=10,
+    )
+    args = (tmp_path / "args").read_text().split("\n")[:-1]
+    assert args == [
+        "mount", "--config", "/etc/drekifs/drekifs.toml", "-o", "allow_other,ro", "/dreki"
+    ]  # fmt: skip
+    subprocess.run([helper, "C", "/m", "-o", "defaults,_netdev"], check=True, env=env, timeout=10)
+    assert (tmp_path / "args").read_text().split("\n")[:-1] == ["mount", "--config", "C", "/m"]
