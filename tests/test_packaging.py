@@ -53,3 +53,17 @@ def test_the_mount_helper_passes_fuse_options_and_drops_the_others(tmp_path: Pat
     ]  # fmt: skip
     subprocess.run([helper, "C", "/m", "-o", "defaults,_netdev"], check=True, env=env, timeout=10)
     assert (tmp_path / "args").read_text().split("\n")[:-1] == ["mount", "--config", "C", "/m"]
+
+
+@pytest.mark.mounted
+def test_make_demo_tour_runs_as_printed(tmp_path: Path) -> None:
+    """The three-peer demo (packaging/demo.sh, what `make demo` runs), with its tour checked."""
+    result = subprocess.run(
+        [PACKAGING / "demo.sh", tmp_path / "m", tmp_path / "d"],
+        env={"DEMO_CHECK": "1", "DREKIFS": DREKIFS, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tour: all as printed" in result.stdout
