@@ -181,31 +181,73 @@ def default_data_dir(world: str | None, zone: Path | None, node: str | None) -> 
     return base / world_part / (node.replace("/", "_") if node else "default")
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    from .daemon import MountConfig, mount
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+
+def _defer_defaults(p: argparse.ArgumentParser) -> None:
+    """Make the options' defaults None, so that a flag given can be told from one not given;
+    the built-in defaults go to ``args.mount_defaults``, used when the config file is silent."""
+    defaults = {}
+    for action in p._actions:
+        if action.dest in ("help", "config") or action.default is argparse.SUPPRESS:
+            continue
+        defaults[action.dest] = action.default
+        action.default = None
+    p.set_defaults(mount_defaults=defaults)
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill the mount options not given on the command line from the config file (--config,
+    else $DREKIFS_CONFIG or /etc/drekifs/drekifs.toml when present), then from the built-in
+    defaults. A bad config file is a usage error."""
+    from .config import ConfigError, default_path, load
+
+    path = args.config or default_path()
+    try:
+        from_file = load(path) if path is not None else {}
+    except ConfigError as e:
+        raise SystemExit(_usage(str(e))) from None
+    if args.zone is not None or args.dns is not None:  # the command line picks the source
+        from_file.pop("zone", None)
+        from_file.pop("dns", None)
+    for dest, default in args.mount_defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, from_file.get(dest, default))
+
+
+def mount_config(args: argparse.Namespace):
+    """The MountConfig of ``drekifs mount`` ARGS: command line, then config file, then defaults."""
+    from .daemon import MountConfig
+
+    apply_config(args)
+    if args.mountpoint is None:
+        raise SystemExit(_usage("mount needs a MOUNTPOINT (or mountpoint in the config file)"))
     config = source_config(args)
     if args.data_dir is None:
         args.data_dir = default_data_dir(config.domain, config.zone, args.node)
     options = [o for opt in args.o or [] for o in opt.split(",") if o]
-    return mount(
-        MountConfig(
-            mountpoint=Path(args.mountpoint),
-            source=config,
-            data_dir=Path(os.path.abspath(args.data_dir)),
-            node=args.node,
-            fuse_options=options,
-            foreground=args.foreground,
-            cache_timeout=args.cache_timeout,
-            log_level=args.log_level,
-            log_file=Path(os.path.abspath(args.log_file)) if args.log_file else None,
-            stores=args.store or [],
-            max_global_value=args.max_global_value,
-            max_local_value=args.max_local_value,
-            keyring=Path(os.path.abspath(args.keyring)) if args.keyring else None,
-            tombstone_grace=args.tombstone_grace,
-        )
+    return MountConfig(
+        mountpoint=Path(args.mountpoint),
+        source=config,
+        data_dir=Path(os.path.abspath(args.data_dir)),
+        node=args.node,
+        fuse_options=options,
+        foreground=args.foreground,
+        cache_timeout=args.cache_timeout,
+        log_level=args.log_level,
+        log_file=Path(os.path.abspath(args.log_file)) if args.log_file else None,
+        stores=args.store or [],
+        max_global_value=args.max_global_value,
+        max_local_value=args.max_local_value,
+        keyring=Path(os.path.abspath(args.keyring)) if args.keyring else None,
+        tombstone_grace=args.tombstone_grace,
     )
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .daemon import mount
+
+    return mount(mount_config(args))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -477,9 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the kernel may cache names and attributes (changes are "
         "invalidated as they happen; default 3600)",
     )
-    p.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
-    )
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper)
     p.add_argument(
         "--log-file",
         metavar="FILE",
@@ -518,7 +558,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=7 * 86400.0,
         help="how long a delete of a global key is remembered (default 7d; e.g. 12h, 90s)",
     )
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="read mount options from this TOML file; flags given here override it (default: "
+        "/etc/drekifs/drekifs.toml when present; see docs/configuration.md)",
+    )
+    p.add_argument(
+        "mountpoint",
+        metavar="MOUNTPOINT",
+        nargs="?",
+        help="where to mount (may come from the config file's mountpoint)",
+    )
+    _defer_defaults(p)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser(
