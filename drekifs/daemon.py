@@ -240,6 +240,7 @@ class Daemon:
                 nursery.start_soon(watcher.run)
                 nursery.start_soon(ops.invalidator.run)
                 nursery.start_soon(self._on_signals, nursery)
+                nursery.start_soon(self._log_level_signals)
                 nursery.start_soon(self._announce_ready, ready)
                 for store in stores.values():
                     nursery.start_soon(store.run_writer)
@@ -431,6 +432,16 @@ class Daemon:
                 await self._leave()
                 nursery.cancel_scope.cancel()
                 return
+
+    async def _log_level_signals(self) -> None:
+        """SIGUSR1: log everything (DEBUG) from now on; SIGUSR2: back to the configured level."""
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2) as signals:
+            async for signum in signals:
+                level = "DEBUG" if signum == signal.SIGUSR1 else self.config.log_level.upper()
+                logging.getLogger().setLevel(level)
+                log.warning("log level now %s (%s)", level, signal.Signals(signum).name)
 
     async def _announce_ready(self, ready: Callable[[], None]) -> None:
         import trio

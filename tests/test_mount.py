@@ -267,3 +267,12 @@ def test_fuse_requests_counted(mount_world) -> None:
     after = dict(line.split() for line in (m.path / ".dreki" / "requests").read_text().splitlines())
     assert int(after["readdir"]) >= 1 and "readdir" in after
     assert before != ""
+
+
+def test_log_level_changes_at_run_time(mount_world) -> None:
+    m = mount_world()
+    os.kill(m.pid, signal.SIGUSR1)
+    wait_for(lambda: "log level now DEBUG" in m.log(), what="DEBUG")
+    os.kill(m.pid, signal.SIGUSR2)
+    wait_for(lambda: "log level now INFO" in m.log(), what="back to INFO")
+    assert (m.path / ".dreki" / "pid").read_text().strip() == str(m.pid)  # still serving

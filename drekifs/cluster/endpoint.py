@@ -4,8 +4,9 @@ as a whole on reload), the limits and the counters; and reading frames off a str
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -17,6 +18,7 @@ from .net import PeerAddr
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 1 << 16
+LOG_EVERY = 60.0  # seconds between log lines about one kind of refused traffic from one host
 # What a broken connection raises from a read or a handshake write.
 BROKEN = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -29,12 +31,25 @@ class Endpoint:
     max_frame: int
     addr: PeerAddr  # where this transport listens (the real port once bound)
     counters: Counter[str]
+    _logged: dict[tuple[str, str, str], float] = field(default_factory=dict)
 
     def drop(self, proto: str, reason: str, peer: object) -> None:
         """Count input dropped (``<proto>.dropped.<reason>``); logged at debug level only, as
         a flood of junk must not flood the log."""
         self.counters[f"{proto}.dropped.{reason}"] += 1
-        log.debug("%s from %s dropped: %s", proto, peer, reason)
+        # One line a minute per (protocol, reason, sender): refused traffic shows in the log,
+        # and a flood of junk does not flood it.
+        host = peer[0] if isinstance(peer, tuple) else str(peer)
+        key = (proto, reason, host)
+        now = time.monotonic()
+        if now - self._logged.get(key, -LOG_EVERY) >= LOG_EVERY:
+            if len(self._logged) > 1000:
+                self._logged.clear()
+            self._logged[key] = now
+            log.warning("%s from %s dropped: %s (more of it counted in .dreki/cluster)",
+                        proto, host, reason)  # fmt: skip
+        else:
+            log.debug("%s from %s dropped: %s", proto, peer, reason)
 
 
 async def next_frame(stream: trio.SocketStream, decoder: FrameDecoder) -> bytes | None:

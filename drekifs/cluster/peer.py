@@ -128,6 +128,8 @@ class Peer:
         )
         self._members_moved = trio.Event()
         self._rng = random.Random()
+        self._states: dict[str, str] = {}
+        self.membership.watchers.append(self._log_state)
         self.membership.watchers.append(lambda info: self._members_moved.set())
         self._addrs: dict[str, PeerAddr] = {}
         self._world_moved = trio.Event()
@@ -149,6 +151,15 @@ class Peer:
             addrs[name] = (ip, node.address.port)
         self._addrs = addrs
         self.membership.set_seeds({n: a for n, a in addrs.items() if n != self.node})
+
+    def _log_state(self, info: Any) -> None:
+        """One line per change of a member's state: what an operator looks for first."""
+        before = self._states.get(info.name, "unknown")
+        if before != info.state:
+            self._states[info.name] = info.state
+            level = logging.WARNING if info.state in ("suspect", "dead") else logging.INFO
+            log.log(level, "member %s: %s -> %s (incarnation %d)", info.name, before,
+                    info.state, info.incarnation)  # fmt: skip
 
     def alive(self) -> dict[str, PeerAddr]:
         return {
