@@ -297,28 +297,60 @@ def _one_id(args: argparse.Namespace) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Members, stores, replication and world errors of a running daemon, at a glance."""
     import json
 
     mountpoint = Path(args.mountpoint) if args.mountpoint else _default_mount()
+    status = mountpoint / ".dreki"
     try:
-        rows = json.loads((mountpoint / ".dreki" / "members.json").read_text())
+        rows = json.loads((status / "members.json").read_text())
     except (OSError, ValueError) as e:
         print(f"drekifs: {mountpoint}: cannot read members: {e}", file=sys.stderr)
         return EXIT_PROBLEM
+
+    def text(name: str) -> str:
+        try:
+            return (status / name).read_text()
+        except OSError:
+            return ""
+
+    try:
+        replication = json.loads(text("replication"))
+    except ValueError:
+        replication = None  # a peer alone says so in words
+    errors = [line for line in text("world-errors").splitlines() if line.strip()]
     if args.json:
-        print(json.dumps(rows, indent=1))
+        report = {"members": rows, "stores": text("stores").splitlines()}
+        report |= {"replication": replication, "world_errors": errors}
+        print(json.dumps(report, indent=1))
         return 0
     if not rows:
         print(f"{mountpoint}: this peer runs alone (mounted without --keyring)")
-        return 0
-    table = [["NODE", "STATE", "ADDRESS", "INCARNATION", "SINCE"]]
-    for r in rows:
-        since = time.strftime("%H:%M:%S", time.localtime(r["since"])) if r["since"] else "-"
-        name = r["node"] + (" (this peer)" if r.get("self") else "")
-        table.append([name, r["state"], r["address"], str(r["incarnation"]), since])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    else:
+        table = [["NODE", "STATE", "ADDRESS", "INCARNATION", "SINCE"]]
+        for r in rows:
+            since = time.strftime("%H:%M:%S", time.localtime(r["since"])) if r["since"] else "-"
+            name = r["node"] + (" (this peer)" if r.get("self") else "")
+            table.append([name, r["state"], r["address"], str(r["incarnation"]), since])
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print()
+    print("stores:")
+    for line in text("stores").splitlines():
+        print(f"  {line}")
+    if isinstance(replication, dict):
+        bc = replication.get("broadcast", {})
+        print(
+            f"replication: {replication.get('merged', 0)} entries merged, "
+            f"{replication.get('conflicts', 0)} conflicts, "
+            f"{len(bc.get('eager', []))} eager / {len(bc.get('lazy', []))} lazy neighbours, "
+            f"hash tree of {replication.get('tree_keys', 0)} keys"
+            + ("" if replication.get("tree_ready") else " (building)")
+        )
+    print(f"world errors: {len(errors)}")
+    for line in errors[:10]:
+        print(f"  {line}")
     return 0
 
 

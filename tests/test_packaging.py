@@ -67,3 +67,37 @@ def test_make_demo_tour_runs_as_printed(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tour: all as printed" in result.stdout
+
+
+@pytest.mark.mounted
+def test_mount_helper_mounts_from_a_config_file(tmp_path: Path) -> None:
+    """What `mount -t fuse.drekifs CONFIG MOUNTPOINT` runs (mount(8) calls the helper so), and
+    `mount -t` itself when the helper is installed (make install)."""
+    from .conftest import is_mounted
+
+    config = tmp_path / "drekifs.toml"
+    config.write_text('node = "node2"\ndata-dir = "data"\nlog-level = "INFO"\n')
+    mnt = tmp_path / "dreki"
+    env = {"DREKIFS": DREKIFS, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DREKIFS_CONFIG": ""}
+    subprocess.run(
+        [PACKAGING / "mount.fuse.drekifs", config, mnt, "-o", "defaults,_netdev"],
+        check=True,
+        env=env,
+        timeout=60,
+    )
+    try:
+        assert is_mounted(mnt)
+        assert (tmp_path / "data").is_dir()  # relative to the config file
+        assert "node2" in (mnt / ".dreki" / "world").read_text()
+    finally:
+        subprocess.run([DREKIFS, "umount", mnt], check=True, timeout=60)
+    if Path("/sbin/mount.fuse.drekifs").exists():
+        subprocess.run(["mount", "-t", "fuse.drekifs", config, mnt], check=True, timeout=60)
+        subprocess.run([DREKIFS, "umount", mnt], check=True, timeout=60)
+
+
+def test_the_sample_config_is_valid() -> None:
+    from drekifs import config
+
+    values = config.load(PACKAGING / "drekifs.toml")
+    assert values
