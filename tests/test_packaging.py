@@ -91,9 +91,21 @@ def test_mount_helper_mounts_from_a_config_file(tmp_path: Path) -> None:
         assert "node2" in (mnt / ".dreki" / "world").read_text()
     finally:
         subprocess.run([DREKIFS, "umount", mnt], check=True, timeout=60)
-    if Path("/sbin/mount.fuse.drekifs").exists():
+    # And mount(8) itself: with the helper in /sbin (as make install puts it), for this test
+    # only when it is not installed already.
+    installed = Path("/sbin/mount.fuse.drekifs")
+    ours = not installed.exists()
+    if ours:
+        helper = (PACKAGING / "mount.fuse.drekifs").read_text()
+        installed.write_text(helper.replace("/usr/local/bin/drekifs", DREKIFS))
+        installed.chmod(0o755)
+    try:
         subprocess.run(["mount", "-t", "fuse.drekifs", config, mnt], check=True, timeout=60)
+        assert is_mounted(mnt)
         subprocess.run([DREKIFS, "umount", mnt], check=True, timeout=60)
+    finally:
+        if ours:
+            installed.unlink()
 
 
 def test_the_sample_config_is_valid() -> None:
