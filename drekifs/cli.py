@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("keygen", help="write a new cluster key ring (mode 0600)")
-    p.add_argument("file")
+    p.add_argument("file", help="where to write it (it holds a secret: keep it 0600)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_keygen)
 
@@ -632,14 +632,20 @@ def build_parser() -> argparse.ArgumentParser:
         "keyring",
         help="rotate keys: add a key, make it primary, remove the old one (see docs/operations.md)",
     )
-    p.add_argument("file")
-    p.add_argument("action", choices=["list", "add", "primary", "remove"])
+    p.add_argument("file", help="the key ring file (peers reload it within 2 s)")
+    p.add_argument(
+        "action",
+        choices=["list", "add", "primary", "remove"],
+        help="list ids; add a key; make ID primary; remove ID (never the primary)",
+    )
     p.add_argument("id", nargs="?", help="key id (for primary and remove)")
     p.set_defaults(func=cmd_keyring)
 
-    p = sub.add_parser("status", help="the members of the world, as this peer sees them")
-    p.add_argument("mountpoint", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "status", help="members, stores, replication and world errors of a running daemon"
+    )
+    p.add_argument("mountpoint", nargs="?", help="a drekifs mount (default: the first one)")
+    p.add_argument("--json", action="store_true", help="all of it as one JSON document")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
