@@ -26,7 +26,7 @@ class DirectNet:
         self.handlers: dict[str, Any] = {}
         self.up = True
 
-    def register(self, method: str, handler: Any) -> None:
+    def register(self, method: str, handler: Any, *, inline: bool = False) -> None:
         self.handlers[method] = handler
 
     async def call(self, to: Any, method: str, args: Any, *, timeout: float) -> Any:

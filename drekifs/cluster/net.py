@@ -19,6 +19,8 @@ DatagramHandler = Callable[[PeerAddr, Any], None]
 CallHandler = Callable[[PeerAddr, Any], Awaitable[Any]]
 
 MAX_DATAGRAM = 1400  # bytes on the wire, sealed: what a probe may weigh
+# What the transport adds to a datagram, at most: keyring.OVERHEAD (45) and the replay header.
+SEAL_OVERHEAD = 64
 
 
 class PeerUnreachable(Exception):
@@ -50,6 +52,8 @@ class Network(Protocol):
         """A request over a reliable stream; the reply. Raises PeerUnreachable when nothing
         came back within ``timeout`` seconds, RemoteError when the peer answered an error."""
 
-    def register(self, method: str, handler: CallHandler) -> None:
+    def register(self, method: str, handler: CallHandler, *, inline: bool = False) -> None:
         """Serve calls of ``method``: the handler's return value is the reply; raising
-        RemoteError sends that error; any other exception is answered as an EIO error."""
+        RemoteError sends that error; any other exception is answered as an EIO error.
+        ``inline``: the handler never waits, so it may run without a task of its own (a
+        network is free to ignore this)."""

@@ -347,8 +347,8 @@ class DatagramMux:
     async def call(self, to: PeerAddr, method: str, args: Any, *, timeout: float) -> Any:
         return await self.net.call(to, method, args, timeout=timeout)
 
-    def register(self, method: str, handler: Any) -> None:
-        self.net.register(method, handler)
+    def register(self, method: str, handler: Any, *, inline: bool = False) -> None:
+        self.net.register(method, handler, inline=inline)
 
 
 def _stores_in(meta: Any) -> tuple[str, ...] | None:

@@ -42,14 +42,13 @@ import trio
 
 from drekifs.cluster.net import (
     MAX_DATAGRAM,
+    SEAL_OVERHEAD,
     CallHandler,
     DatagramHandler,
     PeerAddr,
     PeerUnreachable,
     RemoteError,
 )
-
-SEAL_OVERHEAD = 64  # what sealing adds to a datagram on the real transport, at most
 
 Tap = Callable[[float, PeerAddr, PeerAddr, str, Any], None]
 
@@ -78,7 +77,7 @@ class SimNetwork:
     def on_datagram(self, handler: DatagramHandler) -> None:
         self._on_datagram = handler
 
-    def register(self, method: str, handler: CallHandler) -> None:
+    def register(self, method: str, handler: CallHandler, *, inline: bool = False) -> None:
         self._methods[method] = handler
 
     async def call(self, to: PeerAddr, method: str, args: Any, *, timeout: float) -> Any:

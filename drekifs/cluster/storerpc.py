@@ -125,10 +125,7 @@ class StoreService:
     def register(self, net: Network) -> None:
         for name in METHODS:
             handler = self._wrap(getattr(self, f"_{name}"))
-            if name in INSTANT and hasattr(net, "addr") and _takes_inline(net):
-                net.register(f"store.{name}", handler, inline=True)  # type: ignore[call-arg]
-            else:
-                net.register(f"store.{name}", handler)
+            net.register(f"store.{name}", handler, inline=name in INSTANT)
 
     def _subscribe(self, caller: str, store: str) -> None:
         now = trio.current_time()
@@ -321,12 +318,6 @@ class StoreService:
 async def _notify(net: Network, addr: PeerAddr, args: dict) -> None:
     with contextlib.suppress(PeerUnreachable, RemoteError):  # best effort: caches expire
         await net.call(addr, "store.changed", args, timeout=1.0)
-
-
-def _takes_inline(net: Network) -> bool:
-    import inspect
-
-    return "inline" in inspect.signature(net.register).parameters
 
 
 def _fields(f: Any) -> dict[str, int]:

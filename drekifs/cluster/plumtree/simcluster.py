@@ -78,7 +78,7 @@ class LossyCalls:
     def on_datagram(self, handler: Callable[[PeerAddr, Any], None]) -> None:
         self.inner.on_datagram(handler)
 
-    def register(self, method: str, handler: Any) -> None:
+    def register(self, method: str, handler: Any, *, inline: bool = False) -> None:
         self.inner.register(method, handler)
 
     async def call(self, to: PeerAddr, method: str, args: Any, *, timeout: float) -> Any:

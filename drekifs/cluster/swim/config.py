@@ -16,9 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from drekifs.cluster.net import MAX_DATAGRAM
-
-SEAL_OVERHEAD = 64  # bytes the transport adds to a datagram (key id, nonce, AEAD tag, framing)
+from drekifs.cluster.net import MAX_DATAGRAM, SEAL_OVERHEAD
 
 
 @dataclass(frozen=True, slots=True)
