@@ -22,3 +22,37 @@ def metadata_changes(attr: Any, fields: Any) -> dict[str, int]:
     if fields.update_ctime:
         changes["ctime_ns"] = attr.st_ctime_ns
     return changes
+
+
+def record_attrs(
+    ino: int,
+    rec: Any,
+    timeout: float,
+    *,
+    size: int | None = None,
+    mtime_ns: int | None = None,
+) -> Any:
+    """A store entry's attributes (local or remote); ``size`` and ``mtime_ns`` override the
+    record's (a file being written here)."""
+    import pyfuse3
+
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = ino
+    attr.st_mode = rec.mode
+    attr.st_uid = rec.uid
+    attr.st_gid = rec.gid
+    attr.st_blksize = 4096
+    attr.entry_timeout = attr.attr_timeout = timeout
+    mtime = rec.mtime_ns if mtime_ns is None else mtime_ns
+    if rec.is_dir:
+        attr.st_nlink = 2 + rec.subdirs
+        size = 0
+    else:
+        attr.st_nlink = 1
+        size = rec.size if size is None else size
+    attr.st_size = size
+    attr.st_blocks = (size + 511) // 512
+    attr.st_mtime_ns = mtime
+    attr.st_atime_ns = rec.atime_ns or mtime
+    attr.st_ctime_ns = rec.ctime_ns or mtime
+    return attr

@@ -31,7 +31,7 @@ from ..stores.base import Key, Store
 from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes
-from .attrs import metadata_changes
+from .attrs import metadata_changes, record_attrs
 from .files import OpenFile, OpenFiles
 from .invalidate import Invalidator
 from .namespace import Entry, Kind, Namespace, diff
@@ -333,30 +333,14 @@ class Operations(pyfuse3.Operations):
 
     def _store_attrs(self, node: StoreNode) -> pyfuse3.EntryAttributes:
         rec = node.rec
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = node.ino
-        attr.st_mode = rec.mode
-        attr.st_uid = rec.uid
-        attr.st_gid = rec.gid
-        attr.st_blksize = 4096
-        attr.entry_timeout = attr.attr_timeout = self.cache_timeout
-        size, mtime = rec.size, rec.mtime_ns
-        if rec.is_dir:
-            attr.st_nlink = 2 + rec.subdirs
-            size = 0
-        else:
-            attr.st_nlink = 1
+        size = mtime = None
+        if not rec.is_dir:
             f = self.files.get(node.store, rec.eid)
             if f is not None and f.dirty:
                 size, mtime = len(f.buffer or b""), f.mtime_ns
         if node.root is not None and not rec.mtime_ns:
             mtime = node.root.mtime_ns  # a root nobody wrote in yet
-        attr.st_size = size
-        attr.st_blocks = (size + 511) // 512
-        attr.st_mtime_ns = mtime
-        attr.st_atime_ns = rec.atime_ns or mtime
-        attr.st_ctime_ns = rec.ctime_ns or mtime
-        return attr
+        return record_attrs(node.ino, rec, self.cache_timeout, size=size, mtime_ns=mtime)
 
     def _status_attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
         spec = self.status.get(e.status or "")

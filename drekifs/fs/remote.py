@@ -37,7 +37,7 @@ from ..stores.base import Key
 from ..stores.record import FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes
-from .attrs import metadata_changes
+from .attrs import metadata_changes, record_attrs
 from .namespace import Entry, Kind, Namespace
 
 log = logging.getLogger(__name__)
@@ -235,34 +235,18 @@ class RemoteStores:
 
     # -- attributes ------------------------------------------------------------------------
 
-    def attrs(self, ino: int, rec: Record) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = ino
-        attr.st_mode = rec.mode
-        attr.st_uid, attr.st_gid = rec.uid, rec.gid
-        attr.st_blksize = 4096
-        attr.entry_timeout = attr.attr_timeout = REMOTE_TIMEOUT
-        size, mtime = rec.size, rec.mtime_ns
-        if rec.is_dir:
-            attr.st_nlink = 2 + rec.subdirs
-            size = 0
-        else:
-            attr.st_nlink = 1
-        attr.st_size = size
-        attr.st_blocks = (size + 511) // 512
-        attr.st_mtime_ns = mtime
-        attr.st_atime_ns = rec.atime_ns or mtime
-        attr.st_ctime_ns = rec.ctime_ns or mtime
-        return attr
+    def attrs(self, ino: int, client: StoreClient, rec: Record) -> pyfuse3.EntryAttributes:
+        """As the owner said, or as this mount is writing it."""
+        f = None if rec.is_dir else self._files.get(_file_key(client, rec.eid))
+        if f is not None and f.dirty:
+            size, mtime = len(f.buffer or b""), f.mtime_ns
+            return record_attrs(ino, rec, REMOTE_TIMEOUT, size=size, mtime_ns=mtime)
+        return record_attrs(ino, rec, REMOTE_TIMEOUT)
 
     def _entry(self, ref: RemoteRef, parts: Key, rec: Record) -> pyfuse3.EntryAttributes:
         ino = self.child_ino(ref, rec.eid)
         self._remember(ino, parts, rec)
-        f = self._files.get(_file_key(ref.client, rec.eid))
-        attr = self.attrs(ino, rec)
-        if f is not None and f.dirty:
-            attr.st_size = len(f.buffer or b"")
-        return attr
+        return self.attrs(ino, ref.client, rec)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -276,11 +260,7 @@ class RemoteStores:
 
     async def getattr(self, ref: RemoteRef) -> pyfuse3.EntryAttributes:
         _, rec = await self.resolve(ref)
-        attr = self.attrs(ref.ino, rec)
-        f = self._files.get(_file_key(ref.client, rec.eid))
-        if f is not None and f.dirty:
-            attr.st_size, attr.st_mtime_ns = len(f.buffer or b""), f.mtime_ns
-        return attr
+        return self.attrs(ref.ino, ref.client, rec)
 
     async def setattr(self, ref: RemoteRef, attr: Any, fields: Any) -> pyfuse3.EntryAttributes:
         parts, rec = await self.resolve(ref)
@@ -374,7 +354,7 @@ class RemoteStores:
         listing = handle.listing
         for i in range(bisect_right(listing, (start_id, b"\xff" * 256)), len(listing)):
             ino, name, rec = listing[i]
-            if not pyfuse3.readdir_reply(token, name, self.attrs(ino, rec), ino):
+            if not pyfuse3.readdir_reply(token, name, self.attrs(ino, handle.ref.client, rec), ino):
                 break
 
     # -- files -----------------------------------------------------------------------------
