@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import struct
@@ -589,13 +590,11 @@ class LmdbStore:
         return rec, self.read(rec.eid) if rec.kind == FILE else None
 
     def iter_digests(self) -> Iterator[tuple[bytes, bytes]]:
-        """(key, digest) of every replicated entry on disk (to build a hash tree at start,
-        before any change is pending; later changes come through the watchers)."""
-        with self.env.begin(db=self._entries) as txn:
-            for key, raw in txn.cursor():
-                rec = Record.unpack(raw)
-                if rec.version is not None:
-                    yield key, version_digest(rec.version)
+        """(key, digest) of every replicated entry (to build a hash tree at start; later
+        changes come through the watchers)."""
+        for key, rec in self._scan():
+            if rec.version is not None:
+                yield key, version_digest(rec.version)
 
     def merge(
         self, key: bytes, rec: Record, value: bytes | None, origin: object = "replication"
@@ -623,33 +622,47 @@ class LmdbStore:
         self._notify(loc, parts, origin)
         return True
 
+    def _scan(self) -> Iterator[tuple[bytes, Record]]:
+        """Every entry as it is now: LMDB, with the changes not yet on disk over it."""
+        newer: dict[bytes, Record | None] = {}
+        for layer in (self._inflight, self._pending):  # the newest last
+            newer.update(layer.entries)
+        with self.env.begin(db=self._entries) as txn:
+            for key, raw in txn.cursor():
+                if key not in newer:
+                    yield key, Record.unpack(raw)
+        for key, rec in newer.items():
+            if rec is not None:
+                yield key, rec
+
+    def _forget(self, key: bytes, rec: Record) -> None:
+        """An entry leaves this replica without a trace (no tombstone): replication's own
+        bookkeeping, so the watchers hear it with replication as the origin."""
+        if rec.alive:
+            self._drop_value(rec)
+            self._set_eid(rec.eid, None)
+        self._put(key, None)
+        loc, parts = split_key(key)
+        self._notify(loc, parts, "replication")
+
     def collect_tombstones(self, cutoff_ms: int, limit: int = 10_000) -> int:
         """Forget tombstones of deletes older than ``cutoff_ms`` (wall clock): their key leaves
         the store and the hash tree. At most ``limit`` per call (the caller comes back)."""
         if not self.replicated:
             return 0
-        old: list[bytes] = []
-        with self.env.begin(db=self._entries) as txn:
-            for key, raw in txn.cursor():
-                rec = Record.unpack(raw)
-                if rec.kind == TOMBSTONE and rec.version and rec.version.hlc >> 16 < cutoff_ms:
-                    old.append(key)
-                    if len(old) >= limit:
-                        break
-        for layer in self._layers():  # deletes not on disk yet
-            old.extend(k for k, r in layer.entries.items() if r is not None and not r.alive)
-        gone = 0
-        for key in dict.fromkeys(old):
-            rec = self._record(key)  # the pending layers may have moved on since
-            if rec is None or rec.kind != TOMBSTONE or rec.version is None:
-                continue
-            if rec.version.hlc >> 16 >= cutoff_ms:
-                continue
-            self._put(key, None)
-            loc, parts = split_key(key)
-            self._notify(loc, parts, "replication")
-            gone += 1
-        return gone
+        old = list(
+            itertools.islice(
+                (
+                    (key, rec)
+                    for key, rec in self._scan()
+                    if not rec.alive and rec.version and rec.version.hlc >> 16 < cutoff_ms
+                ),
+                limit,
+            )
+        )
+        for key, rec in old:
+            self._forget(key, rec)
+        return len(old)
 
     def forget_stale(self, cutoff_ms: int) -> int:
         """Drop every entry whose version is older than ``cutoff_ms`` and was written by
@@ -658,34 +671,21 @@ class LmdbStore:
         still exists comes back from the peers; its own writes stay (never lose them)."""
         if not self.replicated:
             return 0
-        stale: list[bytes] = []
-        with self.env.begin(db=self._entries) as txn:
-            for key, raw in txn.cursor():
-                rec = Record.unpack(raw)
-                v = rec.version
-                if v is not None and v.peer != self.peer and v.hlc >> 16 < cutoff_ms:
-                    stale.append(key)
-        for layer in self._layers():  # merged, not on disk yet
-            stale.extend(k for k, r in layer.entries.items() if r is not None and r.version)
-        dropped = 0
-        for key in dict.fromkeys(stale):
-            rec = self._record(key)
-            v = rec.version if rec is not None else None
-            if rec is None or v is None or v.peer == self.peer or v.hlc >> 16 >= cutoff_ms:
-                continue
-            if rec.alive:
-                self._drop_value(rec)
-                self._set_eid(rec.eid, None)
-            self._put(key, None)
-            dropped += 1
-        if dropped:
+        stale = [
+            (key, rec)
+            for key, rec in self._scan()
+            if rec.version and rec.version.peer != self.peer and rec.version.hlc >> 16 < cutoff_ms
+        ]
+        for key, rec in stale:
+            self._forget(key, rec)
+        if stale:
             log.warning(
                 "store %s: away past the tombstone grace period; %d old entries of other peers "
                 "dropped, to be fetched again",
                 self.name,
-                dropped,
+                len(stale),
             )
-        return dropped
+        return len(stale)
 
     def _keep_copy(
         self, loc: str, parts: Parts, loser: Record, value: bytes | None, origin: object
