@@ -442,6 +442,7 @@ async def test_skipping_the_first_rotation_step_breaks_the_cluster(nursery) -> N
     a.on_datagram(lambda src, msg: got.append(msg))
     b.send_datagram(a.addr, "sealed with a key a does not have")
     await eventually(lambda: a.counters["udp.dropped.foreign-key"] == 1, "the drop")
+    assert got == []  # dropped, never delivered
 
 
 # -- hostile input ------------------------------------------------------------------------------

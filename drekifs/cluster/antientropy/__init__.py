@@ -10,7 +10,7 @@ dict-backed one for tests and simulations.
 from drekifs.cluster.antientropy.config import AntiEntropyConfig
 from drekifs.cluster.antientropy.hashtree import HashTree, TreeShape
 from drekifs.cluster.antientropy.memsource import MemorySource
-from drekifs.cluster.antientropy.source import EntrySource, digest_of, version_digest
+from drekifs.cluster.antientropy.source import EntrySource, version_digest
 from drekifs.cluster.antientropy.sync import AntiEntropy, SyncResult
 from drekifs.cluster.antientropy.wire import Malformed
 
@@ -23,6 +23,5 @@ __all__ = [
     "MemorySource",
     "SyncResult",
     "TreeShape",
-    "digest_of",
     "version_digest",
 ]

@@ -7,8 +7,6 @@ from typing import Any, Protocol
 from drekifs.stores import version as _version
 from drekifs.stores.version import Version
 
-DIGEST_BYTES = 16
-
 
 class EntrySource(Protocol):
     """The replicated store, as anti-entropy sees it. Entries are opaque, msgpack-able values
@@ -26,12 +24,6 @@ class EntrySource(Protocol):
         is malformed; it must then have applied nothing it could not check."""
 
 
-def digest_of(version: Version) -> bytes:
-    """The digest the store gives a version (the store's own function: the trees of peers
-    compare only if every peer digests alike)."""
-    return _version.version_digest(version)
-
-
 def version_digest(hlc: int, peer: str) -> bytes:
     """The digest of the version (``hlc``, ``peer``): the pair names one write everywhere."""
-    return digest_of(Version(hlc, peer))
+    return _version.version_digest(Version(hlc, peer))
