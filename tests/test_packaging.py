@@ -88,7 +88,9 @@ def test_mount_helper_mounts_from_a_config_file(tmp_path: Path) -> None:
     try:
         assert is_mounted(mnt)
         assert (tmp_path / "data").is_dir()  # relative to the config file
-        assert "node2" in (mnt / ".dreki" / "world").read_text()
+        # The file's node, not the default first one: the daemon says which node it is.
+        log = (tmp_path / "data" / "drekifs.log").read_text()
+        assert " as node node2." in log, log
     finally:
         subprocess.run([DREKIFS, "umount", mnt], check=True, timeout=60)
     # And mount(8) itself: with the helper in /sbin (as make install puts it), for this test
@@ -112,4 +114,7 @@ def test_the_sample_config_is_valid() -> None:
     from drekifs import config
 
     values = config.load(PACKAGING / "drekifs.toml")
-    assert values
+    # What the unit and the fstab line assume: /dreki, this node's data in /var/lib/drekifs.
+    assert values["mountpoint"] == "/dreki"
+    assert values["data_dir"] == Path("/var/lib/drekifs")
+    assert values["node"] and values["keyring"] == "/etc/drekifs/keyring"

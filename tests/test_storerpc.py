@@ -93,10 +93,18 @@ async def test_paged_listing_and_staged_value(remote) -> None:
 
 async def test_bad_arguments_are_einval(remote) -> None:
     _, net, _ = remote
-    for args in ({"s": "local", "k": "notalist"}, {"s": "local", "k": [b".."]}, "x", {"s": 3}):
+    cases = [
+        ({"s": "local", "k": "notalist"}, errno.EINVAL),
+        ({"s": "local", "k": [b".."]}, errno.EINVAL),
+        ("x", errno.EINVAL),
+        ({"s": 3}, errno.ENOENT),  # no store of that name
+        ({"s": "local", "kind": 7, "k": [b"f"], "perm": 0, "uid": 0, "gid": 0}, errno.EINVAL),
+    ]
+    for args, code in cases:
+        method = "store.create" if isinstance(args, dict) and "kind" in args else "store.stat"
         with pytest.raises(RemoteError) as info:
-            await net.call(OWNER, "store.stat", args, timeout=1)
-        assert info.value.code in (errno.EINVAL, errno.ENOENT)
+            await net.call(OWNER, method, args, timeout=1)
+        assert info.value.code == code, args
     with pytest.raises(RemoteError) as info:
         await net.call(OWNER, "store.stat", {"s": "global", "k": []}, timeout=1)
     assert info.value.code == errno.ENOENT
