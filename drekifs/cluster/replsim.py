@@ -34,10 +34,10 @@ from drekifs.cluster.antientropy import AntiEntropy, AntiEntropyConfig, HashTree
 from drekifs.cluster.antientropy.memsource import Entry, MemorySource
 from drekifs.cluster.net import PeerAddr, PeerUnreachable, RemoteError
 from drekifs.cluster.plumtree import Broadcast, PlumtreeConfig
-from drekifs.cluster.plumtree.simcluster import LossyCalls, addr_of
+from drekifs.cluster.plumtree.simcluster import LossyCalls
 from drekifs.cluster.replication import message_id, split_message_id
-from drekifs.cluster.sim import SimWorld
-from drekifs.stores.version import LOGICAL_BITS, Version
+from drekifs.cluster.sim import SimWorld, addr_of
+from drekifs.stores.version import HybridClock, Version
 
 HARNESS: PeerAddr = ("harness", 0)  # the owner of the harness's own timers (never crashed)
 BROADCAST, ANTIENTROPY, LOCAL = "broadcast", "antientropy", "local"
@@ -48,21 +48,20 @@ class SimReplica(MemorySource):
 
     ``arrived`` records how each version held here at some point got here (``local``,
     ``broadcast`` or ``antientropy``), keyed by (key, hlc, peer): the bench's delivery shares.
-    ``hlc`` is the peer's hybrid clock (milliseconds << 16 | counter), kept past every version
-    seen, as the real store's :class:`~drekifs.stores.version.HybridClock`.
+    ``clock`` is the real store's :class:`~drekifs.stores.version.HybridClock`, on simulated
+    time, kept past every version seen.
     """
 
     def __init__(self, name: str, shape: TreeShape) -> None:
         super().__init__(HashTree(shape))
         self.name = name
-        self.hlc = 0
+        # The store's own clock, read off trio's (simulated) one.
+        self.clock = HybridClock(wall_ns=lambda: int(trio.current_time() * 1e9))
         self.arrived: dict[tuple[bytes, int, str], str] = {}
 
     def write(self, key: bytes, value: bytes) -> Entry:
         """A local write now; its entry (the version is new and beats what is here)."""
-        physical = int(trio.current_time() * 1000) << LOGICAL_BITS
-        self.hlc = max(self.hlc + 1, physical)
-        self._apply(key, (self.hlc, self.name, value), LOCAL)
+        self._apply(key, (self.clock.now(), self.name, value), LOCAL)
         return self.entries[key]
 
     def rebuild_tree(self) -> None:
@@ -114,7 +113,7 @@ class SimReplica(MemorySource):
         if held is not None and held >= (entry[0], entry[1]):
             return False
         self.put(key, *entry)  # the tree follows
-        self.hlc = max(self.hlc, entry[0])
+        self.clock.observe(entry[0])
         self.arrived.setdefault((key, entry[0], entry[1]), how)
         return True
 

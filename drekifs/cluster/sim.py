@@ -50,6 +50,12 @@ from drekifs.cluster.net import (
     RemoteError,
 )
 
+
+def addr_of(index: int) -> PeerAddr:
+    """The simulated address of peer number ``index`` (10.x.y.z, one port)."""
+    return (f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 7946)
+
+
 Tap = Callable[[float, PeerAddr, PeerAddr, str, Any], None]
 
 

@@ -27,11 +27,7 @@ import trio
 from drekifs.cluster.net import PeerAddr, PeerUnreachable
 from drekifs.cluster.plumtree.broadcast import Broadcast
 from drekifs.cluster.plumtree.config import PlumtreeConfig
-from drekifs.cluster.sim import SimNetwork, SimWorld
-
-
-def addr_of(index: int) -> PeerAddr:
-    return (f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 7946)
+from drekifs.cluster.sim import SimNetwork, SimWorld, addr_of
 
 
 class DictStore:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from drekifs.cluster.net import PeerAddr
-from drekifs.cluster.sim import SimWorld
+from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.cluster.swim.config import SwimConfig
 from drekifs.cluster.swim.membership import Membership
 from drekifs.cluster.swim.state import MemberInfo
@@ -30,10 +30,6 @@ class Observation:
     subject: str
     state: str
     incarnation: int
-
-
-def addr_of(index: int) -> PeerAddr:
-    return (f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 7946)
 
 
 class SimCluster:
