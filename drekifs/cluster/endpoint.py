@@ -4,6 +4,7 @@ as a whole on reload), the limits and the counters; and reading frames off a str
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from .net import PeerAddr
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 1 << 16
+YIELD_EVERY = 16  # frames next_frame returns without waiting before it lets others run
 LOG_EVERY = 60.0  # seconds between log lines about one kind of refused traffic from one host
 # What a broken connection raises from a read or a handshake write.
 BROKEN = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -54,14 +56,36 @@ class Endpoint:
 
 async def next_frame(stream: trio.SocketStream, decoder: FrameDecoder) -> bytes | None:
     """The next frame's body; None when the stream ends between frames; Malformed (OVERSIZED,
-    TRUNCATED) otherwise."""
+    TRUNCATED) otherwise.
+
+    Reads the descriptor itself rather than through ``stream.receive_some``, which yields to
+    the scheduler after every successful read (a whole turn of the run loop per frame, a good
+    part of a small call). This one waits only when there is nothing to read, and yields at
+    least every ``YIELD_EVERY`` frames, so a peer that keeps the socket full cannot starve the
+    other tasks (nor delay a cancellation for long)."""
+    fd = stream.socket.fileno()
     while True:
         body = decoder.next()
         if body is not None:
+            decoder.unyielded += 1
+            if decoder.unyielded >= YIELD_EVERY:
+                decoder.unyielded = 0
+                await trio.lowlevel.checkpoint()
             return body
         if decoder.oversized:
             raise Malformed(frames.OVERSIZED)
-        data = await stream.receive_some(RECEIVE_BYTES)
+        if decoder.drained:
+            # The last read emptied the socket: more is unlikely to be there yet, so wait
+            # (epoll says at once if it is) rather than pay for a read that fails.
+            decoder.unyielded = 0
+            decoder.drained = False
+            await trio.lowlevel.wait_readable(fd)
+        try:
+            data = os.read(fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            decoder.drained = True
+            continue
+        decoder.drained = len(data) < RECEIVE_BYTES
         if not data:
             if decoder.buffered():
                 raise Malformed(frames.TRUNCATED)

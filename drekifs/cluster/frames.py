@@ -163,6 +163,8 @@ class FrameDecoder:
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self.oversized = False
+        self.unyielded = 0  # frames returned since the reader last waited (endpoint.py)
+        self.drained = False  # the last read took all there was (endpoint.py)
         self._buf = bytearray()
         self._pos = 0  # start of the unconsumed bytes
 
