@@ -199,6 +199,34 @@ async def test_a_call_times_out_quickly_and_the_connection_goes_on(nursery) -> N
     assert b.counters["tcp.accepted"] == 1
 
 
+async def test_each_call_keeps_its_own_deadline_and_a_cancelled_one_leaves_nothing(
+    nursery,
+) -> None:
+    ring = KeyRing.generate()
+    a, b = await start(nursery, ring), await start(nursery, ring)
+
+    async def hang(peer: PeerAddr, args: Any) -> Any:
+        await trio.sleep_forever()
+
+    b.register("hang", hang)
+
+    async def long_call() -> None:
+        with pytest.raises(PeerUnreachable, match=r"within 3 s"):
+            await a.call(b.addr, "hang", None, timeout=3)
+
+    nursery.start_soon(long_call)
+    await trio.sleep(0.05)
+    # A shorter timeout after a longer one: expired on time, not at the longer deadline.
+    started = trio.current_time()
+    with pytest.raises(PeerUnreachable, match=r"within 0\.2 s"):
+        await a.call(b.addr, "hang", None, timeout=0.2)
+    assert trio.current_time() - started < 0.5
+    # Cancelled from outside: its slot is gone at once, the other call still waits.
+    with trio.move_on_after(0.1):
+        await a.call(b.addr, "hang", None, timeout=5)
+    assert a.stats()["calls_pending"] == 1
+
+
 async def test_a_peer_not_listening_is_unreachable_at_once(nursery) -> None:
     a = await start(nursery, KeyRing.generate())
     started = trio.current_time()

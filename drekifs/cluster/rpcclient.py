@@ -7,10 +7,16 @@ synchronously (outbox.py), so no caller's cancellation can cut a frame in half. 
 connection — the peer closing it, a reset, a bad frame, idleness — goes through
 :meth:`Caller._end`, which takes it out of the pool and fails its calls with PeerUnreachable at
 once.
+
+A waiting call is parked on its own (no Event, no cancel scope of its own: on a small call each
+costs as much as sealing it). Its timeout is kept by :meth:`Caller.expire_calls`, one task that
+sleeps until the earliest deadline of the calls pending; calls mostly share one timeout, so
+that task wakes about once a timeout, not once a call.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +32,19 @@ from .outbox import STALLED, Outbox
 class _Slot:
     """A call waiting for its reply."""
 
-    __slots__ = ("event", "ok", "value")
+    __slots__ = ("deadline", "ok", "task", "timed_out", "value")
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
+    def __init__(self, task: trio.lowlevel.Task, deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
         self.ok = False
         self.value: Any = None  # the result | (code, message) | None when the connection ended
+        self.timed_out = False
+
+
+def _wake(slot: _Slot) -> None:
+    """Resume the slot's caller (taken out of ``pending`` first, by whoever wakes it)."""
+    trio.lowlevel.reschedule(slot.task)
 
 
 @dataclass(eq=False)
@@ -59,6 +72,8 @@ class Caller:
         self.ep = ep
         self.nursery: trio.Nursery | None = None  # the transport's, while it serves
         self._pool: dict[PeerAddr, _Connection] = {}
+        # The scope expire_calls sleeps in: its deadline is the earliest of the pending calls'.
+        self._expiry = trio.CancelScope()
 
     def connections(self) -> int:
         return len(self._pool)
@@ -71,29 +86,43 @@ class Caller:
     ) -> Any:
         """Transport.call, once the request is packed and known to fit."""
         counters = self.ep.counters
-        slot = _Slot()
-        with trio.move_on_after(timeout):
-            while True:
-                conn = await self._connection(to)
-                outbox, session = conn.outbox, conn.session
-                assert outbox is not None and session is not None  # as in every usable one
-                if outbox.backlog <= outbox.high_water:
-                    break
-                await outbox.wait_room()  # a peer slow to read: callers wait, not memory
-            # From _connection() to the write, no checkpoint: the connection is alive when
-            # the request is registered, and frames leave in the order of their numbers.
-            rid = conn.next_rid
-            conn.next_rid += 1
-            conn.pending[rid] = slot
-            conn.last_used = trio.current_time()
-            plaintext = frames.pack_request(conn.send_seq, rid, packed_method, packed_args)
-            conn.send_seq += 1
-            outbox.write(frames.frame(self.ep.keys.seal(plaintext, session.request_aad)))
-            try:
-                await slot.event.wait()
-            finally:
-                conn.pending.pop(rid, None)
-        if not slot.event.is_set():
+        deadline = trio.current_time() + timeout
+        conn = self._pool.get(to)
+        if (
+            conn is None
+            or not conn.usable
+            or conn.outbox is None
+            or conn.outbox.backlog > conn.outbox.high_water
+        ):
+            ready = None
+            with trio.CancelScope(deadline=deadline):
+                ready = await self._ready_connection(to)
+            if ready is None:
+                counters["call.timeout"] += 1
+                raise PeerUnreachable(f"{to}: no reply to {method} within {timeout} s")
+            conn = ready
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        outbox, session = conn.outbox, conn.session
+        assert outbox is not None and session is not None  # as in every usable one
+        # From the check of the connection to the write, no checkpoint: the connection is alive
+        # when the request is registered, and frames leave in the order of their numbers.
+        rid = conn.next_rid
+        conn.next_rid += 1
+        slot = conn.pending[rid] = _Slot(trio.lowlevel.current_task(), deadline)
+        conn.last_used = trio.current_time()
+        plaintext = frames.pack_request(conn.send_seq, rid, packed_method, packed_args)
+        conn.send_seq += 1
+        outbox.write(frames.frame(self.ep.keys.seal(plaintext, session.request_aad)))
+        if deadline < self._expiry.deadline:
+            self._expiry.deadline = deadline
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            conn.pending.pop(rid, None)  # cancelled: a late reply is counted and dropped
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if slot.timed_out:
             counters["call.timeout"] += 1
             raise PeerUnreachable(f"{to}: no reply to {method} within {timeout} s")
         if slot.ok:
@@ -104,6 +133,35 @@ class Caller:
             raise PeerUnreachable(f"{to}: connection lost ({conn.ended}) during {method}")
         counters["call.remote-error"] += 1
         raise RemoteError(*slot.value)
+
+    async def _ready_connection(self, to: PeerAddr) -> _Connection:
+        """A usable connection to ``to`` with room to write, waiting for either as needed.
+        Returns without a checkpoint after checking."""
+        while True:
+            conn = await self._connection(to)
+            outbox = conn.outbox
+            assert outbox is not None
+            if outbox.backlog <= outbox.high_water:
+                return conn
+            await outbox.wait_room()  # a peer slow to read: callers wait, not memory
+
+    async def expire_calls(self) -> None:
+        """Run by the transport: time out each pending call at its deadline (PeerUnreachable
+        in the caller). Sleeps until the earliest deadline; ``call`` brings it forward."""
+        while True:
+            with self._expiry:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            earliest = math.inf
+            for conn in list(self._pool.values()):
+                for rid, slot in list(conn.pending.items()):
+                    if slot.deadline <= now:
+                        del conn.pending[rid]
+                        slot.timed_out = True
+                        _wake(slot)
+                    elif slot.deadline < earliest:
+                        earliest = slot.deadline
+            self._expiry = trio.CancelScope(deadline=earliest)
 
     async def _connection(self, to: PeerAddr) -> _Connection:
         """The pooled connection to ``to``, opened if there is none (PeerUnreachable when it
@@ -137,9 +195,10 @@ class Caller:
         conn.ended = why
         if self._pool.get(conn.to) is conn:
             del self._pool[conn.to]
-        for slot in conn.pending.values():
-            slot.event.set()  # value None: PeerUnreachable
+        pending = list(conn.pending.values())
         conn.pending.clear()
+        for slot in pending:
+            _wake(slot)  # value None: PeerUnreachable
         if conn.outbox is not None:
             conn.outbox.close()
         conn.cancel_scope.cancel()
@@ -227,7 +286,7 @@ class Caller:
                         ep.counters["tcp.late-replies"] += 1  # its caller gave up
                     else:
                         slot.ok, slot.value = ok, value
-                        slot.event.set()
+                        _wake(slot)
             checked = trio.current_time()
             if not conn.pending and checked - conn.last_used >= idle:
                 ep.counters["tcp.closed.idle"] += 1

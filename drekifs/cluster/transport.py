@@ -159,6 +159,7 @@ class Transport:
                 self._udp = udp
                 listener = trio.SocketListener(trio.socket.from_stdlib_socket(tcp))
                 nursery.start_soon(self._server.accept_loop, listener, nursery)
+                nursery.start_soon(self._caller.expire_calls)
                 nursery.start_soon(self._receive_datagrams, trio.socket.from_stdlib_socket(udp))
                 log.info("transport of %s serving on %s port %d", self.world, *self.addr)
                 task_status.started(self.addr)
