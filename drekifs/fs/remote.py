@@ -446,6 +446,8 @@ class RemoteStores:
     async def _commit(self, f: RemoteFile) -> None:
         """Send the bytes; ``dirty`` (and so the size getattr reports from the buffer) stays
         until the owner has them, and stays if another write came meanwhile."""
+        if not f.dirty:
+            return  # nothing to send, nor being sent: no lock (taking one yields)
         async with f.lock:
             if not f.dirty:
                 return
