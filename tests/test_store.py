@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import errno
+import tempfile
 from pathlib import Path
 
 import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drekifs.stores.lmdbstore import LmdbStore, children_prefix, entry_key, split_key
 from drekifs.stores.record import DIR, FILE, SYMLINK, Record, StoreError
@@ -54,6 +58,52 @@ async def test_entries_and_errnos(tmp_path: Path) -> None:
     assert s.read(f.eid) == b"hello"
     assert s.locate(f.eid) == (LOC, (b"d", b"f"))
     assert s.create(LOC, (b"g",), FILE, 0o644, 0, 0).eid > f.eid
+
+
+NAMES = st.sampled_from([b"a", b"b", b"ab", b"b\xff", b"c", b"d", b"e", b"f"])
+STEPS = st.lists(st.tuples(st.sampled_from(["add", "remove", "commit"]), NAMES), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=STEPS, n=st.integers(1, 4))
+def test_pages_of_a_listing_are_the_listing(steps: list, n: int) -> None:
+    """Paging through a directory gives exactly its children, in bytes order, whether they
+    are on disk or still pending, deleted ones left out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        s = open_store(Path(tmp))
+        s.create(LOC, (b"d",), DIR, 0o755, 0, 0)
+        s.create(
+            LOC,
+            (
+                b"d",
+                b"a",
+            ),
+            DIR,
+            0o755,
+            0,
+            0,
+        )
+        s.create(LOC, (b"d", b"a", b"inner"), FILE, 0o644, 0, 0)  # not a child of d
+        for op, name in steps:
+            parts = (b"d", name)
+            rec = s.get(LOC, parts)
+            if op == "add" and rec is None:
+                s.create(LOC, parts, FILE, 0o644, 0, 0)
+            elif op == "remove" and rec is not None and not s.has_children(LOC, parts):
+                s.remove(LOC, parts, is_dir=rec.is_dir)
+            elif op == "commit":
+                trio.run(s.commit)
+        want = sorted((name, rec.eid) for name, rec in s.children(LOC, (b"d",)).items())
+        got, after = [], b""
+        for _ in range(len(want) + 2):  # bounded: each page but the last holds n
+            page, more = s.children_page(LOC, (b"d",), after, n)
+            assert len(page) <= n and (len(page) == n or not more)
+            got.extend((name, rec.eid) for name, rec in page)
+            if not more:
+                break
+            after = page[-1][0]
+        assert got == want
+        s.env.close()
 
 
 async def test_rename_moves_subtrees_and_keeps_ids(tmp_path: Path) -> None:

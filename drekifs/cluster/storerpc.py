@@ -224,10 +224,10 @@ class StoreService:
             raise RemoteError(errno.ENOTDIR, "not a directory")
         after = a.get("after") or b""
         n = min(_int(a.get("n", PAGE), "n"), PAGE) or PAGE
-        kids = store.children(self.node, parts)
-        names = sorted(name for name in kids if name > after)
-        page = names[:n]
-        return [[[name, kids[name].pack()] for name in page], len(names) > n]
+        if not isinstance(after, bytes):
+            raise RemoteError(errno.EINVAL, "after must be bytes")
+        page, more = store.children_page(self.node, parts, after, n)
+        return [[[name, rec.pack()] for name, rec in page], more]
 
     async def _open(self, store: Store, src: PeerAddr, a: dict) -> list:
         k, rec = await self._locate(store, src, a)

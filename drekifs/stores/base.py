@@ -38,6 +38,12 @@ class Store(Protocol):
     def children(self, loc: str, key: Key) -> dict[bytes, Record]:
         """The live entries of a directory (list a prefix, one level)."""
 
+    def children_page(
+        self, loc: str, key: Key, after: bytes, n: int
+    ) -> tuple[list[tuple[bytes, Record]], bool]:
+        """Up to ``n`` live entries of a directory named after ``after`` (bytes order), and
+        whether more follow: a long listing page by page, each costing its page only."""
+
     def locate(self, eid: int) -> tuple[str, Key] | None:
         """Where an entry is now, by its id."""
 

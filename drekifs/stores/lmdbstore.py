@@ -249,8 +249,53 @@ class LmdbStore:
                     out[name] = rec  # type: ignore[assignment]
         return {n: r for n, r in out.items() if r.alive}
 
+    def children_page(
+        self, loc: str, parts: Parts, after: bytes, n: int
+    ) -> tuple[list[tuple[bytes, Record]], bool]:
+        """Up to ``n`` live entries of ``parts`` named after ``after``, in bytes order, and
+        whether more follow. Reads LMDB from ``after`` on (a cursor), so a page of a large
+        directory costs the page, not the directory; changes not on disk yet are merged in."""
+        prefix = children_prefix(loc, parts)
+        # Changes not yet on disk, in the range: they win over what LMDB says.
+        layered: dict[bytes, Record | None] = {}
+        for layer in (self._inflight, self._pending):  # newest last
+            for name in layer.children.get(prefix, ()):
+                if name > after:
+                    rec = layer.entries.get(prefix + name, _MISSING)
+                    if rec is not _MISSING:
+                        layered[name] = rec  # type: ignore[assignment]
+        merged: dict[bytes, Record] = {}
+        scanned = 0
+        with self.env.begin(db=self._entries) as txn:
+            cursor = txn.cursor()
+            # Enough live entries for the page and one more (to tell whether more follow); a
+            # name in ``layered`` may replace or hide what the cursor finds, so count those out.
+            if cursor.set_range(prefix + after):
+                for key, raw in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    name = key[len(prefix) :]
+                    if name == after:
+                        continue
+                    scanned += 1
+                    if name in layered:
+                        continue
+                    rec = Record.unpack(raw)
+                    if rec.alive:
+                        merged[name] = rec
+                        if len(merged) > n:
+                            break
+        self._touched(_FAULT_AROUND + 256 * scanned)
+        for name, rec in layered.items():
+            if rec is not None and rec.alive:
+                merged[name] = rec
+        # LMDB stopped after n + 1 live names (or ran out): the first n of all merged are
+        # the page, and anything LMDB did not read sorts after them.
+        names = sorted(merged)
+        return [(name, merged[name]) for name in names[:n]], len(names) > n
+
     def has_children(self, loc: str, parts: Parts) -> bool:
-        return bool(self.children(loc, parts))
+        return bool(self.children_page(loc, parts, b"", 1)[0])
 
     def locate(self, eid: int) -> tuple[str, Parts] | None:
         """Where the entry ``eid`` is now."""
