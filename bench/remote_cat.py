@@ -27,30 +27,11 @@ import threading
 import time
 from pathlib import Path
 
+from loopback import free_port, zone
+
 HERE = Path(__file__).resolve().parent
 DREKIFS = [sys.executable, "-m", "drekifs"]
 TARGET_P50_MS = 2.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def zone(ports: dict[str, int]) -> str:
-    lines = [
-        "$ORIGIN w.test.",
-        "$TTL 60",
-        "@ IN SOA ns.w.test. admin.w.test. 1 3600 600 86400 60",
-        "@ IN NS ns.w.test.",
-        "ns IN A 127.0.0.1",
-        "_dreki IN SRV 0 0 1337 dc.w.test.",
-    ]
-    for n, port in ports.items():
-        lines.append(f"_dreki.dc IN SRV 0 0 1337 {n}.w.test.")
-        lines.append(f"_node._dreki.{n} IN SRV 0 0 {port} localhost.")
-    return "\n".join(lines) + "\n"
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -151,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="drekifs-bench-remote-"))
     ports = {"a": free_port(), "b": free_port()}
-    (work / "world.zone").write_text(zone(ports))
+    (work / "world.zone").write_text(zone("w.test", ports))
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     subprocess.run([*DREKIFS, "keygen", str(work / "ring")], check=True, env=env, timeout=30)
     mounts = {n: work / f"m{n}" for n in ports}

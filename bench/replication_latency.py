@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 import msgpack
+from loopback import free_port, zone
+from simclock import quantile
 
 HERE = Path(__file__).resolve().parent
 DREKIFS = [sys.executable, "-m", "drekifs"]
@@ -48,31 +50,6 @@ TARGET_P50_MS = 100.0
 POLL_EVERY = 0.005
 LS_ABOVE = 32  # pending keys beyond which a round starts with one ls
 _LEN = struct.Struct(">I")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def zone(ports: dict[str, int]) -> str:
-    lines = [
-        f"$ORIGIN {WORLD}.",
-        "$TTL 60",
-        f"@ IN SOA ns.{WORLD}. admin.{WORLD}. 1 3600 600 86400 60",
-        f"@ IN NS ns.{WORLD}.",
-        "ns IN A 127.0.0.1",
-        f"_dreki IN SRV 0 0 1337 dc.{WORLD}.",
-    ]
-    for n, port in ports.items():
-        lines.append(f"_dreki.dc IN SRV 0 0 1337 {n}.{WORLD}.")
-        lines.append(f"_node._dreki.{n} IN SRV 0 0 {port} localhost.")
-    return "\n".join(lines) + "\n"
-
-
-def quantile(sorted_samples: list[float], q: float) -> float:
-    return sorted_samples[min(len(sorted_samples) - 1, int(len(sorted_samples) * q))]
 
 
 def wait_until(what: str, check, timeout: float, every: float = 0.1):
@@ -308,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # finally blocks run on SIGTERM
     work = Path(tempfile.mkdtemp(prefix="drekifs-bench-repl-"))
     ports = {n: free_port() for n in NODES}
-    (work / "world.zone").write_text(zone(ports))
+    (work / "world.zone").write_text(zone(WORLD, ports))
     path = [str(HERE.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     mounts = {n: work / f"m{n}" for n in NODES}

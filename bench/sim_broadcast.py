@@ -16,15 +16,14 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
-from trio.testing import MockClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simclock import quantile, simulate
 
 from drekifs.cluster.plumtree import PlumtreeConfig
 from drekifs.cluster.plumtree.simcluster import BroadcastCluster
@@ -36,18 +35,6 @@ TARGET_999 = 1.0  # s to 99.9% of peers
 TARGET_ALL = 2.0  # s to 100%
 TARGET_REDUNDANCY = 0.1  # duplicates / useful deliveries after the warm-up
 SETTLE = 2.0  # s after the last delivery: late duplicates, IHAVEs and PRUNEs are counted
-
-
-def simulate(main: Callable[[], Any]) -> tuple[Any, float]:
-    """Run ``main`` on a MockClock; (its result, wall seconds)."""
-    wall = time.perf_counter()
-    result = trio.run(main, clock=MockClock(autojump_threshold=0))
-    return result, time.perf_counter() - wall
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass

@@ -16,14 +16,14 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
-from trio.testing import MockClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simclock import quantile, simulate
 
 from drekifs.cluster.sim import SimWorld
 from drekifs.cluster.swim import SwimConfig
@@ -35,18 +35,6 @@ MEMBERLIST_LAN = SwimConfig(  # memberlist's DefaultLANConfig, as near as these 
 )
 TARGET_MEDIAN = 6.0
 TARGET_JOIN = 3.0
-
-
-def simulate(main: Callable[[], Any]) -> tuple[Any, float]:
-    """Run ``main`` on a MockClock; (its result, wall seconds)."""
-    wall = time.perf_counter()
-    result = trio.run(main, clock=MockClock(autojump_threshold=0))
-    return result, time.perf_counter() - wall
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # -- Crash detection -------------------------------------------------------------------------
