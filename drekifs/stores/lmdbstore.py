@@ -54,6 +54,9 @@ CACHE_ENTRIES = 20_000
 # Trim the map once reads may have mapped this much (each miss counts a fault-around window).
 TRIM_AFTER_BYTES = 16 << 20
 _FAULT_AROUND = 64 << 10
+# Entries on one LMDB leaf page, about: a scan faults once per leaf, and each fault maps up to
+# _FAULT_AROUND of the file (value pages written at the same time lie between entry pages).
+_ENTRIES_PER_LEAF = 16
 Parts = Key  # a key: the path below the store's root, as byte strings
 _U64 = struct.Struct(">Q")
 _MISSING = object()
@@ -239,7 +242,7 @@ class LmdbStore:
                         records[key] = rec
                         if len(where) < CACHE_ENTRIES and rec.alive and rec.eid not in moved:
                             where[rec.eid] = key
-        self._touched(_FAULT_AROUND + 256 * len(out))
+        self._touched(_FAULT_AROUND * (1 + len(out) // _ENTRIES_PER_LEAF))
         for layer in (self._inflight, self._pending):  # newest last
             for name in layer.children.get(prefix, ()):
                 rec = layer.entries.get(prefix + name, _MISSING)
@@ -285,7 +288,7 @@ class LmdbStore:
                         merged[name] = rec
                         if len(merged) > n:
                             break
-        self._touched(_FAULT_AROUND + 256 * scanned)
+        self._touched(_FAULT_AROUND * (1 + scanned // _ENTRIES_PER_LEAF))
         for name, rec in layered.items():
             if rec is not None and rec.alive:
                 merged[name] = rec
