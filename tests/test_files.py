@@ -243,3 +243,27 @@ def test_kill_9_loses_no_fsynced_write(mount_world, store: str) -> None:
         path = root / f"k{i % 50}" / f"f{i}"
         assert path.read_text() == f"value {i}\n" * (i % 7 + 1), i
     assert "Traceback" not in m.log()
+
+
+def test_a_listing_changed_while_read_skips_what_went(m) -> None:
+    """A directory listed in several READDIRs: entries removed between them are not returned,
+    and the ones still there come with their right names and inodes."""
+    d = m.path / "global" / "many"
+    d.mkdir()
+    names = [f"file-{i:04d}" for i in range(3000)]
+    for name in names:
+        (d / name).write_bytes(b"x")
+    inodes = {name: (d / name).stat().st_ino for name in names}
+    seen: dict[str, int] = {}
+    with os.scandir(d) as it:
+        first = next(it)  # one getdents: hundreds of entries, not all 3,000
+        seen[first.name] = first.inode()
+        gone = names[-100:]  # listed last: entries are in inode (creation) order
+        for name in gone:
+            (d / name).unlink()
+        for entry in it:
+            seen[entry.name] = entry.inode()
+    assert len(seen) < len(names)  # the removals landed between two READDIRs
+    assert not set(seen) & set(gone)
+    assert all(inodes[name] == ino for name, ino in seen.items())
+    assert set(seen) == set(names) - set(gone)
