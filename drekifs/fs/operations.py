@@ -107,8 +107,6 @@ class StoreNode:
 class DirHandle:
     node: Entry | StoreNode
     listing: list[tuple[int, bytes]] | None = None  # store directories: (inode, name) by inode
-    records: dict[bytes, Record] | None = None  # store directories: the children at opendir
-    changes: int = -1  # the store's changes at opendir: while equal, ``records`` are current
 
 
 @dataclass(slots=True)
@@ -156,8 +154,6 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Any] = {}
         self._next_fh = itertools.count(1)
         self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}
-        # store inode -> (the record, its attributes): see _store_attrs
-        self._record_attrs: dict[int, tuple[Record, pyfuse3.EntryAttributes]] = {}
         # Store inodes resolved, each valid while its store has not changed (tar, find, rsync
         # ask about one inode several times in a row).
         self._nodes: dict[int, tuple[StoreNode, int]] = {}
@@ -170,7 +166,6 @@ class Operations(pyfuse3.Operations):
         """Serve ``new`` from now on and have the kernel forget what changed."""
         old, self.ns = self.ns, new
         self._attr_cache = {}
-        self._record_attrs = {}  # a store root's times come from the namespace
         self._nodes = {}
         changes = diff(old, new, changed_status)
         for parent, name, ino in changes.entries:
@@ -270,7 +265,9 @@ class Operations(pyfuse3.Operations):
                     rec = store.get(loc, parts)
                     if segments is not None and rec is not None and rec.eid == si.eid:
                         node = StoreNode(ino, store, loc, segments, si.alias, parts, rec)
-                        self._remember_node(node)
+                        if len(self._nodes) >= NODE_CACHE:
+                            self._nodes.clear()
+                        self._nodes[ino] = (node, store.changes)
                         return node
             raise FUSEError(errno.ENOENT)
         e = self.ns.get(ino)
@@ -282,12 +279,6 @@ class Operations(pyfuse3.Operations):
                 rec = store.get(e.location, ())
                 return StoreNode(ino, store, e.location, e.urn.segments, e.alias, (), rec, e)
         return e
-
-    def _remember_node(self, node: StoreNode) -> None:
-        """Resolved as of the store's present changes (see _node)."""
-        if len(self._nodes) >= NODE_CACHE:
-            self._nodes.clear()
-        self._nodes[node.ino] = (node, node.store.changes)
 
     def _store_at(self, e: Entry) -> Store | None:
         """The store served at a store root: global everywhere, local ones on this node only."""
@@ -342,24 +333,14 @@ class Operations(pyfuse3.Operations):
 
     def _store_attrs(self, node: StoreNode) -> pyfuse3.EntryAttributes:
         rec = node.rec
+        size = mtime = None
         if not rec.is_dir:
             f = self.files.get(node.store, rec.eid)
             if f is not None and f.dirty:
                 size, mtime = len(f.buffer or b""), f.mtime_ns
-                return record_attrs(node.ino, rec, self.cache_timeout, size=size, mtime_ns=mtime)
-        # Records are immutable and every change makes a new one: the attributes built for
-        # this very record (a listing's, then the GETATTR tar sends after each READ) still hold.
-        known = self._record_attrs.get(node.ino)
-        if known is not None and known[0] is rec:
-            return known[1]
-        mtime = None
         if node.root is not None and not rec.mtime_ns:
             mtime = node.root.mtime_ns  # a root nobody wrote in yet
-        attr = record_attrs(node.ino, rec, self.cache_timeout, mtime_ns=mtime)
-        if len(self._record_attrs) >= NODE_CACHE:
-            self._record_attrs.clear()
-        self._record_attrs[node.ino] = (rec, attr)
-        return attr
+        return record_attrs(node.ino, rec, self.cache_timeout, size=size, mtime_ns=mtime)
 
     def _status_attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
         spec = self.status.get(e.status or "")
@@ -595,11 +576,9 @@ class Operations(pyfuse3.Operations):
             if not node.is_dir:
                 raise FUSEError(errno.ENOTDIR)
             slot = self.slots.slot(node.store.name)
-            handle.records = node.store.children(node.loc, node.parts)
-            handle.changes = node.store.changes
             handle.listing = sorted(
                 (inodes.pack(node.alias, slot, rec.eid), name)
-                for name, rec in handle.records.items()
+                for name, rec in node.store.children(node.loc, node.parts).items()
             )
         elif not node.kind.is_dir:
             raise FUSEError(errno.ENOTDIR)
@@ -616,22 +595,14 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EBADF)
         node = handle.node
         if isinstance(node, StoreNode):
-            assert handle.listing is not None and handle.records is not None
-            listing, records, store = handle.listing, handle.records, node.store
+            assert handle.listing is not None
+            listing = handle.listing
             # Cursors are inode numbers: a listing resumes after the last one it gave.
             for i in range(bisect_right(listing, (start_id, b"\xff" * 256)), len(listing)):
                 ino, name = listing[i]
-                if store.changes == handle.changes:  # nothing changed since opendir
-                    child: StoreNode | None = StoreNode(
-                        ino, store, node.loc, node.segments, node.alias,
-                        (*node.parts, name), records[name],
-                    )  # fmt: skip
-                    # tar, rsync, ls -l ask for each entry next: have it resolved.
-                    self._remember_node(child)  # type: ignore[arg-type]
-                else:
-                    child = self._child(node, name)
-                    if child is None or child.ino != ino:
-                        continue  # gone since opendir
+                child = self._child(node, name)
+                if child is None or child.ino != ino:
+                    continue  # gone since opendir
                 if not pyfuse3.readdir_reply(token, name, self._store_attrs(child), ino):
                     break
             return
