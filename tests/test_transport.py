@@ -199,6 +199,24 @@ async def test_a_call_times_out_quickly_and_the_connection_goes_on(nursery) -> N
     assert b.counters["tcp.accepted"] == 1
 
 
+async def test_a_write_that_fails_fails_its_call_and_the_next_call_reconnects(nursery) -> None:
+    ring = KeyRing.generate()
+    a, b = await start(nursery, ring), await start(nursery, ring)
+    serve_echo(b)
+    assert await a.call(b.addr, "echo", 1, timeout=2) == 1
+    outbox = a._caller._pool[b.addr].outbox
+    assert outbox is not None
+    # Shut the pooled connection for writing under the transport: the next request's write
+    # fails at once (EPIPE), before its caller could park.
+    with socket.fromfd(outbox._fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+        dup.shutdown(socket.SHUT_WR)
+    with pytest.raises(PeerUnreachable, match="connection lost"):
+        await a.call(b.addr, "echo", 2, timeout=2)
+    assert a.stats()["calls_pending"] == 0
+    assert a.counters["tcp.closed.reset"] == 1 and a.counters["call.unreachable"] == 1
+    assert await a.call(b.addr, "echo", 3, timeout=2) == 3
+
+
 async def test_each_call_keeps_its_own_deadline_and_a_cancelled_one_leaves_nothing(
     nursery,
 ) -> None:

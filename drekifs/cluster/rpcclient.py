@@ -109,11 +109,18 @@ class Caller:
         # when the request is registered, and frames leave in the order of their numbers.
         rid = conn.next_rid
         conn.next_rid += 1
-        slot = conn.pending[rid] = _Slot(trio.lowlevel.current_task(), deadline)
         conn.last_used = trio.current_time()
         plaintext = frames.pack_request(conn.send_seq, rid, packed_method, packed_args)
         conn.send_seq += 1
         outbox.write(frames.frame(self.ep.keys.seal(plaintext, session.request_aad)))
+        if conn.ended is not None:
+            # The write failed and ended the connection there and then: registered before,
+            # this call would have been woken while still running.
+            counters["call.unreachable"] += 1
+            raise PeerUnreachable(f"{to}: connection lost ({conn.ended}) during {method}")
+        # Registered once the request is out, and parked right after: nothing can answer or
+        # end it in between (no checkpoint), so every wake-up finds the caller parked.
+        slot = conn.pending[rid] = _Slot(trio.lowlevel.current_task(), deadline)
         if deadline < self._expiry.deadline:
             self._expiry.deadline = deadline
 
