@@ -21,6 +21,7 @@ from drekifs.cluster.antientropy import (
     HashTree,
     Malformed,
     MemorySource,
+    SyncResult,
     TreeShape,
     version_digest,
 )
@@ -363,8 +364,11 @@ async def test_full_sync_for_a_newcomer_and_pull_only(
         result = await a.full_sync(addr(1), push=False)
         assert not result.in_sync and result.exchanges == CONFIG.full_sync_rounds
         assert len(store(a).entries) == 301 and b"stale" not in store(b).entries
+        completed: list[SyncResult] = []
+        a.on_sync = completed.append  # what replication counts as contact with a peer
         result = await a.full_sync(addr(1))
         assert result.in_sync
+        assert completed and completed[-1].in_sync and completed[-1].peer == result.peer
         assert_converged(a, b)
 
 
@@ -494,8 +498,10 @@ async def test_unreachable_peers_are_counted(autojump_clock: trio.testing.MockCl
         a, _, c = peers(world, 3)
         store(c).put(b"k", 1, "c", b"v")
         world.crash(addr(1))
+        a.on_sync = lambda result: pytest.fail("an exchange that failed is no contact")
         with pytest.raises(PeerUnreachable):
             await a.sync(addr(1))
+        a.on_sync = None
         world.start_soon(addr(0), a.run)
         await trio.sleep(CONFIG.interval * 12)
         assert a.counters["unreachable"] >= 1

@@ -136,6 +136,7 @@ class Replication:
         self.tree = HashTree(ready=False)
         self.broadcast = Broadcast(name, net, PlumtreeConfig(), self.replica)
         self.antientropy = AntiEntropy(name, net, self.tree, self.replica)
+        self.antientropy.on_sync = lambda result: self._contact()
         self._running = False
         # Local writes waiting to be broadcast: a burst on one key (create, write, chown,
         # utimes) goes out once, as its last version, off the request path.
@@ -155,7 +156,8 @@ class Replication:
         return self.store.forget_stale(cutoff_ms)
 
     def _contact(self) -> None:
-        """An exchange with a peer succeeded: remember when (at most once a minute)."""
+        """An exchange with a peer completed (anti-entropy's on_sync): remember when, at most
+        once a minute."""
         now = int(time.time())
         if now - self._last_contact >= 60:
             self._last_contact = now
@@ -198,18 +200,6 @@ class Replication:
             await self._build_tree()
             nursery.start_soon(self.antientropy.run)
             nursery.start_soon(self._collect_loop)
-            nursery.start_soon(self._contact_loop)
-
-    async def _contact_loop(self) -> None:
-        """Periodic exchanges count as contact too (anti-entropy's own loop runs them)."""
-        seen = 0
-        while True:
-            await trio.sleep(30)
-            c = self.antientropy.counters
-            done = c.get("in_sync", 0) + c.get("repairs", 0)  # exchanges that completed
-            if done != seen:
-                seen = done
-                self._contact()
 
     async def _collect_loop(self) -> None:
         """Tombstones older than the grace period go, a batch at a time, every hour."""
@@ -250,7 +240,6 @@ class Replication:
                 with trio.move_on_after(60):
                     result = await self.antientropy.full_sync(alive[name])
                     log.info("replication: caught up with %s (%s)", name, result)
-                    self._contact()
                     return True
             except Exception as e:  # unreachable, refused, malformed: try another one
                 log.info("replication: catching up with %s failed: %s", name, e)
@@ -263,7 +252,6 @@ class Replication:
             with trio.move_on_after(30):
                 result = await self.antientropy.sync(addr)
                 log.info("replication: exchanged with %s, back: %s", name, result)
-                self._contact()
                 return True
         except Exception as e:
             log.info("replication: exchange with %s failed: %s", name, e)

@@ -117,6 +117,8 @@ class AntiEntropy:
         self.config = config or AntiEntropyConfig()
         self.rng = rng or Random()
         self.counters: Counter[str] = Counter()
+        # Called after every exchange that completed (in sync or repaired), whoever started it.
+        self.on_sync: Callable[[SyncResult], None] | None = None
         self._peers: dict[str, PeerAddr] = {}
         self._names: dict[PeerAddr, str] = {}
         self._records: dict[str, _PeerRecord] = {}
@@ -204,6 +206,8 @@ class AntiEntropy:
             result.seconds = trio.current_time() - started
         self.counters["in_sync" if result.in_sync else "repairs"] += 1
         self._record(result.peer, "in sync" if result.in_sync else "repaired", result)
+        if self.on_sync is not None:
+            self.on_sync(result)
         return result
 
     async def _exchange(self, addr: PeerAddr, result: SyncResult, push: bool) -> None:
