@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drekifs.cluster import frames
+from drekifs.cluster.endpoint import next_frame
 from drekifs.cluster.frames import FrameDecoder, Keys, Malformed, Session
 from drekifs.cluster.keyring import OVERHEAD, KeyRing, key_id
 from drekifs.cluster.limits import Limits
@@ -197,6 +198,36 @@ async def test_a_call_times_out_quickly_and_the_connection_goes_on(nursery) -> N
     assert trio.current_time() - started < 0.5
     assert await a.call(b.addr, "echo", 1, timeout=2) == 1
     assert b.counters["tcp.accepted"] == 1
+
+
+async def test_a_timeout_must_be_a_number_of_seconds(nursery) -> None:
+    ring = KeyRing.generate()
+    a, b = await start(nursery, ring), await start(nursery, ring)
+    serve_echo(b)
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="timeout"):
+            await a.call(b.addr, "echo", 1, timeout=bad)
+    assert await a.call(b.addr, "echo", 1, timeout=2) == 1
+
+
+async def test_a_reader_cancelled_under_load_loses_no_frame() -> None:
+    """The readers' idle deadlines can pass while frames pour in: whatever frame the reader
+    is at when its scope is cancelled stays for the next read."""
+    a, b = socket.socketpair()
+    with a, b:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+        a.sendall(b"".join(frames.frame(b"%d" % i) for i in range(100)))
+        decoder = FrameDecoder(1 << 20)
+        got: list[int] = []
+        for _ in range(20):  # bounded: each scope gives at most YIELD_EVERY frames
+            with trio.CancelScope(deadline=trio.current_time()):  # already passed
+                while len(got) < 100:
+                    body = await next_frame(stream, decoder)
+                    assert body is not None
+                    got.append(int(body))
+            if len(got) == 100:
+                break
+        assert got == list(range(100))
 
 
 async def test_a_write_that_fails_fails_its_call_and_the_next_call_reconnects(nursery) -> None:

@@ -65,12 +65,14 @@ async def next_frame(stream: trio.SocketStream, decoder: FrameDecoder) -> bytes 
     other tasks (nor delay a cancellation for long)."""
     fd = stream.socket.fileno()
     while True:
+        if decoder.unyielded >= YIELD_EVERY:
+            # Before a frame is taken, never after: a cancellation delivered here (the
+            # readers' idle deadlines pass under load) must leave the frame in the decoder.
+            decoder.unyielded = 0
+            await trio.lowlevel.checkpoint()
         body = decoder.next()
         if body is not None:
             decoder.unyielded += 1
-            if decoder.unyielded >= YIELD_EVERY:
-                decoder.unyielded = 0
-                await trio.lowlevel.checkpoint()
             return body
         if decoder.oversized:
             raise Malformed(frames.OVERSIZED)

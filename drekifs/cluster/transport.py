@@ -111,6 +111,8 @@ class Transport:
         self._on_datagram = handler
 
     async def call(self, to: PeerAddr, method: str, args: Any, *, timeout: float) -> Any:
+        if not timeout >= 0:  # NaN too: a deadline nothing would ever reach
+            raise ValueError(f"{method}: timeout must be a number >= 0, not {timeout!r}")
         packed_method, packed_args = frames.pack(method), frames.pack(args)
         size = frames.PAYLOAD_SLACK + len(packed_method) + len(packed_args) + OVERHEAD
         if size > self.max_frame:
