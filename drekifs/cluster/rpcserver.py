@@ -193,17 +193,19 @@ class Server:
                     if method in self.inline:
                         # Answers at once, without waiting on anything: no task of its own (a
                         # task costs a turn of the scheduler, which is most of a small call).
-                        await self._serve_request(conn, rid, method, args)
+                        await self._serve_request(conn, rid, method, args, True)
                     else:
-                        nursery.start_soon(self._serve_request, conn, rid, method, args)
+                        nursery.start_soon(self._serve_request, conn, rid, method, args, False)
             checked = trio.current_time()
             if conn.running == 0 and checked - conn.last_frame >= idle:
                 ep.counters["tcp.closed.idle"] += 1
                 return
 
-    async def _serve_request(self, conn: _Connection, rid: int, method: str, args: Any) -> None:
+    async def _serve_request(
+        self, conn: _Connection, rid: int, method: str, args: Any, inline: bool
+    ) -> None:
         try:
-            ok, value = await self._answer(conn.peer, method, args)
+            ok, value = await self._answer(conn.peer, method, args, inline)
             await conn.outbox.wait_room()
             plaintext = frames.pack_reply(conn.send_seq, rid, ok, value)
             conn.send_seq += 1
@@ -216,8 +218,11 @@ class Server:
             h.finished.set()
             h.finished = trio.Event()
 
-    async def _answer(self, peer: PeerAddr, method: str, args: Any) -> tuple[bool, bytes]:
-        """The reply to a request: (True, packed result) or (False, packed [code, message])."""
+    async def _answer(
+        self, peer: PeerAddr, method: str, args: Any, inline: bool
+    ) -> tuple[bool, bytes]:
+        """The reply to a request: (True, packed result) or (False, packed [code, message]).
+        ``inline``: a handler that never waits, run without a deadline of its own."""
         counters = self.ep.counters
         handler = self.handlers.get(method)
         if handler is None:
@@ -225,7 +230,7 @@ class Server:
             return False, _error(errno.ENOSYS, f"no method {method[:100]!r}")
         timeout = self.ep.limits.handler_timeout
         try:
-            if method in self.inline:
+            if inline:
                 result = await handler(peer, args)  # never waits: no deadline to keep
             else:
                 # A plain scope, not fail_after (a generator-based context manager): this is

@@ -187,10 +187,13 @@ class StoreService:
         the caller learned its path), else by its key."""
         if "e" not in a:
             return _key(a["k"])
-        eid = _int(a["e"], "e")
+        return self._path_of(store, _int(a["e"], "e"), errno.ESTALE)
+
+    def _path_of(self, store: Store, eid: int, code: int) -> Key:
+        """Where the entry ``eid`` of this node is now; RemoteError ``code`` if nowhere."""
         where = store.locate(eid)
         if where is None or where[0] != self.node:
-            raise RemoteError(errno.ESTALE, f"{store.name}: entry {eid} is gone")
+            raise RemoteError(code, f"{store.name}: no entry {eid}")
         return where[1]
 
     def _get(self, store: Store, parts: Key) -> Record:
@@ -210,13 +213,11 @@ class StoreService:
 
     async def _locate(self, store: Store, src: PeerAddr, a: dict) -> list:
         eid = _int(a["e"], "e")
-        where = store.locate(eid)
-        if where is None or where[0] != self.node:
-            raise RemoteError(errno.ENOENT, f"{store.name}: no entry {eid}")
-        rec = store.get(self.node, where[1])
+        parts = self._path_of(store, eid, errno.ENOENT)
+        rec = store.get(self.node, parts)
         if rec is None or rec.eid != eid:
             raise RemoteError(errno.ENOENT, f"{store.name}: no entry {eid}")
-        return [list(where[1]), rec.pack()]
+        return [list(parts), rec.pack()]
 
     async def _list(self, store: Store, src: PeerAddr, a: dict) -> list:
         parts = _key(a["k"])
