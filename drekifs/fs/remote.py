@@ -167,9 +167,7 @@ class RemoteStores:
         if known is not None and known[2].ctime_ns > rec.ctime_ns and known[2].eid == rec.eid:
             return  # an answer older than what is known (replies may cross)
         if len(self._seen) > 50_000:
-            self._seen.clear()
-            self._small.clear()
-            self._inos.clear()
+            self._forget_all()
         self._seen[ino] = (trio.current_time() + REMOTE_TIMEOUT, parts, rec)
         self._small.pop(ino, None)
         pair = self.by_slot.get(inodes.unpack(ino).slot)
@@ -179,6 +177,11 @@ class RemoteStores:
     def _forget(self, ino: int) -> None:
         self._seen.pop(ino, None)
         self._small.pop(ino, None)
+
+    def _forget_all(self) -> None:
+        self._seen.clear()
+        self._small.clear()
+        self._inos.clear()
 
     def changed(self, node: str, store: str, keys: list[Key]) -> None:
         """The owner says these keys changed: forget them here and in the kernel (queued
@@ -333,9 +336,7 @@ class RemoteStores:
         await self._keep_open_content(old.client, dst)
         await old.client.rename(src, dst, noreplace=noreplace)
         # Paths below src moved: what is remembered by path is wrong now (1 s of it at most).
-        self._seen.clear()
-        self._small.clear()
-        self._inos.clear()
+        self._forget_all()
         for f in self._files.values():
             if f.client is old.client and f.parts[: len(src)] == src:
                 f.parts = dst + f.parts[len(src) :]
@@ -373,16 +374,23 @@ class RemoteStores:
         return f
 
     async def open(self, ref: RemoteRef, flags: int) -> tuple[int, RemoteFileHandle]:
+        f = None
         if ref.root is None:
             f = self._files.get(_file_key(ref.client, ref.ino & inodes.EID_MASK))
-            if f is not None:
-                # Open here already, its bytes maybe still on their way to the owner: they are
-                # the truth on this mount (an answer of the owner could predate them).
-                f.handles += 1
-                if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-                    f.buffer = bytearray()
-                    f.changed()
-                return next(self._fh), RemoteFileHandle(f)
+        if f is not None:
+            # Open here already, its bytes maybe still on their way to the owner: they are
+            # the truth on this mount (an answer of the owner could predate them).
+            f.handles += 1
+            handle = RemoteFileHandle(f)
+        else:
+            handle = await self._open_anew(ref, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            handle.file.buffer = bytearray()
+            handle.file.changed()
+        return next(self._fh), handle
+
+    async def _open_anew(self, ref: RemoteRef, flags: int) -> RemoteFileHandle:
+        """A file not open on this mount yet: what the owner says of it, or said < 1 s ago."""
         data: bytes | None = None
         seen = self._seen.get(ref.ino)
         keep = seen is not None and seen[0] > trio.current_time()
@@ -404,10 +412,7 @@ class RemoteStores:
         if rec.kind != FILE:
             raise FUSEError(errno.ELOOP)
         f = self._open_file(ref.client, parts, rec.eid, ref.ino)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            f.buffer = bytearray()
-            f.changed()
-        return next(self._fh), RemoteFileHandle(f, data, keep)
+        return RemoteFileHandle(f, data, keep)
 
     async def _load(self, f: RemoteFile) -> bytearray:
         if f.buffer is not None:
