@@ -259,9 +259,13 @@ async def test_each_call_keeps_its_own_deadline_and_a_cancelled_one_leaves_nothi
 
     b.register("hang", hang)
 
+    long_ended: list[float] = []
+    long_started = trio.current_time()
+
     async def long_call() -> None:
-        with pytest.raises(PeerUnreachable, match=r"within 3 s"):
-            await a.call(b.addr, "hang", None, timeout=3)
+        with pytest.raises(PeerUnreachable, match=r"within 1\.5 s"):
+            await a.call(b.addr, "hang", None, timeout=1.5)
+        long_ended.append(trio.current_time() - long_started)
 
     nursery.start_soon(long_call)
     await trio.sleep(0.05)
@@ -274,6 +278,12 @@ async def test_each_call_keeps_its_own_deadline_and_a_cancelled_one_leaves_nothi
     with trio.move_on_after(0.1):
         await a.call(b.addr, "hang", None, timeout=5)
     assert a.stats()["calls_pending"] == 1
+    # And the longer one expires at its own deadline, not before, not much after.
+    with trio.fail_after(3):
+        while not long_ended:
+            await trio.sleep(0.05)
+    assert 1.5 <= long_ended[0] < 2.0
+    assert a.stats()["calls_pending"] == 0
 
 
 async def test_a_peer_not_listening_is_unreachable_at_once(nursery) -> None:
