@@ -378,15 +378,14 @@ class AntiEntropy:
         return out, at
 
     def _merge(self, entries: list[tuple[bytes, Any]]) -> int:
-        """Merge a peer's entries into the store; the tree follows the store's digests."""
+        """Merge a peer's entries into the store (which keeps the tree up to date, as every
+        write does)."""
         if not entries:
             return 0
         try:
             changed = self.source.merge(entries)
         except (ValueError, TypeError) as e:
             raise Malformed(f"entries refused by the store: {e}") from None
-        for k, _ in entries:
-            self.tree.update(k, self.source.digest(k))
         self.counters["keys_repaired"] += changed
         return changed
 
