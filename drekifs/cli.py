@@ -14,6 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .stores.record import TOMBSTONE_GRACE
 from .urn import URN, URNError, check_key_part
 
 EXIT_PROBLEM = 1
@@ -587,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tombstone-grace",
         metavar="DURATION",
         type=parse_duration,
-        default=7 * 86400.0,
+        default=TOMBSTONE_GRACE,
         help="how long a delete of a global key is remembered (default 7d; e.g. 12h, 90s)",
     )
     p.add_argument(

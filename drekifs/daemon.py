@@ -24,6 +24,7 @@ from . import control
 from .fs.inodes import StoreSlots
 from .fs.namespace import MAX_PATHS
 from .stores.lmdbstore import LmdbStore
+from .stores.record import TOMBSTONE_GRACE
 from .stores.version import HybridClock
 from .world.model import SOURCE, TOO_LARGE, World
 from .world.resolve import SourceError
@@ -55,7 +56,7 @@ class MountConfig:
     max_global_value: int = 1 << 20
     max_local_value: int = 64 << 20
     keyring: Path | None = None  # without one, this peer runs alone
-    tombstone_grace: float = 7 * 86400.0  # seconds a delete of a global key is remembered
+    tombstone_grace: float = TOMBSTONE_GRACE
 
 
 # -- mount table ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import trio
 
 from ..stores.base import Store
 from ..stores.lmdbstore import LmdbStore
+from ..stores.record import TOMBSTONE_GRACE
 from ..urn import is_valid_store_name
 from ..world.model import World
 from .keyring import KeyRing, KeyRingError
@@ -86,7 +87,7 @@ class Peer:
         incarnation: int,
         on_members_changed: Callable[[str, tuple[str, ...] | None], None] = lambda n, s: None,
         version: str = "",
-        tombstone_grace: float = 7 * 86400.0,
+        tombstone_grace: float = TOMBSTONE_GRACE,
     ) -> None:
         self.world = world
         self.node = node

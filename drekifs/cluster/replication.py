@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from ..stores.lmdbstore import LmdbStore, entry_key
-from ..stores.record import Record
+from ..stores.record import TOMBSTONE_GRACE, Record
 from ..stores.version import Version
 from .antientropy import AntiEntropy, HashTree
 from .net import Network, PeerAddr
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 ORIGIN = "replication"
 _HLC = struct.Struct(">Q")
-TOMBSTONE_GRACE = 7 * 86400.0  # seconds a delete is remembered (DESIGN §4)
 COLLECT_EVERY = 3600.0
 SEND_EVERY = 0.02  # seconds local writes gather before they are broadcast
 BUILD_CHUNK = 5_000  # keys hashed into the tree per step at start, between other work
@@ -137,7 +136,6 @@ class Replication:
         self.broadcast = Broadcast(name, net, PlumtreeConfig(), self.replica)
         self.antientropy = AntiEntropy(name, net, self.tree, self.replica)
         self.antientropy.on_sync = lambda result: self._contact()
-        self._running = False
         # Local writes waiting to be broadcast: a burst on one key (create, write, chown,
         # utimes) goes out once, as its last version, off the request path.
         self._outgoing: dict[bytes, None] = {}
@@ -194,7 +192,6 @@ class Replication:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.broadcast.run)
-            self._running = True
             nursery.start_soon(self._send_loop)
             task_status.started()
             await self._build_tree()

@@ -44,7 +44,7 @@ import trio
 from .base import Key, Watcher
 from .conflicts import conflict_name, decide
 from .record import DIR, FILE, SYMLINK, TOMBSTONE, Record, StoreError
-from .version import HybridClock, Version, first_version, version_digest
+from .version import LOGICAL_BITS, HybridClock, Version, first_version, version_digest
 
 log = logging.getLogger(__name__)
 
@@ -703,7 +703,7 @@ class LmdbStore:
                 (
                     (key, rec)
                     for key, rec in self._scan()
-                    if not rec.alive and rec.version and rec.version.hlc >> 16 < cutoff_ms
+                    if not rec.alive and rec.version and rec.version.hlc >> LOGICAL_BITS < cutoff_ms
                 ),
                 limit,
             )
@@ -722,7 +722,9 @@ class LmdbStore:
         stale = [
             (key, rec)
             for key, rec in self._scan()
-            if rec.version and rec.version.peer != self.peer and rec.version.hlc >> 16 < cutoff_ms
+            if rec.version
+            and rec.version.peer != self.peer
+            and rec.version.hlc >> LOGICAL_BITS < cutoff_ms
         ]
         for key, rec in stale:
             self._forget(key, rec)

@@ -25,6 +25,8 @@ import msgpack
 
 from .version import Version
 
+TOMBSTONE_GRACE = 7 * 86400.0  # seconds a delete of a global key is remembered (DESIGN §4)
+
 FILE, DIR, SYMLINK, TOMBSTONE = 0, 1, 2, 3
 KIND_NAMES = {FILE: "file", DIR: "dir", SYMLINK: "symlink", TOMBSTONE: "tombstone"}
 _S_IFMT = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}
