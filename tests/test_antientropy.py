@@ -368,7 +368,8 @@ async def test_full_sync_for_a_newcomer_and_pull_only(
         a.on_sync = completed.append  # what replication counts as contact with a peer
         result = await a.full_sync(addr(1))
         assert result.in_sync
-        assert completed and completed[-1].in_sync and completed[-1].peer == result.peer
+        # Once per exchange of the full sync, each a completed one, the last one in sync:
+        assert len(completed) == result.exchanges and completed[-1].in_sync
         assert_converged(a, b)
 
 
@@ -391,8 +392,10 @@ async def test_malformed_requests_are_refused(autojump_clock: trio.testing.MockC
             ("ae.leaves", {"buckets": [64], "after": None}),
             ("ae.leaves", {"buckets": [0], "after": 7}),
             ("ae.leaves", {"buckets": "all"}),
-            ("ae.export", {"keys": [b"k", "not bytes"]}),
-            ("ae.export", {"keys": [b"x" * 10_000]}),
+            ("ae.export", {"buckets": [0], "ids": b"short"}),  # not one 8-byte id per bucket
+            ("ae.export", {"buckets": [0, 0]}),  # no ids
+            # A well-formed entry the store would take, under a key over max_key_bytes:
+            ("ae.merge", {"entries": [[b"x" * 10_000, [1, "z", b"v"]]]}),
             ("ae.merge", {"entries": [[b"k"]]}),
             ("ae.merge", {"entries": [[b"k", [1, 2, 3]]]}),  # the store refuses it
             ("ae.merge", {"entries": [[b"k", "junk"]]}),
@@ -403,6 +406,7 @@ async def test_malformed_requests_are_refused(autojump_clock: trio.testing.MockC
                 await raw.call(addr(0), method, args, timeout=5)
             assert info.value.code == errno.EINVAL, (method, args)
         assert a.counters["bad_requests"] == len(junk)
+        assert set(store(a).entries) == {b"k"}
         assert store(a).entries == {b"k": (1, "a", b"v")}
         # Still serving.
         reply = await raw.call(addr(0), "ae.root", {"shape": [2, 3], "root": bytes(16)}, timeout=5)

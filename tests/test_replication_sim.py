@@ -102,7 +102,9 @@ def test_converges_after_crashes_and_a_partition(seed: int) -> None:
     assert_sound(out)
     # Both protocols did their share: broadcast within each side, anti-entropy across it.
     assert out.arrivals.get(BROADCAST, 0) > out.arrivals.get(ANTIENTROPY, 0) > 0
+    # Each restarted peer caught up: a full sync with some peer succeeded.
     assert len(out.catch_ups) == 2
+    assert all(c.seconds is not None for c in out.catch_ups)
     # The detection delay bounds the convergence after the heal, plus a few exchanges.
     assert out.converged_after < ReplConfig().detect + 5
 
@@ -118,7 +120,7 @@ def test_without_exchanges_on_rejoin_periodic_anti_entropy_converges() -> None:
     out = simulate(4, small(writes=20), config)
     assert_sound(out)
     assert out.converged_after > ReplConfig().detect + 1
-    assert out.rejoins == 0
+    assert out.rejoins_due > 0 and out.rejoins == 0  # members came back; none was asked
 
 
 def test_deterministic_for_a_seed() -> None:

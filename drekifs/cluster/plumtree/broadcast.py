@@ -64,8 +64,9 @@ log = logging.getLogger(__name__)
 class Broadcast:
     """This peer's side of the broadcast tree (see the module docstring).
 
-    ``counters`` (all monotonic): ``broadcasts`` (local), ``delivered`` (new messages from
-    peers), ``duplicates`` (copies of a message already delivered: each one is answered PRUNE),
+    ``counters`` (all monotonic): ``broadcasts`` (local), ``datagrams`` (Plumtree's received),
+    ``gossip_received`` (pushes received), ``neighbours_added`` / ``neighbours_removed`` (as
+    membership changes), ``delivered`` (new messages from peers), ``duplicates`` (copies of a message already delivered: each one is answered PRUNE),
     ``stale`` (copies the store already had or found superseded), ``gossip_sent``,
     ``gossip_failed``, ``gossip_refused``, ``sends_dropped``, ``ihave_sent`` / ``ihave_ids``,
     ``graft_sent`` / ``graft_ids``, ``graft_served``, ``graft_unknown``, ``graft_gave_up``,
