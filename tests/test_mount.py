@@ -273,6 +273,13 @@ def test_log_level_changes_at_run_time(mount_world) -> None:
     m = mount_world()
     os.kill(m.pid, signal.SIGUSR1)
     wait_for(lambda: "log level now DEBUG" in m.log(), what="DEBUG")
+    assert not (m.path / "global" / "absent-while-debug").exists()
+    wait_for(lambda: "absent-while-debug: No such file" in m.log(), what="a DEBUG line")
     os.kill(m.pid, signal.SIGUSR2)
     wait_for(lambda: "log level now INFO" in m.log(), what="back to INFO")
+    assert not (m.path / "global" / "absent-while-info").exists()
+    with pytest.raises(PermissionError):
+        (m.path / "eu" / "made-while-info").mkdir()  # EPERM: logged at INFO, after the lookup
+    wait_for(lambda: "made-while-info" in m.log(), what="an INFO line")
+    assert "absent-while-info" not in m.log()
     assert (m.path / ".dreki" / "pid").read_text().strip() == str(m.pid)  # still serving

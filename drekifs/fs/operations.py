@@ -73,6 +73,8 @@ def request(fn: F) -> F:
         except FUSEError as e:
             if e.errno not in QUIET_ERRNOS and not isinstance(e, QuietError):
                 log.info("%s %s: %s", op, self.describe(op, args), os.strerror(e.errno))
+            elif log.isEnabledFor(logging.DEBUG):  # everyday answers, for SIGUSR1 sessions
+                log.debug("%s %s: %s", op, self.describe(op, args), os.strerror(e.errno))
             raise
         except StoreError as e:
             if e.errno not in QUIET_ERRNOS:
