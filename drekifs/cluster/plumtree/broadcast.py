@@ -66,12 +66,13 @@ class Broadcast:
 
     ``counters`` (all monotonic): ``broadcasts`` (local), ``datagrams`` (Plumtree's received),
     ``gossip_received`` (pushes received), ``neighbours_added`` / ``neighbours_removed`` (as
-    membership changes), ``delivered`` (new messages from peers), ``duplicates`` (copies of a message already delivered: each one is answered PRUNE),
-    ``stale`` (copies the store already had or found superseded), ``gossip_sent``,
-    ``gossip_failed``, ``gossip_refused``, ``sends_dropped``, ``ihave_sent`` / ``ihave_ids``,
-    ``graft_sent`` / ``graft_ids``, ``graft_served``, ``graft_unknown``, ``graft_gave_up``,
-    ``prune_sent``, ``prune_received``, ``optimized``, ``missing_full``, ``ihave_dropped``,
-    ``malformed``, ``not_running``, ``store_errors``, ``internal_errors`` (a bug: tests assert 0).
+    membership changes), ``delivered`` (new messages from peers), ``duplicates`` (copies of a
+    message already delivered: each one is answered PRUNE), ``stale`` (copies the store already had
+    or found superseded), ``gossip_sent``, ``gossip_failed``, ``gossip_refused``, ``sends_dropped``,
+    ``ihave_sent`` / ``ihave_ids``, ``graft_sent`` / ``graft_ids``, ``graft_served``,
+    ``graft_unknown``, ``graft_gave_up``, ``prune_sent``, ``prune_received``, ``optimized``,
+    ``missing_full``, ``ihave_dropped``, ``malformed``, ``not_running``, ``store_errors``,
+    ``internal_errors`` (a bug: tests assert 0).
     """
 
     def __init__(
