@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drekifs.cluster.replication import GlobalReplica, message_id
 from drekifs.stores.conflicts import CONFLICT_MARK, Action, decide
 from drekifs.stores.lmdbstore import LmdbStore, entry_key
 from drekifs.stores.record import DIR, FILE, TOMBSTONE, Record
@@ -172,3 +174,18 @@ def test_a_replica_away_too_long_drops_old_entries_of_others_keeps_its_own(tmp_p
     assert a.forget_stale(cutoff_ms=5_000_000) == 1
     assert names(a) == [b"mine", b"recent"]
     assert a.value_bytes == len(b"a wrote it") + 3
+
+
+def test_a_broadcast_payload_must_be_the_version_its_id_names(tmp_path: Path) -> None:
+    a, b = replica(tmp_path / "a", "a"), replica(tmp_path / "b", "b")
+    write(a, (b"k",), b"one")
+    key = entry_key(LOC, (b"k",))
+    rec, value = a.export(key)  # type: ignore[misc]
+    assert rec.version is not None
+    payload = [rec.pack(), value]
+    other = message_id(key, Version(rec.version.hlc + 1, rec.version.peer))
+    with pytest.raises(ValueError, match="names"):
+        GlobalReplica(b).deliver(other, payload)
+    assert b.get(LOC, (b"k",)) is None
+    assert GlobalReplica(b).deliver(message_id(key, rec.version), payload)
+    assert b.read(b.get(LOC, (b"k",)).eid) == b"one"  # type: ignore[union-attr]

@@ -85,8 +85,12 @@ class GlobalReplica:
         return [rec.pack(), value]
 
     def deliver(self, mid: bytes, payload: Any) -> bool:
-        key, _ = split_message_id(mid)
+        key, version = split_message_id(mid)
         rec, value = _entry(payload)
+        assert rec.version is not None  # _entry refuses an entry without one
+        if (rec.version.hlc, rec.version.peer) != (version.hlc, version.peer):
+            # Plumtree remembers ids: an id over another version would stand for the wrong one.
+            raise ValueError("the payload is not the version its message id names")
         return self._merge_one(key, rec, value)
 
     # -- anti-entropy ----------------------------------------------------------------------
