@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import msgpack
+from find_world import cpu_seconds
 from loopback import free_port, zone
 from simclock import quantile
 
@@ -187,12 +188,6 @@ def members_alive(mount: Path) -> bool:
     rows = json.loads((mount / ".dreki" / "members.json").read_text())
     alive = {r["node"] for r in rows if r["state"] == "alive"}
     return len(alive) >= len(NODES)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> float:
@@ -347,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             if o.error is not None:
                 raise SystemExit(f"observer {o.peer} failed: {o.error!r}")
         t_end = time.perf_counter()
-        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}  # type: ignore[operator]
         own_cpu = time.process_time() - own_cpu0
         others = machine_busy() - busy0 - own_cpu - sum(cpu.values())
 
