@@ -46,14 +46,14 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--min-refresh",
-        type=float,
+        type=parse_duration,
         default=1.0,
         metavar="S",
         help="never look at DNS more often than this, whatever the TTLs (default 1)",
     )
     g.add_argument(
         "--max-refresh",
-        type=float,
+        type=parse_duration,
         default=300.0,
         metavar="S",
         help="look at DNS at least this often (default 300)",
@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cache-timeout",
-        type=float,
+        type=parse_duration,
         default=3600.0,
         metavar="S",
         help="how long the kernel may cache names and attributes (changes are "

@@ -71,24 +71,15 @@ def _bool(value: Any, base: Path) -> bool:
     return value
 
 
-def _seconds(value: Any, base: Path) -> float:
-    """A number of seconds, as --cache-timeout and --min-refresh take it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"expected a number of seconds, got {_type_name(value)}")
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a number of seconds") from None
-    if seconds < 0:
-        raise ValueError(f"{value!r}: a number of seconds is not negative")
-    return seconds
-
-
-def _arg(parse: Callable[[str], Any], kind: str) -> Callable[[Any, Path], Any]:
-    """A value the command line parses with ``parse``: a string, or an integer as its text."""
+def _arg(
+    parse: Callable[[str], Any], kind: str, *, fractions: bool = False
+) -> Callable[[Any, Path], Any]:
+    """A value the command line parses with ``parse``: a string, or an integer (a float too
+    with ``fractions``) as its text."""
+    numbers = (int, float) if fractions else (int,)
 
     def check(value: Any, base: Path) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
+        if isinstance(value, bool) or not isinstance(value, (*numbers, str)):
             raise ValueError(f"expected {kind}, got {_type_name(value)}")
         try:
             return parse(str(value))
@@ -107,7 +98,7 @@ def _size(value: Any, base: Path) -> int:
 def _duration(value: Any, base: Path) -> float:
     from .cli import parse_duration
 
-    return _arg(parse_duration, 'a duration (seconds, or like "7d")')(value, base)
+    return _arg(parse_duration, 'a duration (seconds, or like "7d")', fractions=True)(value, base)
 
 
 def _stores(value: Any, base: Path) -> list[str]:
@@ -143,13 +134,13 @@ KEYS: dict[str, tuple[str, Callable[[Any, Path], Any]]] = {
     "world": ("world", lambda v, b: _string(v, b).lower().rstrip(".")),
     "zone": ("zone", lambda v, b: Path(_path(v, b))),
     "dns": ("dns", _dns),
-    "min-refresh": ("min_refresh", _seconds),
-    "max-refresh": ("max_refresh", _seconds),
+    "min-refresh": ("min_refresh", _duration),
+    "max-refresh": ("max_refresh", _duration),
     "node": ("node", _string),
     "data-dir": ("data_dir", lambda v, b: Path(_path(v, b))),
     "options": ("o", _options),
     "foreground": ("foreground", _bool),
-    "cache-timeout": ("cache_timeout", _seconds),
+    "cache-timeout": ("cache_timeout", _duration),
     "log-level": ("log_level", _log_level),
     "log-file": ("log_file", _path),
     "keyring": ("keyring", _path),

@@ -167,7 +167,8 @@ def test_no_mountpoint_anywhere_is_a_usage_error(
         ('  "log-level" = "LOUD"\n', 1, "log-level", "is not one of"),
         ('log-level = "LOUD"\n', 1, "log-level", "'LOUD' is not one of DEBUG, INFO"),
         ("foreground = 1\n", 1, "foreground", "expected true or false"),
-        ('cache-timeout = "x"\n', 1, "cache-timeout", "is not a number of seconds"),
+        ('cache-timeout = "x"\n', 1, "cache-timeout", "'x' is not a duration"),
+        ("cache-timeout = -5\n", 1, "cache-timeout", "a duration is not negative"),
         ("node = 3\n", 1, "node", "expected a string, got an integer"),
         ('dns = ["h:99999"]\n', 1, "dns", "bad port"),
         ('zone = "z"\n# x\ndns = "h"\n', 3, "dns", "either zone or dns"),
@@ -246,3 +247,11 @@ def test_docs_example_is_a_valid_file(tmp_path: Path) -> None:
     assert example is not None
     values: dict[str, Any] = config.load(write(tmp_path, example.group(1)))
     assert values["mountpoint"] == "/dreki" and values["store"] == ["cache"]
+
+
+def test_seconds_are_durations_in_the_file_as_on_the_command_line(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('cache-timeout = 0.5\nmin-refresh = "2m"\ntombstone-grace = 1.5\n')
+    values = config.load(p)
+    assert values["cache_timeout"] == 0.5 and values["min_refresh"] == 120.0
+    assert values["tombstone_grace"] == 1.5
