@@ -16,6 +16,7 @@ from drekifs.fs.namespace import ROOT_INODE, WORLD_INODE_BASE, Kind, Namespace, 
 from drekifs.fs.operations import Operations
 from drekifs.fs.status import StatusFiles
 from drekifs.stores.lmdbstore import LmdbStore
+from drekifs.stores.record import FILE, Record
 from drekifs.world import snapshot
 
 from .test_world import world_of
@@ -218,3 +219,48 @@ async def test_explicit_times_on_a_dirty_file_are_one_version(tmp_path: Path) ->
     await ops.release(info.fh)
     assert store.changes == before + 1  # nothing left to commit at release
     assert store.read(store.get("w.test", (b"f",)).eid) == b"data"
+
+
+async def test_attributes_kept_for_the_next_request_follow_store_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READDIRPLUS and GETATTR keep an entry's attributes for the requests that follow (a
+    tar stats every file it listed); a change made through the store API, not through this
+    mount, must still show at the next GETATTR and READDIR."""
+    replies: list[tuple[bytes, int, int]] = []
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, ino: int) -> bool:
+        replies.append((name, attr.st_mode & 0o7777, attr.st_size))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    ops = make_ops(tmp_path)
+    glob = (await lookup_path(ops, "global")).st_ino
+    inos = {}
+    for name in (b"a", b"b"):
+        info, attr = await ops.create(glob, name, 0o644, os.O_WRONLY, CTX)
+        await ops.write(info.fh, 0, b"12345")
+        await ops.release(info.fh)
+        inos[name] = attr.st_ino
+    fh = await ops.opendir(glob, CTX)
+    await ops.readdir(fh, 0, None)
+    assert replies == [(b"a", 0o644, 5), (b"b", 0o644, 5)]
+    assert (await ops.getattr(inos[b"a"], None)).st_mode & 0o7777 == 0o644
+
+    store = ops.stores["global"]
+    store.update("w.test", (b"a",), perm=0o600)
+    store.write_value("w.test", (b"b",), store.get("w.test", (b"b",)).eid, b"123", None)
+    assert (await ops.getattr(inos[b"a"], None)).st_mode & 0o7777 == 0o600
+    assert (await ops.getattr(inos[b"b"], None)).st_size == 3
+    replies.clear()
+    await ops.readdir(fh, 0, None)  # the same handle, opened before the changes
+    assert replies == [(b"a", 0o600, 5), (b"b", 0o644, 3)]
+    await ops.releasedir(fh)
+    await store.sync()
+
+
+def test_a_record_refuses_a_field_it_does_not_have() -> None:
+    rec = Record(FILE, 7, size=3)
+    assert rec.but(size=4) == Record(FILE, 7, size=4)
+    with pytest.raises(TypeError, match="sizee"):
+        rec.but(sizee=4)

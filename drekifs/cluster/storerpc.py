@@ -46,7 +46,7 @@ from typing import Any
 import trio
 
 from ..stores.base import Key, Store
-from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
+from ..stores.record import DIR, FILE, NO_XATTRS, SYMLINK, Record, StoreError
 from .net import Network, PeerAddr, PeerUnreachable, RemoteError
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ def _record(raw: Any) -> Record:
         or type(rec.atime_ns) is not int
         or type(rec.subdirs) is not int
         or not isinstance(rec.target, bytes)
-        or not isinstance(rec.xattrs, dict)
+        or not (rec.xattrs is NO_XATTRS or isinstance(rec.xattrs, dict))
         or not all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in rec.xattrs.items())
     ):
         raise StoreError(errno.EIO, "the owner sent a malformed record")

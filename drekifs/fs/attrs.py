@@ -5,6 +5,8 @@ from __future__ import annotations
 import stat
 from typing import Any
 
+import pyfuse3
+
 
 def metadata_changes(attr: Any, fields: Any) -> dict[str, int]:
     """The metadata fields of a SETATTR (size is the caller's: it changes the value)."""
@@ -34,8 +36,6 @@ def record_attrs(
 ) -> Any:
     """A store entry's attributes (local or remote); ``size`` and ``mtime_ns`` override the
     record's (a file being written here)."""
-    import pyfuse3
-
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = ino
     attr.st_mode = rec.mode

@@ -18,8 +18,8 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 EID_BITS = 40
 SLOT_BITS = 12
@@ -30,8 +30,7 @@ ALIAS_MASK = (1 << ALIAS_BITS) - 1
 FIXED_SLOTS = {"global": 1, "local": 2}
 
 
-@dataclass(frozen=True, slots=True)
-class StoreInode:
+class StoreInode(NamedTuple):  # a tuple: one is unpacked for most requests
     alias: int
     slot: int
     eid: int
@@ -47,8 +46,13 @@ def unpack(ino: int) -> StoreInode:
     )
 
 
+def store_slot(ino: int) -> int:
+    """The store slot of a store entry's inode; 0 for the world's own inodes."""
+    return (ino >> EID_BITS) & SLOT_MASK if 1 < ino < (1 << 62) else 0
+
+
 def is_store_inode(ino: int) -> bool:
-    return 1 < ino < (1 << 62) and (ino >> EID_BITS) & SLOT_MASK != 0
+    return store_slot(ino) != 0
 
 
 def alias_of(segments: tuple[str, ...], taken: set[int]) -> int:

@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 import time
-from bisect import bisect_right
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -99,6 +99,9 @@ class StoreNode:
     parts: Key
     rec: Record
     root: Entry | None = None  # set for a store's root (a world inode)
+    # Its attributes, once asked for: valid as long as the node (its store unchanged), unless a
+    # file being written here overrides size and mtime (then never kept).
+    attrs: pyfuse3.EntryAttributes | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -108,7 +111,9 @@ class StoreNode:
 @dataclass(slots=True)
 class DirHandle:
     node: Entry | StoreNode
-    listing: list[tuple[int, bytes]] | None = None  # store directories: (inode, name) by inode
+    # Store directories: (inode, name, record) by inode, as the store had them at ``changes``.
+    listing: list[tuple[int, bytes, Record]] | None = None
+    changes: int = 0
 
 
 @dataclass(slots=True)
@@ -241,7 +246,8 @@ class Operations(pyfuse3.Operations):
 
     def _node(self, ino: int) -> Entry | StoreNode:
         """What an inode is now; ENOENT when it is gone."""
-        if inodes.is_store_inode(ino):
+        slot = inodes.store_slot(ino)
+        if slot:
             cached = self._nodes.get(ino)
             if cached is not None:
                 node, seen = cached
@@ -257,9 +263,9 @@ class Operations(pyfuse3.Operations):
                     )
                     self._nodes[ino] = (node, store.changes)
                     return node
-            si = inodes.unpack(ino)
-            store = self.by_slot.get(si.slot)
+            store = self.by_slot.get(slot)
             if store is not None:
+                si = inodes.unpack(ino)
                 where = store.locate(si.eid)
                 if where is not None:
                     loc, parts = where
@@ -267,9 +273,7 @@ class Operations(pyfuse3.Operations):
                     rec = store.get(loc, parts)
                     if segments is not None and rec is not None and rec.eid == si.eid:
                         node = StoreNode(ino, store, loc, segments, si.alias, parts, rec)
-                        if len(self._nodes) >= NODE_CACHE:
-                            self._nodes.clear()
-                        self._nodes[ino] = (node, store.changes)
+                        self._remember(node)
                         return node
             raise FUSEError(errno.ENOENT)
         e = self.ns.get(ino)
@@ -281,6 +285,12 @@ class Operations(pyfuse3.Operations):
                 rec = store.get(e.location, ())
                 return StoreNode(ino, store, e.location, e.urn.segments, e.alias, (), rec, e)
         return e
+
+    def _remember(self, node: StoreNode) -> None:
+        """Keep what an inode is, for the requests that follow (valid until the store changes)."""
+        if len(self._nodes) >= NODE_CACHE:
+            self._nodes.clear()
+        self._nodes[node.ino] = (node, node.store.changes)
 
     def _store_at(self, e: Entry) -> Store | None:
         """The store served at a store root: global everywhere, local ones on this node only."""
@@ -335,14 +345,23 @@ class Operations(pyfuse3.Operations):
 
     def _store_attrs(self, node: StoreNode) -> pyfuse3.EntryAttributes:
         rec = node.rec
-        size = mtime = None
-        if not rec.is_dir:
+        if self.files.by_key and not rec.is_dir:  # a file written here: its buffer's size
             f = self.files.get(node.store, rec.eid)
             if f is not None and f.dirty:
-                size, mtime = len(f.buffer or b""), f.mtime_ns
-        if node.root is not None and not rec.mtime_ns:
-            mtime = node.root.mtime_ns  # a root nobody wrote in yet
-        return record_attrs(node.ino, rec, self.cache_timeout, size=size, mtime_ns=mtime)
+                return record_attrs(
+                    node.ino,
+                    rec,
+                    self.cache_timeout,
+                    size=len(f.buffer or b""),
+                    mtime_ns=f.mtime_ns,
+                )
+        attrs = node.attrs
+        if attrs is None:
+            mtime = None
+            if node.root is not None and not rec.mtime_ns:
+                mtime = node.root.mtime_ns  # a root nobody wrote in yet
+            attrs = node.attrs = record_attrs(node.ino, rec, self.cache_timeout, mtime_ns=mtime)
+        return attrs
 
     def _status_attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
         spec = self.status.get(e.status or "")
@@ -578,8 +597,9 @@ class Operations(pyfuse3.Operations):
             if not node.is_dir:
                 raise FUSEError(errno.ENOTDIR)
             slot = self.slots.slot(node.store.name)
+            handle.changes = node.store.changes
             handle.listing = sorted(
-                (inodes.pack(node.alias, slot, rec.eid), name)
+                (inodes.pack(node.alias, slot, rec.eid), name, rec)
                 for name, rec in node.store.children(node.loc, node.parts).items()
             )
         elif not node.kind.is_dir:
@@ -599,12 +619,21 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, StoreNode):
             assert handle.listing is not None
             listing = handle.listing
+            store = node.store
+            unchanged = store.changes == handle.changes
             # Cursors are inode numbers: a listing resumes after the last one it gave.
-            for i in range(bisect_right(listing, (start_id, b"\xff" * 256)), len(listing)):
-                ino, name = listing[i]
-                child = self._child(node, name)
-                if child is None or child.ino != ino:
-                    continue  # gone since opendir
+            for i in range(bisect_left(listing, (start_id + 1,)), len(listing)):
+                ino, name, rec = listing[i]
+                if unchanged:  # the record opendir read is still the entry's
+                    parts = (*node.parts, name)
+                    child = StoreNode(ino, store, node.loc, node.segments, node.alias, parts, rec)
+                else:
+                    child = self._child(node, name)
+                    if child is None or child.ino != ino:
+                        continue  # gone since opendir
+                # The kernel asks for attributes again after a CREATE or a timeout: have the
+                # entry ready, as a lookup would.
+                self._remember(child)
                 if not pyfuse3.readdir_reply(token, name, self._store_attrs(child), ino):
                     break
             return

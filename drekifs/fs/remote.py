@@ -132,11 +132,12 @@ class RemoteStores:
 
     def ref(self, ns: Namespace, ino: int) -> RemoteRef | None:
         """The remote inode ``ino`` is, or None when it is not a remote one. Cheap."""
-        if inodes.is_store_inode(ino):
-            si = inodes.unpack(ino)
-            pair = self.by_slot.get(si.slot)
+        slot = inodes.store_slot(ino)
+        if slot:
+            pair = self.by_slot.get(slot)
             if pair is None:
-                return None
+                return None  # a store of this node (every request asks: keep it cheap)
+            si = inodes.unpack(ino)
             node, store = pair
             client = self.client_of(node, store)
             segments = ns.alias_paths.get((node, si.alias))

@@ -66,7 +66,12 @@ class Version:
 
     @classmethod
     def from_wire(cls, data: list) -> Version:
-        return cls(int(data[0]), str(data[1]), tuple((str(p), int(h)) for p, h in data[2]))
+        hlc, peer, context = data[0], data[1], data[2]
+        if type(hlc) is not int or type(peer) is not str:
+            hlc, peer = int(hlc), str(peer)
+        # Most versions were written over none seen: no context to copy (a listing unpacks one
+        # per entry).
+        return cls(hlc, peer, tuple((str(p), int(h)) for p, h in context) if context else ())
 
 
 def first_version(hlc: int, peer: str) -> Version:
