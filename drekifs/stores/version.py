@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 LOGICAL_BITS = 16
 
@@ -36,8 +36,10 @@ class HybridClock:
         self.last = max(self.last, remote)
 
 
-@dataclass(frozen=True, slots=True)
-class Version:
+class Version(NamedTuple):
+    """Immutable; a named tuple because every global record unpacked carries one (a listing
+    unpacks one per entry), and a frozen dataclass costs an ``object.__setattr__`` per field."""
+
     hlc: int
     peer: str
     context: tuple[tuple[str, int], ...] = ()  # sorted (peer, hlc): what the writer had seen
@@ -69,9 +71,10 @@ class Version:
         hlc, peer, context = data[0], data[1], data[2]
         if type(hlc) is not int or type(peer) is not str:
             hlc, peer = int(hlc), str(peer)
-        # Most versions were written over none seen: no context to copy (a listing unpacks one
-        # per entry).
-        return cls(hlc, peer, tuple((str(p), int(h)) for p, h in context) if context else ())
+        return _new_version(cls, (hlc, peer, tuple([(str(p), int(h)) for p, h in context])))
+
+
+_new_version = tuple.__new__  # a Version from its 3 fields, without __new__'s frame
 
 
 def first_version(hlc: int, peer: str) -> Version:
