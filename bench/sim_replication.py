@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from drekifs.cluster.rejoin import RETURN_EXCHANGES
 from drekifs.cluster.replsim import (
     ANTIENTROPY,
     BROADCAST,
@@ -42,7 +43,7 @@ class Job:
     seed: int
     scenario: Scenario
     loss: float
-    rejoin: int | None
+    rejoin: int
 
 
 @dataclass
@@ -129,7 +130,11 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=0, help="keys written (0: 3/5 of writes)")
     parser.add_argument("--loss", type=float, default=0.05)
     parser.add_argument(
-        "--rejoin", type=int, default=None, help="bound the exchanges with returning members"
+        "--rejoin",
+        type=int,
+        default=RETURN_EXCHANGES,
+        help="returning members each peer tries, until one exchange brings news (the daemon's "
+        f"rule: {RETURN_EXCHANGES}); 0 for none",
     )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--check", action="store_true", help="exit 1 on a miss")

@@ -5,12 +5,14 @@ MockClock: simulated seconds cost only the CPU they need."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 import trio
 
 from drekifs.cluster.antientropy import TreeShape
+from drekifs.cluster.rejoin import RETURN_EXCHANGES, came_back, exchange_with_returning
 from drekifs.cluster.replication import message_id
 from drekifs.cluster.replsim import (
     ANTIENTROPY,
@@ -121,6 +123,43 @@ def test_without_exchanges_on_rejoin_periodic_anti_entropy_converges() -> None:
     assert_sound(out)
     assert out.converged_after > ReplConfig().detect + 1
     assert out.rejoins_due > 0 and out.rejoins == 0  # members came back; none was asked
+
+
+async def test_returning_members_are_tried_until_one_exchange_brings_news() -> None:
+    """The rule the daemon and the simulation share: a few returning members, in random
+    order, one at a time, until one exchange brings entries this peer lacked."""
+    alive = {f"n{i}": ("10.0.0.1", 7000 + i) for i in range(10)}
+    tried: list[str] = []
+
+    def exchanger(*with_news: str) -> Any:
+        async def exchange(name: str, addr: Any) -> bool:
+            assert addr == alive[name]
+            tried.append(name)
+            return name in with_news
+
+        return exchange
+
+    back = came_back("n0", {"n0", "n1"}, alive)
+    assert back == [f"n{i}" for i in range(2, 10)]
+    tries = await exchange_with_returning(back, alive, exchanger(), random.Random(1))
+    assert tries == RETURN_EXCHANGES
+    assert len(tried) == len(set(tried)) == RETURN_EXCHANGES and set(tried) <= set(back)
+    first = tried[0]
+    tried.clear()
+    assert await exchange_with_returning(back, alive, exchanger(first), random.Random(1)) == 1
+    assert tried == [first]  # the same seed, the same order: news at once, nothing more
+    tried.clear()
+    assert await exchange_with_returning(["gone", "n3"], alive, exchanger(), random.Random()) == 1
+    assert tried == ["n3"]  # a member no longer alive is not tried
+    assert await exchange_with_returning(back, alive, exchanger(), random.Random(), 0) == 0
+
+
+def test_rejoin_exchanges_follow_the_daemons_rule() -> None:
+    """After the heal each caught-up peer tries a few returning members: far fewer
+    exchanges than members that came back."""
+    out = simulate(2, small(60, writes=30))
+    assert_sound(out)
+    assert 0 < out.rejoins <= RETURN_EXCHANGES * 60 < out.rejoins_due
 
 
 def test_deterministic_for_a_seed() -> None:

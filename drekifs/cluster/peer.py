@@ -31,6 +31,7 @@ from ..urn import is_valid_store_name
 from ..world.model import World
 from .keyring import KeyRing, KeyRingError
 from .net import PeerAddr, RemoteError
+from .rejoin import came_back, exchange_with_returning
 from .replication import Replication
 from .storerpc import StoreClient, StoreService
 from .swim import Membership, SwimConfig
@@ -39,7 +40,6 @@ from .transport import Transport
 log = logging.getLogger(__name__)
 
 KEYRING_POLL = 2.0  # seconds between looks at the key ring file
-RETURN_EXCHANGES = 3  # members back at once (a heal): try up to this many, until one works
 DOWN_STATES = frozenset({"dead", "left"})
 
 
@@ -185,11 +185,8 @@ class Peer:
             elif caught_up:
                 # Members back from a partition (or a restart) wrote meanwhile: repair now,
                 # not at the next periodic exchange.
-                back = sorted(set(alive) - before - {self.node})
-                self._rng.shuffle(back)
-                for name in back[:RETURN_EXCHANGES]:  # not all: after a heal, all came back
-                    if await self.replication.exchange(name, alive[name]):
-                        break
+                back = came_back(self.node, before, alive)
+                await exchange_with_returning(back, alive, self.replication.exchange, self._rng)
             before = set(alive)
             await trio.sleep(0.5)
 

@@ -247,13 +247,13 @@ class Replication:
         return False
 
     async def exchange(self, name: str, addr: PeerAddr) -> bool:
-        """One exchange with a member that just came back; True if it completed (failures
-        are only logged)."""
+        """One exchange with a member that just came back; True if it completed and brought
+        entries this peer lacked (see rejoin.py; failures are only logged)."""
         try:
             with trio.move_on_after(30):
                 result = await self.antientropy.sync(addr)
                 log.info("replication: exchanged with %s, back: %s", name, result)
-                return True
+                return result.pulled > 0
         except Exception as e:
             log.info("replication: exchange with %s failed: %s", name, e)
         return False

@@ -8,8 +8,8 @@ and an :class:`AntiEntropy` over one network (datagrams go to ``Broadcast.handle
 anti-entropy only makes calls). As in :mod:`drekifs.cluster.replication`, a local write is
 broadcast at once with message id ``hlc | peer | key``, anti-entropy runs every interval with a
 random live peer, a restarted peer catches up with ``full_sync`` against one live peer (trying
-others if that fails), and, as :mod:`drekifs.cluster.peer` does, a caught-up peer exchanges at
-once with every member that comes back (``rejoin_exchanges`` can bound that).
+others if that fails), and a caught-up peer exchanges at once with members that come back by
+the daemon's own rule (:mod:`drekifs.cluster.rejoin`: a few, until one exchange brings news).
 
 The membership is given, not simulated: :class:`ReplicationCluster` plays SWIM. Every peer's
 live set is what the harness knows (running peers on its side of a partition), applied
@@ -35,6 +35,7 @@ from drekifs.cluster.antientropy.memsource import Entry, MemorySource
 from drekifs.cluster.net import PeerAddr, PeerUnreachable, RemoteError
 from drekifs.cluster.plumtree import Broadcast, PlumtreeConfig
 from drekifs.cluster.plumtree.simcluster import LossyCalls
+from drekifs.cluster.rejoin import RETURN_EXCHANGES, came_back, exchange_with_returning
 from drekifs.cluster.replication import message_id, split_message_id
 from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.stores.version import HybridClock, Version
@@ -142,8 +143,9 @@ class ReplConfig:
     call_loss: float = 0.0
     detect: float = 2.0
     """Simulated seconds before every peer's live set follows a change (SWIM's detection)."""
-    rejoin_exchanges: int | None = None
-    """Members that come back exchanged with at once, per peer: None for all (as the daemon)."""
+    rejoin_exchanges: int = RETURN_EXCHANGES
+    """Members that come back tried at once, per peer, until one exchange brings news (the
+    daemon's rule); 0 for none."""
     catch_up_tries: int = 8
     """Peers a restarted one tries in turn for its full sync."""
 
@@ -194,7 +196,7 @@ class SimPeer:
 
     def set_view(self, view: dict[str, PeerAddr]) -> list[str]:
         """The live members this peer sees; returns those that came back (new in the view)."""
-        back = sorted(set(view) - set(self.view) - {self.name})
+        back = came_back(self.name, self.view, view)
         self.view = view
         self.broadcast.set_neighbours(view)
         self.antientropy.set_peers(view)
@@ -322,18 +324,19 @@ class ReplicationCluster:
             back = peer.set_view(self.view_of(name, snapshot))
             if back and peer.caught_up:
                 self.rejoins_due += len(back)
-                if self.config.rejoin_exchanges is not None:
-                    back = self._rng.sample(back, min(len(back), self.config.rejoin_exchanges))
-                self.world.start_soon(self.addrs[name], self._rejoin, peer, back)
+                self.world.start_soon(self.addrs[name], self._rejoin, peer, back, dict(peer.view))
 
-    async def _rejoin(self, peer: SimPeer, names: list[str]) -> None:
-        for name in names:  # one at a time, as the daemon (bounded: the names given)
-            addr = peer.view.get(name)
-            if addr is None:
-                continue
+    async def _rejoin(self, peer: SimPeer, back: list[str], alive: dict[str, PeerAddr]) -> None:
+        async def exchange(name: str, addr: PeerAddr) -> bool:
             self.rejoins += 1
-            with trio.move_on_after(30):
-                await _quietly(peer.antientropy.sync(addr))
+            with trio.move_on_after(30):  # as Replication.exchange
+                result = await _quietly(peer.antientropy.sync(addr))
+                return result is not None and result.pulled > 0
+            return False
+
+        await exchange_with_returning(
+            back, alive, exchange, self._rng, limit=self.config.rejoin_exchanges
+        )
 
     async def _catch_up(self, peer: SimPeer) -> None:
         """The restarted peer's full sync with one live peer (random order, bounded tries)."""
