@@ -43,7 +43,7 @@ import trio
 
 from .base import Key, Watcher
 from .conflicts import conflict_name, decide
-from .record import DIR, FILE, SYMLINK, TOMBSTONE, Record, StoreError
+from .record import DIR, FILE, NO_XATTRS, SYMLINK, TOMBSTONE, Record, StoreError
 from .version import LOGICAL_BITS, HybridClock, Version, first_version, version_digest
 
 log = logging.getLogger(__name__)
@@ -424,7 +424,7 @@ class LmdbStore:
             now,
             now,
             len(target) if kind == SYMLINK else 0,
-            {},
+            NO_XATTRS,
             target,
             self._version(previous),
             now,
