@@ -189,3 +189,18 @@ def test_a_broadcast_payload_must_be_the_version_its_id_names(tmp_path: Path) ->
     assert b.get(LOC, (b"k",)) is None
     assert GlobalReplica(b).deliver(message_id(key, rec.version), payload)
     assert b.read(b.get(LOC, (b"k",)).eid) == b"one"  # type: ignore[union-attr]
+
+
+def test_a_graft_is_served_for_a_version_written_over_another(tmp_path: Path) -> None:
+    """A message id names (hlc, peer), not the context a version was written over: an entry
+    written twice (its version has a context) must still be served when a peer grafts it, and
+    a superseded id must not be."""
+    a = replica(tmp_path / "a", "a")
+    write(a, (b"k",), b"one")
+    key = entry_key(LOC, (b"k",))
+    first = a.get(LOC, (b"k",)).version  # type: ignore[union-attr]
+    write(a, (b"k",), b"two")
+    rec, value = a.export(key)  # type: ignore[misc]
+    assert rec.version is not None and rec.version.context  # written over "one"
+    assert GlobalReplica(a).get(message_id(key, rec.version)) == [rec.pack(), value]
+    assert GlobalReplica(a).get(message_id(key, first)) is None  # superseded

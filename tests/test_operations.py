@@ -264,3 +264,24 @@ def test_a_record_refuses_a_field_it_does_not_have() -> None:
     assert rec.but(size=4) == Record(FILE, 7, size=4)
     with pytest.raises(TypeError, match="sizee"):
         rec.but(sizee=4)
+
+
+async def test_a_listing_opened_before_a_world_change_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory handle resolved in the old namespace still lists, but must not refill the
+    node cache with entries under paths the new namespace may not have."""
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attr, ino: True)
+    ops = make_ops(tmp_path)
+    glob = (await lookup_path(ops, "global")).st_ino
+    info, _ = await ops.create(glob, b"a", 0o644, os.O_WRONLY, CTX)
+    await ops.release(info.fh)
+    fh = await ops.opendir(glob, CTX)
+    ops.set_namespace(Namespace(ops.ns.snapshot, ops.status.names()))  # as make_ops built it
+    await ops.readdir(fh, 0, None)
+    assert not ops._nodes
+    fh2 = await ops.opendir(glob, CTX)
+    await ops.readdir(fh2, 0, None)
+    assert ops._nodes  # a handle of the current namespace does
+    for store in ops.stores.values():
+        await store.sync()

@@ -182,10 +182,10 @@ class Peer:
             self.replication.set_members(alive)
             if not caught_up and len(alive) > 1:
                 caught_up = await self.replication.catch_up(alive)
-            elif caught_up:
+            elif caught_up and (back := came_back(self.node, before, alive)):
                 # Members back from a partition (or a restart) wrote meanwhile: repair now,
-                # not at the next periodic exchange.
-                back = came_back(self.node, before, alive)
+                # not at the next periodic exchange. In this loop, one round at a time: a
+                # flapping member must not pile exchanges up.
                 await exchange_with_returning(back, alive, self.replication.exchange, self._rng)
             before = set(alive)
             await trio.sleep(0.5)

@@ -7,7 +7,8 @@ each is quadratic over the cluster (1,000 peers split in two queued 501,497 exch
 simulation, 99.7% of them between peers already in sync), and exchanging with one random
 member leaves the peer waiting for the periodic exchange whenever that one call is lost. So:
 up to :data:`RETURN_EXCHANGES` of them, in random order, until one exchange brings news (entries
-this peer lacked). Completing is not enough: the members that come back together are not all
+that changed something here; receiving versions this peer already superseded is not news).
+Completing is not enough: the members that come back together are not all
 from the other side (a peer of this side restarted meanwhile comes back too), and an exchange
 with one of those completes while the other side's writes are still missing here (the
 simulation showed convergence delayed to the next periodic exchange, 12 s more).

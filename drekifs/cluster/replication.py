@@ -79,7 +79,9 @@ class GlobalReplica:
     def get(self, mid: bytes) -> Any | None:
         key, version = split_message_id(mid)
         exported = self.store.export(key)
-        if exported is None or exported[0].version != version:
+        current = exported[0].version if exported is not None else None
+        # An id names (hlc, peer) only, not the context the version was written over.
+        if current is None or (current.hlc, current.peer) != (version.hlc, version.peer):
             return None  # superseded: the newer version travels on its own
         rec, value = exported
         return [rec.pack(), value]
@@ -247,13 +249,13 @@ class Replication:
         return False
 
     async def exchange(self, name: str, addr: PeerAddr) -> bool:
-        """One exchange with a member that just came back; True if it completed and brought
-        entries this peer lacked (see rejoin.py; failures are only logged)."""
+        """One exchange with a member that just came back; True if it completed and changed
+        something here (see rejoin.py; failures are only logged)."""
         try:
             with trio.move_on_after(30):
                 result = await self.antientropy.sync(addr)
                 log.info("replication: exchanged with %s, back: %s", name, result)
-                return result.pulled > 0
+                return result.changed_here > 0
         except Exception as e:
             log.info("replication: exchange with %s failed: %s", name, e)
         return False

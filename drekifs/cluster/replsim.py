@@ -331,7 +331,7 @@ class ReplicationCluster:
             self.rejoins += 1
             with trio.move_on_after(30):  # as Replication.exchange
                 result = await _quietly(peer.antientropy.sync(addr))
-                return result is not None and result.pulled > 0
+                return result is not None and result.changed_here > 0
             return False
 
         await exchange_with_returning(

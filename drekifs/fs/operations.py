@@ -114,6 +114,7 @@ class DirHandle:
     # Store directories: (inode, name, record) by inode, as the store had them at ``changes``.
     listing: list[tuple[int, bytes, Record]] | None = None
     changes: int = 0
+    ns: Namespace | None = None  # the namespace the node was resolved in
 
 
 @dataclass(slots=True)
@@ -598,6 +599,7 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOTDIR)
             slot = self.slots.slot(node.store.name)
             handle.changes = node.store.changes
+            handle.ns = self.ns
             handle.listing = sorted(
                 (inodes.pack(node.alias, slot, rec.eid), name, rec)
                 for name, rec in node.store.children(node.loc, node.parts).items()
@@ -621,6 +623,7 @@ class Operations(pyfuse3.Operations):
             listing = handle.listing
             store = node.store
             unchanged = store.changes == handle.changes
+            current = handle.ns is self.ns  # else its paths may be gone: resolve, don't keep
             # Cursors are inode numbers: a listing resumes after the last one it gave.
             for i in range(bisect_left(listing, (start_id + 1,)), len(listing)):
                 ino, name, rec = listing[i]
@@ -633,7 +636,8 @@ class Operations(pyfuse3.Operations):
                         continue  # gone since opendir
                 # The kernel asks for attributes again after a CREATE or a timeout: have the
                 # entry ready, as a lookup would.
-                self._remember(child)
+                if current:
+                    self._remember(child)
                 if not pyfuse3.readdir_reply(token, name, self._store_attrs(child), ino):
                     break
             return
