@@ -22,13 +22,20 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
+from .antientropy import SyncResult
 from .net import PeerAddr
 
 RETURN_EXCHANGES = 6  # the simulation: 3 left a 12 s tail (seed 1, 5% loss); 4-8 converge at once
+EXCHANGE_TIMEOUT = 30.0  # seconds one exchange with a returning member may take
 
 Exchange = Callable[[str, PeerAddr], Awaitable[bool]]
-"""One exchange with a member (name, address): True when it completed and brought entries this
-peer lacked."""
+"""One exchange with a member (name, address): True when it completed and :func:`brought_news`."""
+
+
+def brought_news(result: SyncResult) -> bool:
+    """Whether an exchange changed something here: what stops the tries (receiving versions
+    this peer already superseded is not news)."""
+    return result.changed_here > 0
 
 
 def came_back(me: str, before: Iterable[str], alive: Mapping[str, PeerAddr]) -> list[str]:
@@ -42,14 +49,11 @@ async def exchange_with_returning(
     exchange: Exchange,
     rng: random.Random,
     limit: int = RETURN_EXCHANGES,
-) -> int:
+) -> None:
     """Exchange with members of ``back`` (addresses from ``alive``), in random order, one at a
-    time, until one brings news or ``limit`` were tried; returns how many were tried."""
+    time, until one brings news or ``limit`` were tried."""
     order = [name for name in back if name in alive]
     rng.shuffle(order)
-    tried = 0
     for name in order[:limit]:
-        tried += 1
         if await exchange(name, alive[name]):
-            break
-    return tried
+            return

@@ -25,6 +25,7 @@ from ..stores.version import Version
 from .antientropy import AntiEntropy, HashTree
 from .net import Network, PeerAddr
 from .plumtree import Broadcast, PlumtreeConfig
+from .rejoin import EXCHANGE_TIMEOUT, brought_news
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ class GlobalReplica:
         key, version = split_message_id(mid)
         exported = self.store.export(key)
         current = exported[0].version if exported is not None else None
-        # An id names (hlc, peer) only, not the context the version was written over.
-        if current is None or (current.hlc, current.peer) != (version.hlc, version.peer):
+        if current is None or not version.same_write(current):
             return None  # superseded: the newer version travels on its own
         rec, value = exported
         return [rec.pack(), value]
@@ -90,7 +90,7 @@ class GlobalReplica:
         key, version = split_message_id(mid)
         rec, value = _entry(payload)
         assert rec.version is not None  # _entry refuses an entry without one
-        if (rec.version.hlc, rec.version.peer) != (version.hlc, version.peer):
+        if not version.same_write(rec.version):
             # Plumtree remembers ids: an id over another version would stand for the wrong one.
             raise ValueError("the payload is not the version its message id names")
         return self._merge_one(key, rec, value)
@@ -252,10 +252,10 @@ class Replication:
         """One exchange with a member that just came back; True if it completed and changed
         something here (see rejoin.py; failures are only logged)."""
         try:
-            with trio.move_on_after(30):
+            with trio.move_on_after(EXCHANGE_TIMEOUT):
                 result = await self.antientropy.sync(addr)
                 log.info("replication: exchanged with %s, back: %s", name, result)
-                return result.changed_here > 0
+                return brought_news(result)
         except Exception as e:
             log.info("replication: exchange with %s failed: %s", name, e)
         return False

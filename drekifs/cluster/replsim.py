@@ -35,7 +35,13 @@ from drekifs.cluster.antientropy.memsource import Entry, MemorySource
 from drekifs.cluster.net import PeerAddr, PeerUnreachable, RemoteError
 from drekifs.cluster.plumtree import Broadcast, PlumtreeConfig
 from drekifs.cluster.plumtree.simcluster import LossyCalls
-from drekifs.cluster.rejoin import RETURN_EXCHANGES, came_back, exchange_with_returning
+from drekifs.cluster.rejoin import (
+    EXCHANGE_TIMEOUT,
+    RETURN_EXCHANGES,
+    brought_news,
+    came_back,
+    exchange_with_returning,
+)
 from drekifs.cluster.replication import message_id, split_message_id
 from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.stores.version import HybridClock, Version
@@ -329,9 +335,9 @@ class ReplicationCluster:
     async def _rejoin(self, peer: SimPeer, back: list[str], alive: dict[str, PeerAddr]) -> None:
         async def exchange(name: str, addr: PeerAddr) -> bool:
             self.rejoins += 1
-            with trio.move_on_after(30):  # as Replication.exchange
+            with trio.move_on_after(EXCHANGE_TIMEOUT):
                 result = await _quietly(peer.antientropy.sync(addr))
-                return result is not None and result.changed_here > 0
+                return result is not None and brought_news(result)
             return False
 
         await exchange_with_returning(

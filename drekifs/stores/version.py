@@ -44,9 +44,14 @@ class Version(NamedTuple):
     peer: str
     context: tuple[tuple[str, int], ...] = ()  # sorted (peer, hlc): what the writer had seen
 
+    def same_write(self, other: Version) -> bool:
+        """The same write (HLC and writer), whatever context either carries: a message id
+        names only these two."""
+        return self.hlc == other.hlc and self.peer == other.peer
+
     def covers(self, other: Version) -> bool:
         """True when this version was written with ``other`` seen (or is it)."""
-        if (self.hlc, self.peer) == (other.hlc, other.peer):
+        if self.same_write(other):
             return True
         return dict(self.context).get(other.peer, 0) >= other.hlc
 
