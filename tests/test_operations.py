@@ -262,7 +262,7 @@ async def test_attributes_kept_for_the_next_request_follow_store_changes(
 def test_a_record_refuses_a_field_it_does_not_have() -> None:
     rec = Record(FILE, 7, size=3)
     assert rec.but(size=4) == Record(FILE, 7, size=4)
-    with pytest.raises(TypeError, match="sizee"):
+    with pytest.raises(ValueError, match="sizee"):
         rec.but(sizee=4)
 
 

@@ -72,17 +72,7 @@ def test_pages_of_a_listing_are_the_listing(steps: list, n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         s = open_store(Path(tmp))
         s.create(LOC, (b"d",), DIR, 0o755, 0, 0)
-        s.create(
-            LOC,
-            (
-                b"d",
-                b"a",
-            ),
-            DIR,
-            0o755,
-            0,
-            0,
-        )
+        s.create(LOC, (b"d", b"a"), DIR, 0o755, 0, 0)
         s.create(LOC, (b"d", b"a", b"inner"), FILE, 0o644, 0, 0)  # not a child of d
         for op, name in steps:
             parts = (b"d", name)

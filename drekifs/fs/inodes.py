@@ -30,7 +30,7 @@ ALIAS_MASK = (1 << ALIAS_BITS) - 1
 FIXED_SLOTS = {"global": 1, "local": 2}
 
 
-class StoreInode(NamedTuple):  # a tuple: one is unpacked for most requests
+class StoreInode(NamedTuple):  # a tuple: cheap to make (every miss of the node cache)
     alias: int
     slot: int
     eid: int

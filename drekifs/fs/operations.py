@@ -262,7 +262,7 @@ class Operations(pyfuse3.Operations):
                     node = StoreNode(
                         ino, store, node.loc, node.segments, node.alias, node.parts, rec, node.root
                     )
-                    self._nodes[ino] = (node, store.changes)
+                    self._remember(node)
                     return node
             store = self.by_slot.get(slot)
             if store is not None:
