@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Benchmark: what drekifs's own FUSE handlers cost per file, without FUSE.
+
+Calls ``Operations`` directly, in the order a cold ``tar c`` makes its requests (per directory
+OPENDIR, READDIR, RELEASEDIR; per file GETATTR, OPEN, READ, RELEASE), over 5,000 files of
+100-2,000 bytes in 50 directories of the global store of the bundled demo world. Before each
+round the store's read caches and the node cache are dropped, as a fresh mount has them. No
+handler here ever waits, so each coroutine is driven to its end by hand: no trio scheduler, no
+pyfuse3, no kernel; what is left is the handlers' Python. ``bench/store_files.py`` measures
+the whole request through the kernel; this one says which handler the time goes to.
+
+    python bench/handlers.py [--rounds 7]
+
+Prints, per file, the best round's microseconds for each request kind and their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pyfuse3
+import trio
+
+from drekifs.cli import demo_zone
+from drekifs.fs.namespace import ROOT_INODE, Namespace
+from drekifs.fs.operations import Operations
+from drekifs.fs.status import StatusFiles
+from drekifs.stores.lmdbstore import LmdbStore
+from drekifs.world import snapshot
+from drekifs.world.sources import world_from_zone
+
+DIRS, FILES_PER_DIR = 50, 100
+MIN_SIZE, MAX_SIZE = 100, 2000
+SEED = 3
+KINDS = ("opendir", "readdir", "getattr", "open", "read", "release")
+
+
+class Ctx:
+    uid, gid, pid, umask = 0, 0, 0, 0o022
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """A handler that never waits, to its end (it must not yield)."""
+    try:
+        coro.send(None)
+    except StopIteration as e:
+        return e.value
+    coro.close()
+    raise RuntimeError("a handler yielded: this benchmark only drives ones that never wait")
+
+
+def build(data: Path) -> tuple[Operations, LmdbStore, list[int]]:
+    snap = snapshot.advance(None, world_from_zone(demo_zone()), time.time())
+    store = LmdbStore("global", data / "global", peer="bench", replicated=True, max_value=1 << 20)
+    ops = Operations(Namespace(snap, ()), StatusFiles(), stores={"global": store})
+    root = run(ops.lookup(ROOT_INODE, b"global", Ctx)).st_ino
+    rng = random.Random(SEED)
+    dirs = []
+    for d in range(DIRS):
+        dino = run(ops.mkdir(root, b"d%d" % d, 0o755, Ctx)).st_ino
+        dirs.append(dino)
+        for f in range(FILES_PER_DIR):
+            info, _ = run(ops.create(dino, b"f%d" % f, 0o644, os.O_WRONLY, Ctx))
+            run(ops.write(info.fh, 0, rng.randbytes(rng.randint(MIN_SIZE, MAX_SIZE))))
+            run(ops.release(info.fh))
+    return ops, store, dirs
+
+
+def one_round(ops: Operations, store: LmdbStore, dirs: list[int]) -> dict[str, float]:
+    listed: list[int] = []
+    pyfuse3.readdir_reply = lambda token, name, attr, ino: listed.append(ino) or True
+    store._records.clear()  # as a fresh mount: nothing read yet
+    store._where.clear()
+    ops._nodes.clear()
+    spent = dict.fromkeys(KINDS, 0.0)
+    clock = time.perf_counter
+    for dino in dirs:
+        listed.clear()
+        t0 = clock()
+        fh = run(ops.opendir(dino, Ctx))
+        t1 = clock()
+        run(ops.readdir(fh, 0, None))
+        t2 = clock()
+        run(ops.releasedir(fh))
+        spent["opendir"] += t1 - t0
+        spent["readdir"] += t2 - t1
+        for ino in listed:
+            t0 = clock()
+            run(ops.getattr(ino, Ctx))
+            t1 = clock()
+            info = run(ops.open(ino, os.O_RDONLY, Ctx))
+            t2 = clock()
+            run(ops.read(info.fh, 0, 128 << 10))
+            t3 = clock()
+            run(ops.release(info.fh))
+            t4 = clock()
+            spent["getattr"] += t1 - t0
+            spent["open"] += t2 - t1
+            spent["read"] += t3 - t2
+            spent["release"] += t4 - t3
+    return spent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    original_reply = pyfuse3.readdir_reply
+    with tempfile.TemporaryDirectory(prefix="drekifs-bench-handlers-") as tmp:
+        ops, store, dirs = build(Path(tmp))
+        try:
+            trio.run(store.sync)  # on disk, as a remounted store is
+            best = dict.fromkeys(KINDS, float("inf"))
+            for _ in range(args.rounds):
+                for kind, seconds in one_round(ops, store, dirs).items():
+                    best[kind] = min(best[kind], seconds)
+        finally:
+            pyfuse3.readdir_reply = original_reply
+            store.env.close()
+    files = DIRS * FILES_PER_DIR
+    print(
+        f"drekifs handlers of a cold tar, {files:,} files in {DIRS} directories, "
+        f"us per file (best of {args.rounds} rounds):"
+    )
+    for kind in KINDS:
+        print(f"  {kind:<8} {best[kind] / files * 1e6:6.2f}")
+    print(f"  {'total':<8} {sum(best.values()) / files * 1e6:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
