@@ -195,30 +195,56 @@ async def test_namespace_diff_names_what_the_kernel_must_forget() -> None:
     assert len(roots) == 2 and roots[0].alias != roots[1].alias
 
 
-async def test_explicit_times_on_a_dirty_file_are_one_version(tmp_path: Path) -> None:
-    """cp -a writes, then sets the times before close: bytes and times land in one version."""
+def _setattr_fields(**on: bool) -> SimpleNamespace:
+    names = ("size", "mode", "uid", "gid", "mtime", "atime", "ctime")
+    return SimpleNamespace(**{f"update_{n}": on.get(n, False) for n in names})
+
+
+async def test_metadata_set_while_writing_goes_out_with_the_bytes(tmp_path: Path) -> None:
+    """cp -a writes, sets the times, then the mode, then closes: one version at close, with
+    bytes, times and mode; meanwhile the mount shows them all (another handle included)."""
+    ops = make_ops(tmp_path)
+    glob = (await lookup_path(ops, "global")).st_ino
+    info, attr = await ops.create(glob, b"f", 0o600, os.O_WRONLY, CTX)
+    await ops.write(info.fh, 0, b"data")
+    store = ops.stores["global"]
+    before = store.changes
+    when = 1_600_000_000 * 10**9
+    times = SimpleNamespace(st_mtime_ns=when, st_atime_ns=when + 1, st_mode=0o100644)
+    out = await ops.setattr(attr.st_ino, times, _setattr_fields(mtime=True, atime=True), None, CTX)
+    assert (out.st_mtime_ns, out.st_atime_ns, out.st_size) == (when, when + 1, 4)
+    out = await ops.setattr(attr.st_ino, times, _setattr_fields(mode=True), None, CTX)
+    assert out.st_mode == 0o100644 and out.st_mtime_ns == when
+    assert store.changes == before  # nothing in the store yet
+    other = await ops.open(attr.st_ino, os.O_RDONLY, CTX)
+    seen = await ops.getattr(attr.st_ino, CTX)
+    assert (seen.st_mode, seen.st_mtime_ns, seen.st_size) == (0o100644, when, 4)
+    assert seen.st_ctime_ns >= out.st_ctime_ns
+    await ops.release(info.fh)
+    await ops.release(other.fh)
+    assert store.changes == before + 1
+    rec = store.get("w.test", (b"f",))
+    assert (rec.perm, rec.mtime_ns, rec.atime_ns, rec.size) == (0o644, when, when + 1, 4)
+    assert store.read(rec.eid) == b"data"
+
+
+async def test_a_write_after_utimes_moves_mtime_and_fsync_commits_all(tmp_path: Path) -> None:
     ops = make_ops(tmp_path)
     glob = (await lookup_path(ops, "global")).st_ino
     info, attr = await ops.create(glob, b"f", 0o644, os.O_WRONLY, CTX)
     await ops.write(info.fh, 0, b"data")
-    store = ops.stores["global"]
-    before = store.changes
-    fields = SimpleNamespace(
-        update_size=False,
-        update_mode=False,
-        update_uid=False,
-        update_gid=False,
-        update_mtime=True,
-        update_atime=True,
-        update_ctime=False,
-    )
-    times = SimpleNamespace(st_mtime_ns=1_600_000_000 * 10**9, st_atime_ns=1_600_000_000 * 10**9)
-    out = await ops.setattr(attr.st_ino, times, fields, info.fh, CTX)
-    assert store.changes == before + 1
-    assert out.st_mtime_ns == 1_600_000_000 * 10**9 and out.st_size == 4
+    when = 1_600_000_000 * 10**9
+    times = SimpleNamespace(st_mtime_ns=when, st_atime_ns=when, st_uid=7, st_gid=8)
+    await ops.setattr(attr.st_ino, times, _setattr_fields(mtime=True, atime=True), None, CTX)
+    await ops.write(info.fh, 4, b"more")
+    await ops.setattr(attr.st_ino, times, _setattr_fields(uid=True, gid=True), None, CTX)
+    await ops.fsync(info.fh, False)
+    rec = ops.stores["global"].get("w.test", (b"f",))
+    assert rec.mtime_ns > when and rec.atime_ns == when  # a write moves mtime, not atime
+    assert (rec.uid, rec.gid, rec.size) == (7, 8, 8)
+    changes = ops.stores["global"].changes
     await ops.release(info.fh)
-    assert store.changes == before + 1  # nothing left to commit at release
-    assert store.read(store.get("w.test", (b"f",)).eid) == b"data"
+    assert ops.stores["global"].changes == changes  # fsync took it all
 
 
 async def test_attributes_kept_for_the_next_request_follow_store_changes(

@@ -33,8 +33,9 @@ def record_attrs(
     *,
     size: int | None = None,
     mtime_ns: int | None = None,
+    ctime_ns: int | None = None,
 ) -> Any:
-    """A store entry's attributes (local or remote); ``size`` and ``mtime_ns`` override the
+    """A store entry's attributes (local or remote); ``size`` and the times override the
     record's (a file being written here)."""
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = ino
@@ -54,5 +55,5 @@ def record_attrs(
     attr.st_blocks = (size + 511) // 512
     attr.st_mtime_ns = mtime
     attr.st_atime_ns = rec.atime_ns or mtime
-    attr.st_ctime_ns = rec.ctime_ns or mtime
+    attr.st_ctime_ns = ctime_ns or rec.ctime_ns or mtime
     return attr

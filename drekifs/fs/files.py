@@ -2,7 +2,9 @@
 
 A file's bytes are read from the store until somebody writes; then the whole value is held in
 a buffer here, changed in place by each WRITE, and handed to the store (one new version) on
-fsync and at the latest on release. FLUSH is not implemented (ENOSYS): the kernel then skips it
+fsync and at the latest on release. Metadata changed while the bytes wait (``cp -a``'s utimes
+and chmod after its write, a ``chown`` during a long write) waits with them and goes out in the
+same version: one close, one version. FLUSH is not implemented (ENOSYS): the kernel then skips it
 for every close, which saves one request per file; limits are checked at WRITE time, so the
 error that matters (EFBIG) reaches the writer, and fsync reports the rest.
 """
@@ -26,7 +28,10 @@ class OpenFile:
     handles: int = 0
     buffer: bytearray | None = None  # the whole value, once written (or kept after unlink)
     dirty: bool = False
-    mtime_ns: int = 0  # of the last write, while dirty
+    mtime_ns: int = 0  # of the last write (or the time set since), while dirty
+    ctime_ns: int = 0  # of the last change, while dirty
+    # Metadata set while dirty (perm, uid, gid, atime_ns...): committed with the bytes.
+    fields: dict[str, int] = field(default_factory=dict)
 
     def load(self) -> bytearray:
         if self.buffer is None:
@@ -41,7 +46,7 @@ class OpenFile:
             buf.extend(bytes(offset - len(buf)))
         buf[offset:end] = data
         self.dirty = True
-        self.mtime_ns = time.time_ns()
+        self.mtime_ns = self.ctime_ns = time.time_ns()
         return len(data)
 
     def truncate(self, size: int) -> None:
@@ -52,7 +57,22 @@ class OpenFile:
         else:
             buf.extend(bytes(size - len(buf)))
         self.dirty = True
-        self.mtime_ns = time.time_ns()
+        self.mtime_ns = self.ctime_ns = time.time_ns()
+
+    def set_metadata(self, changes: dict[str, int]) -> None:
+        """A SETATTR while dirty: kept for the commit instead of a version of its own. An
+        explicit mtime holds until the next write moves it, as on any filesystem."""
+        changes = dict(changes)
+        if "mtime_ns" in changes:
+            self.mtime_ns = changes.pop("mtime_ns")
+        self.fields.update(changes)
+        self.ctime_ns = time.time_ns()
+
+    def pending(self, rec: Record) -> Record:
+        """``rec`` as the commit will make it, but for size and times (the caller's)."""
+        if not self.fields:
+            return rec
+        return rec.but(**{k: v for k, v in self.fields.items() if k != "ctime_ns"})
 
     def read(self, offset: int, size: int) -> bytes:
         if self.buffer is not None:
@@ -69,6 +89,8 @@ class OpenFile:
         if not self.dirty:
             return None
         self.dirty = False
+        fields = {**self.fields, **fields}
+        self.fields = {}
         if parts is None:
             return None
         mtime = fields.pop("mtime_ns", self.mtime_ns)

@@ -351,10 +351,11 @@ class Operations(pyfuse3.Operations):
             if f is not None and f.dirty:
                 return record_attrs(
                     node.ino,
-                    rec,
+                    f.pending(rec),
                     self.cache_timeout,
                     size=len(f.buffer or b""),
                     mtime_ns=f.mtime_ns,
+                    ctime_ns=max(f.ctime_ns, rec.ctime_ns),
                 )
         attrs = node.attrs
         if attrs is None:
@@ -440,9 +441,9 @@ class Operations(pyfuse3.Operations):
                 rec = store.write_value(loc, parts, node.rec.eid, bytes(value), self)
         changes = metadata_changes(attr, fields)
         if changes:
-            if f is not None and f.dirty and "mtime_ns" in changes:
-                # The explicit time must win over the write's: bytes and times in one version.
-                rec = f.commit(parts, self, **changes)
+            if f is not None and f.dirty:
+                # Bytes not committed yet: the change waits with them, one version at close.
+                f.set_metadata(changes)
             else:
                 rec = store.update(loc, parts, self, **changes)
         if rec is None:
