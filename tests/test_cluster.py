@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def cluster(tmp_path, zone_file, mount_world):
     return mounts, ports, ring, path
 
 
-def test_remote_store_read_write_and_failure(cluster) -> None:
+def test_remote_store_read_write_and_failure(cluster, tmp_path: Path) -> None:
     mounts, _, _, _ = cluster
     a, b = mounts["a"].path, mounts["b"].path
     b_local_from_a = a / "dc" / "b" / "local"
@@ -122,6 +123,22 @@ def test_remote_store_read_write_and_failure(cluster) -> None:
     wait_for(lambda: moved2.exists() and moved2.read_text() == "before after", what="by id")
     os.chmod(b_local_from_a / "dir" / "moved2", 0o600)
     wait_for(lambda: moved2.stat().st_mode & 0o777 == 0o600, timeout=3, what="chmod by id")
+
+    # cp -a from A into B's store: the times and mode it sets before close travel with the
+    # bytes; B has them as the source does once the copy's closes are answered.
+    src = tmp_path / "tree"
+    src.mkdir()
+    for i, perm in enumerate((0o640, 0o755, 0o600)):
+        (src / f"f{i}").write_bytes(os.urandom(300 + i))
+        os.chmod(src / f"f{i}", perm)
+        os.utime(src / f"f{i}", ns=(1_500_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
+    subprocess.run(["cp", "-a", str(src), str(b_local_from_a)], check=True, timeout=30)
+    for i in range(3):
+        want, copy = os.stat(src / f"f{i}"), b_local_on_b / "tree" / f"f{i}"
+        wait_for(lambda c=copy, n=want.st_size: c.exists() and c.stat().st_size == n, what="cp")
+        got = copy.stat()
+        assert (got.st_mode, got.st_mtime_ns) == (want.st_mode, want.st_mtime_ns)
+        assert copy.read_bytes() == (src / f"f{i}").read_bytes()
 
     # A large value goes in parts (store.stage) and comes back in parts.
     big = os.urandom(3 << 20)

@@ -13,13 +13,45 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..stores.base import Key, Store
 from ..stores.record import Record
+from .attrs import record_attrs
+
+
+@dataclass(eq=False, kw_only=True)
+class Unsaved:
+    """What a file being written here holds beyond its record, until its bytes are committed:
+    the times of its last write and change, and metadata set meanwhile (perm, uid, gid,
+    atime_ns...), committed with the bytes in one version. Shared by local and remote files."""
+
+    mtime_ns: int = 0  # of the last write (or the time set since)
+    ctime_ns: int = 0  # of the last change
+    fields: dict[str, int] = field(default_factory=dict)
+
+    def wrote(self) -> None:
+        self.mtime_ns = self.ctime_ns = time.time_ns()
+
+    def set_metadata(self, changes: dict[str, int]) -> None:
+        """A SETATTR while the bytes wait: kept for their commit instead of a version of its
+        own. An explicit mtime holds until the next write moves it, as on any filesystem."""
+        changes = dict(changes)
+        if "mtime_ns" in changes:
+            self.mtime_ns = changes.pop("mtime_ns")
+        self.fields.update(changes)
+        self.ctime_ns = time.time_ns()
+
+    def attrs(self, ino: int, rec: Record, timeout: float, size: int) -> Any:
+        """``rec``'s attributes as the commit will make them."""
+        if self.fields:
+            rec = rec.but(**{k: v for k, v in self.fields.items() if k != "ctime_ns"})
+        ctime = max(self.ctime_ns, rec.ctime_ns)
+        return record_attrs(ino, rec, timeout, size=size, mtime_ns=self.mtime_ns, ctime_ns=ctime)
 
 
 @dataclass(eq=False)
-class OpenFile:
+class OpenFile(Unsaved):
     """What the handles of one inode share."""
 
     store: Store
@@ -28,10 +60,6 @@ class OpenFile:
     handles: int = 0
     buffer: bytearray | None = None  # the whole value, once written (or kept after unlink)
     dirty: bool = False
-    mtime_ns: int = 0  # of the last write (or the time set since), while dirty
-    ctime_ns: int = 0  # of the last change, while dirty
-    # Metadata set while dirty (perm, uid, gid, atime_ns...): committed with the bytes.
-    fields: dict[str, int] = field(default_factory=dict)
 
     def load(self) -> bytearray:
         if self.buffer is None:
@@ -46,7 +74,7 @@ class OpenFile:
             buf.extend(bytes(offset - len(buf)))
         buf[offset:end] = data
         self.dirty = True
-        self.mtime_ns = self.ctime_ns = time.time_ns()
+        self.wrote()
         return len(data)
 
     def truncate(self, size: int) -> None:
@@ -57,22 +85,7 @@ class OpenFile:
         else:
             buf.extend(bytes(size - len(buf)))
         self.dirty = True
-        self.mtime_ns = self.ctime_ns = time.time_ns()
-
-    def set_metadata(self, changes: dict[str, int]) -> None:
-        """A SETATTR while dirty: kept for the commit instead of a version of its own. An
-        explicit mtime holds until the next write moves it, as on any filesystem."""
-        changes = dict(changes)
-        if "mtime_ns" in changes:
-            self.mtime_ns = changes.pop("mtime_ns")
-        self.fields.update(changes)
-        self.ctime_ns = time.time_ns()
-
-    def pending(self, rec: Record) -> Record:
-        """``rec`` as the commit will make it, but for size and times (the caller's)."""
-        if not self.fields:
-            return rec
-        return rec.but(**{k: v for k, v in self.fields.items() if k != "ctime_ns"})
+        self.wrote()
 
     def read(self, offset: int, size: int) -> bytes:
         if self.buffer is not None:

@@ -349,14 +349,7 @@ class Operations(pyfuse3.Operations):
         if self.files.by_key and not rec.is_dir:  # a file written here: its buffer's size
             f = self.files.get(node.store, rec.eid)
             if f is not None and f.dirty:
-                return record_attrs(
-                    node.ino,
-                    f.pending(rec),
-                    self.cache_timeout,
-                    size=len(f.buffer or b""),
-                    mtime_ns=f.mtime_ns,
-                    ctime_ns=max(f.ctime_ns, rec.ctime_ns),
-                )
+                return f.attrs(node.ino, rec, self.cache_timeout, len(f.buffer or b""))
         attrs = node.attrs
         if attrs is None:
             mtime = None

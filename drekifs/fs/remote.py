@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import stat
-import time
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from ..stores.record import FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes
 from .attrs import metadata_changes, record_attrs
+from .files import Unsaved
 from .namespace import Entry, Kind, Namespace
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class RemoteRef:
 
 
 @dataclass(eq=False)
-class RemoteFile:
+class RemoteFile(Unsaved):
     client: StoreClient
     parts: Key
     eid: int
@@ -69,14 +69,14 @@ class RemoteFile:
     handles: int = 0
     buffer: bytearray | None = None
     dirty: bool = False  # changed since the owner last acknowledged it
-    mtime_ns: int = 0
-    changes: int = 0  # writes so far: a commit clears ``dirty`` only if none came meanwhile
+    changes: int = 0  # changes so far: a commit clears ``dirty`` only if none came meanwhile
     # One load or commit at a time: the owner may serve two requests of one connection in
     # either order, and an older buffer must never land last.
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     def changed(self) -> None:
-        self.dirty, self.mtime_ns = True, time.time_ns()
+        self.dirty = True
+        self.wrote()
         self.changes += 1
 
 
@@ -243,8 +243,7 @@ class RemoteStores:
         """As the owner said, or as this mount is writing it."""
         f = None if rec.is_dir else self._files.get(_file_key(client, rec.eid))
         if f is not None and f.dirty:
-            size, mtime = len(f.buffer or b""), f.mtime_ns
-            return record_attrs(ino, rec, REMOTE_TIMEOUT, size=size, mtime_ns=mtime)
+            return f.attrs(ino, rec, REMOTE_TIMEOUT, len(f.buffer or b""))
         return record_attrs(ino, rec, REMOTE_TIMEOUT)
 
     def _entry(self, ref: RemoteRef, parts: Key, rec: Record) -> pyfuse3.EntryAttributes:
@@ -288,8 +287,11 @@ class RemoteStores:
         if changes:
             f = self._files.get(_file_key(client, rec.eid))
             if f is not None and f.dirty:
-                await self._commit(f)  # bytes first: the explicit times must win
-            rec = await client.update(parts, rec.eid, **changes)
+                # Bytes not sent yet: the change goes with them (one call, one version).
+                f.set_metadata(changes)
+                f.changes += 1
+            else:
+                rec = await client.update(parts, rec.eid, **changes)
         self._remember(ref.ino, parts, rec)
         return await self.getattr(ref)
 
@@ -459,7 +461,7 @@ class RemoteStores:
                 return
             upto = f.changes
             value = bytes(f.buffer or b"")
-            rec = await f.client.put(f.parts, f.eid, value, mtime_ns=f.mtime_ns)
+            rec = await f.client.put(f.parts, f.eid, value, mtime_ns=f.mtime_ns, **f.fields)
             if rec is not None:
                 self._remember(f.ino, f.parts, rec)
             if f.changes == upto:
@@ -467,6 +469,7 @@ class RemoteStores:
                 # elsewhere meanwhile is seen (and a later write starts from it).
                 f.dirty = False
                 f.buffer = None
+                f.fields = {}
 
     async def commit_all(self) -> None:
         """At unmount: send what is still buffered, each owner bounded by the call timeout."""
