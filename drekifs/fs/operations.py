@@ -439,6 +439,8 @@ class Operations(pyfuse3.Operations):
                 f.set_metadata(changes)
             else:
                 rec = store.update(loc, parts, self, **changes)
+        if rec is node.rec:
+            return self._store_attrs(node)
         if rec is None:
             return self._attrs(self._node(inode))
         # What the store answered is what a new lookup would find: no need to ask again.
@@ -503,6 +505,7 @@ class Operations(pyfuse3.Operations):
             self._handles[rfh] = rhandle
             return pyfuse3.FileInfo(fh=rfh, keep_cache=False), attr
         node = self._create(parent_inode, name, FILE, mode, ctx)
+        self._remember(node)  # the WRITE, SETATTRs and RELEASE that follow ask about it
         f = self.files.open(node.store, node.loc, node.rec.eid)
         if f.buffer is None and f.handles == 1:
             f.buffer = bytearray()  # new and empty: no need to read it from the store

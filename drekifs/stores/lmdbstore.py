@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)  # madvise, for trim()
 SCHEMA = 1
 CACHE_ENTRIES = 20_000
+# Seconds a group of changes gathers before it commits (fsync never waits for it). 100 ms
+# rather than 20: a cp -a of small files costs the daemon ~9% less CPU (fewer transactions and
+# thread hand-offs), and a crash loses at most this much of what nobody fsynced.
+GROUP_WINDOW = 0.1
 # Trim the map once reads may have mapped this much (each miss counts a fault-around window).
 TRIM_AFTER_BYTES = 16 << 20
 _FAULT_AROUND = 64 << 10
@@ -805,7 +809,7 @@ class LmdbStore:
             await trio.sleep(every)
             self.trim()
 
-    async def run_writer(self, group_window: float = 0.02) -> None:
+    async def run_writer(self, group_window: float = GROUP_WINDOW) -> None:
         """Commit groups of changes as they come (cancel to stop; then call close()).
 
         A group gathers what changes in ``group_window`` seconds after its first change: one
