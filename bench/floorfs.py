@@ -11,7 +11,14 @@ Every FUSE request is counted per operation, the ones pyfuse3 answers by default
 counts go to ``--counts FILE`` as JSON ``{"seq": N, "counts": {op: n}}`` (written atomically) on
 SIGUSR1 and on exit, so reading them costs no FUSE request.
 
-    python bench/floorfs.py TREE MOUNTPOINT [--counts FILE] [--timeout S]
+    python bench/floorfs.py TREE MOUNTPOINT [--counts FILE] [--timeout S] [--writable]
+
+``--writable`` serves the tree read-write instead, as the floor of a ``cp -a`` into a pyfuse3
+filesystem held to drekifs's rules: no writeback cache, xattrs implemented (``getxattr`` answers
+ENODATA, so the kernel keeps asking for ``security.capability`` before each write; a
+``system.*`` xattr is refused with EOPNOTSUPP, as drekifs refuses ``cp -a``'s ACL), and the same
+``default_permissions``. It adds lookup of new names, create, mkdir, write, setattr and the
+xattr calls, each a dict update: no filesystem answering the same requests can do less.
 
 TREE is either a JSON file ``{"dirs": ["a", "a/b", ...], "files": ["a/f", ...]}`` (paths relative
 to the root, "/"-separated; parents are created as needed; the files are empty), or a directory:
@@ -80,6 +87,7 @@ class FloorFS(pyfuse3.Operations):
         source: Path | None = None,
     ) -> None:
         super().__init__()
+        self.timeout = timeout
         self.counts: Counter[str] = Counter()
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, DIR_MODE)}
         self._by_path: dict[str, int] = {"": ROOT_INODE}
@@ -204,6 +212,105 @@ class FloorFS(pyfuse3.Operations):
         return out
 
 
+class WritableFloorFS(FloorFS):
+    """The same tree, read-write: what ``cp -a`` needs, each request a dict update."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handles: dict[int, Node] = {}
+        self.next_fh = 1
+
+    @staticmethod
+    def _bytes_of(node: Node) -> bytearray:
+        if not isinstance(node.data, bytearray):
+            node.data = bytearray(node.data)  # type: ignore[assignment]
+        return node.data  # type: ignore[return-value]
+
+    def _new(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        parent = self.nodes.get(parent_inode)
+        if parent is None or not stat.S_ISDIR(parent.mode):
+            raise FUSEError(errno.ENOTDIR)
+        if name in parent.children:
+            raise FUSEError(errno.EEXIST)
+        ino = len(self.nodes) + ROOT_INODE
+        node = self.nodes[ino] = Node(ino, mode)
+        parent.children[name] = ino
+        parent.order.append((name, ino))
+        attr = self.attrs[ino] = self._make_attrs(node, self.timeout)
+        attr.st_uid, attr.st_gid = ctx.uid, ctx.gid
+        now = time.time_ns()
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = now
+        parent_attr = self.attrs[parent_inode]
+        parent_attr.st_mtime_ns = parent_attr.st_ctime_ns = now
+        if stat.S_ISDIR(mode):
+            parent_attr.st_nlink += 1
+        return attr
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        return self._new(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        attr = self._new(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        fh, self.next_fh = self.next_fh, self.next_fh + 1
+        self.handles[fh] = self.nodes[attr.st_ino]
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attr
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        fh, self.next_fh = self.next_fh, self.next_fh + 1
+        self.handles[fh] = node
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return bytes(self.handles[fh].data[off : off + size])
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self.handles[fh]
+        data = self._bytes_of(node)
+        if off > len(data):
+            data.extend(bytes(off - len(data)))
+        data[off : off + len(buf)] = buf
+        attr = self.attrs[node.ino]
+        attr.st_size = len(data)
+        attr.st_blocks = (len(data) + 511) // 512
+        attr.st_mtime_ns = attr.st_ctime_ns = time.time_ns()
+        return len(buf)
+
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node, out = self.nodes[inode], self.attrs[inode]
+        if fields.update_size:
+            data = self._bytes_of(node)
+            del data[attr.st_size :]
+            data.extend(bytes(attr.st_size - len(data)))
+            out.st_size = attr.st_size
+        if fields.update_mode:
+            out.st_mode = stat.S_IFMT(out.st_mode) | stat.S_IMODE(attr.st_mode)
+            node.mode = out.st_mode
+        if fields.update_uid:
+            out.st_uid = attr.st_uid
+        if fields.update_gid:
+            out.st_gid = attr.st_gid
+        if fields.update_mtime:
+            out.st_mtime_ns = attr.st_mtime_ns
+        if fields.update_atime:
+            out.st_atime_ns = attr.st_atime_ns
+        out.st_ctime_ns = time.time_ns()
+        return out
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise FUSEError(errno.ENODATA)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise FUSEError(errno.EOPNOTSUPP)  # no user.* either: cp -a sets none here
+
+    async def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+
 # Every request the kernel can send, implemented above or answered by pyfuse3's defaults.
 REQUESTS = tuple(
     name
@@ -223,6 +330,8 @@ def _counted(op: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
 
 for _op in REQUESTS:
     setattr(FloorFS, _op, _counted(_op, getattr(FloorFS, _op)))
+    if _op in vars(WritableFloorFS):
+        setattr(WritableFloorFS, _op, _counted(_op, getattr(WritableFloorFS, _op)))
 
 
 class CountsFile:
@@ -297,13 +406,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="entry and attribute timeout (default 3600, as drekifs)",
     )
+    parser.add_argument(
+        "--writable",
+        action="store_true",
+        help="serve the tree read-write (the floor of a cp -a into it)",
+    )
     args = parser.parse_args(argv)
 
+    kind = WritableFloorFS if args.writable else FloorFS
     if args.tree.is_dir():
-        fs = FloorFS([], [], args.timeout, source=args.tree)
+        fs = kind([], [], args.timeout, source=args.tree)
     else:
         tree = json.loads(args.tree.read_text())
-        fs = FloorFS(tree.get("dirs", []), tree.get("files", []), args.timeout)
+        fs = kind(tree.get("dirs", []), tree.get("files", []), args.timeout)
     mountpoint = args.mountpoint.resolve()
     counts_file = CountsFile(args.counts, fs.counts)
 

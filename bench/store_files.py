@@ -9,8 +9,9 @@ The speed targets of the stores issue, side by side in one run and printed as ra
    in its node's local store) against bench/floorfs.py serving the same files from a dict (the
    floor of any pyfuse3 filesystem), pyfuse3's own example ``examples/tmpfs.py`` (fetched from
    the pyfuse3 sdist on PyPI) and kernel tmpfs.
-2. ``cp -a`` of the same tree from tmpfs into drekifs, into the pyfuse3 example and into kernel
-   tmpfs.
+2. ``cp -a`` of the same tree from tmpfs into drekifs, into bench/floorfs.py ``--writable`` (the
+   floor of a copy into a pyfuse3 filesystem answering as drekifs must), into the pyfuse3
+   example and into kernel tmpfs.
 3. The daemon's memory (VmRSS, VmHWM) with 100,000 keys in its global store, written through the
    mount, walked with ``find`` and read with ``tar c``; again after a remount.
 
@@ -77,6 +78,7 @@ WARM = "warm"
 COLD_DISK = "cold, store file cold"  # drekifs: fresh mount, LMDB file not in page cache
 
 TMPFS, FLOOR, EXAMPLE = "tmpfs", "floor", "example"
+CP_FLOOR = "floor (writable)"  # floorfs --writable: the floor of a cp -a
 DREKI_GLOBAL, DREKI_LOCAL = "drekifs global", "drekifs local"
 
 
@@ -273,25 +275,19 @@ class Process(Server):
 class Floor(Process):
     """bench/floorfs.py serving a copy of the source directory; counters dumped on SIGUSR1."""
 
-    def __init__(self, work: Path, source: Path) -> None:
-        super().__init__(work, FLOOR)
+    def __init__(self, work: Path, source: Path, *, writable: bool = False) -> None:
+        super().__init__(work, "floor-rw" if writable else FLOOR)
         self.source = source
-        self.counts_file = work / "floor-counts.json"
+        self.writable = writable
+        self.counts_file = work / f"{self.mountpoint.name}-counts.json"
         self.seq = 0
 
     def mount(self) -> None:
         self.counts_file.unlink(missing_ok=True)
         self.seq = 0
-        proc = self._start(
-            [
-                sys.executable,
-                str(FLOORFS),
-                str(self.source),
-                str(self.mountpoint),
-                "--counts",
-                str(self.counts_file),
-            ]
-        )
+        cmd = [sys.executable, str(FLOORFS), str(self.source), str(self.mountpoint)]
+        cmd += ["--counts", str(self.counts_file)] + (["--writable"] if self.writable else [])
+        proc = self._start(cmd)
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], MOUNT_TIMEOUT)
         line = proc.stdout.readline() if ready else b""
@@ -558,6 +554,9 @@ class Bench:
         tmpfs = KernelTmpfs(work, TMPFS)
         example = Example(work, self.example_script)
         floor = Floor(work, self.source)
+        empty = work / "empty"
+        empty.mkdir(exist_ok=True)
+        cp_floor = Floor(work, empty, writable=True)
         dreki = Drekifs(work)
         data_dir = work / f"drekifs-data-{r}"
         mounted: list[Server] = []
@@ -566,12 +565,15 @@ class Bench:
             mounted.append(tmpfs)
             example.mount()
             mounted.append(example)
+            cp_floor.mount()
+            mounted.append(cp_floor)
             dreki.mount(data_dir)
             mounted.append(dreki)
 
             # cp -a into each writable target.
             cp_dest: dict[str, tuple[Server, Path]] = {
                 TMPFS: (tmpfs, tmpfs.mountpoint),
+                CP_FLOOR: (cp_floor, cp_floor.mountpoint),
                 EXAMPLE: (example, example.mountpoint),
                 DREKI_GLOBAL: (dreki, dreki.global_dir),
                 DREKI_LOCAL: (dreki, dreki.local_dir),
@@ -629,7 +631,7 @@ class Bench:
                     s.unmount()
                 except BenchError as e:
                     errors.append(e)
-            for s in (tmpfs, example, floor, dreki):
+            for s in (tmpfs, example, floor, cp_floor, dreki):
                 s.cleanup()
             shutil.rmtree(data_dir, ignore_errors=True)
         if errors:  # reached only when no other error is on its way
@@ -865,10 +867,20 @@ def report(
     print()
     print(f"`cp -a tree DEST/` from tmpfs, ms (median of {rounds}; each into an empty filesystem)")
     rows = [
-        ["into", "time", "example/this", "paired", "server CPU", "us/request", "on disk", "spread"]
+        [
+            "into",
+            "time",
+            "this/floor",
+            "example/this",
+            "paired",
+            "server CPU",
+            "us/request",
+            "on disk",
+            "spread",
+        ]
     ]
-    cp_example = get(("cp", EXAMPLE))
-    for target in (TMPFS, EXAMPLE, DREKI_GLOBAL, DREKI_LOCAL):
+    cp_example, cp_floor = get(("cp", EXAMPLE)), get(("cp", CP_FLOOR))
+    for target in (TMPFS, CP_FLOOR, EXAMPLE, DREKI_GLOBAL, DREKI_LOCAL):
         s = get(("cp", target))
         if s is None:
             continue
@@ -878,6 +890,7 @@ def report(
             [
                 target,
                 fw.ms(s.median()),
+                fmt_ratio(paired_of(s, cp_floor)),
                 fmt_ratio(ratio_of(cp_example, s)),
                 fmt_ratio(paired_of(cp_example, s)),
                 fw.ms(cpu),
@@ -888,12 +901,16 @@ def report(
         )
     print(fw.table(rows))
     print(
-        "(on disk: ms after cp returned until drekifs's .dreki/stores shows no change waiting "
+        "(this/floor: paired ratio of the time to the writable floor's, bench/floorfs.py "
+        "--writable, which answers cp -a's requests as drekifs must (xattrs, no writeback cache) "
+        "with a dict update each: example/floor is the most any such filesystem can reach; "
+        "on disk: ms after cp returned until drekifs's .dreki/stores shows no change waiting "
         "for LMDB's fsync; not in the time)"
     )
     print()
-    print("FUSE requests per file during one cp -a (drekifs)")
-    print(request_table(results, [("cp", DREKI_GLOBAL), ("cp", DREKI_LOCAL)], n_files))
+    print("FUSE requests per file during one cp -a")
+    cp_rows = [("cp", CP_FLOOR), ("cp", DREKI_GLOBAL), ("cp", DREKI_LOCAL)]
+    print(request_table(results, cp_rows, n_files))
     note = overhead_note([results[k] for k in (("cp", DREKI_GLOBAL),) if k in results])
     if note:
         print(note)
