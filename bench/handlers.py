@@ -9,14 +9,21 @@ handler here ever waits, so each coroutine is driven to its end by hand: no trio
 pyfuse3, no kernel; what is left is the handlers' Python. ``bench/store_files.py`` measures
 the whole request through the kernel; this one says which handler the time goes to.
 
-    python bench/handlers.py [--rounds 7]
+    python bench/handlers.py [--rounds 7] [--cp]
 
 Prints, per file, the best round's microseconds for each request kind and their sum.
+
+``--cp``: the requests of a ``cp -a`` of the same files into an empty global store instead (per
+file LOOKUP of the new name, CREATE, GETXATTR ``security.capability``, WRITE, SETATTR of the
+times, SETXATTR of the ACL, SETATTR of the mode, GETATTR of the directory, RELEASE; a MKDIR
+per directory), with the store's replication watching it as in a daemon (hash tree, broadcast
+queue; nothing is sent), a fresh store each round.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -32,6 +39,8 @@ import pyfuse3
 import trio
 
 from drekifs.cli import demo_zone
+from drekifs.cluster.replication import Replication
+from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.fs.namespace import ROOT_INODE, Namespace
 from drekifs.fs.operations import Operations
 from drekifs.fs.status import StatusFiles
@@ -43,6 +52,18 @@ DIRS, FILES_PER_DIR = 50, 100
 MIN_SIZE, MAX_SIZE = 100, 2000
 SEED = 3
 KINDS = ("opendir", "readdir", "getattr", "open", "read", "release")
+CP_KINDS = (
+    "mkdir",
+    "lookup",
+    "create",
+    "getxattr",
+    "write",
+    "setattr times",
+    "setxattr",
+    "setattr mode",
+    "getattr dir",
+    "release",
+)
 
 
 class Ctx:
@@ -59,11 +80,16 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     raise RuntimeError("a handler yielded: this benchmark only drives ones that never wait")
 
 
-def build(data: Path) -> tuple[Operations, LmdbStore, list[int]]:
+def mount(data: Path) -> tuple[Operations, LmdbStore, int]:
+    """Operations over an empty global store, and the inode of ``global/``."""
     snap = snapshot.advance(None, world_from_zone(demo_zone()), time.time())
     store = LmdbStore("global", data / "global", peer="bench", replicated=True, max_value=1 << 20)
     ops = Operations(Namespace(snap, ()), StatusFiles(), stores={"global": store})
-    root = run(ops.lookup(ROOT_INODE, b"global", Ctx)).st_ino
+    return ops, store, run(ops.lookup(ROOT_INODE, b"global", Ctx)).st_ino
+
+
+def build(data: Path) -> tuple[Operations, LmdbStore, list[int]]:
+    ops, store, root = mount(data)
     rng = random.Random(SEED)
     dirs = []
     for d in range(DIRS):
@@ -111,10 +137,78 @@ def one_round(ops: Operations, store: LmdbStore, dirs: list[int]) -> dict[str, f
     return spent
 
 
+class Fields:
+    """A SETATTR's fields: only those named are set."""
+
+    def __init__(self, *names: str) -> None:
+        for name in ("size", "mode", "uid", "gid", "mtime", "atime", "ctime"):
+            setattr(self, f"update_{name}", name in names)
+
+
+class Attr:
+    st_mode = 0o100644
+    st_uid = st_gid = 0
+    st_atime_ns = st_mtime_ns = 1_600_000_000 * 10**9
+
+
+TIMES, MODE = Fields("mtime", "atime"), Fields("mode")
+ACL = b"\2\0\0\0\1\0\6\0\377\377\377\377\4\0\4\0\377\377\377\377 \0\4\0\377\377\377\377"
+
+
+def quiet(coro: Coroutine[Any, Any, Any]) -> None:
+    """A request whose errno is the expected answer (a new name's LOOKUP, the ACL)."""
+    with contextlib.suppress(pyfuse3.FUSEError):
+        run(coro)
+
+
+def cp_round(data: Path) -> dict[str, float]:
+    ops, store, root = mount(data)
+    world = SimWorld()
+    Replication("bench", world.network(addr_of(0)), store)  # watches the store, as in a daemon
+    rng = random.Random(SEED)
+    spent = dict.fromkeys(CP_KINDS, 0.0)
+    clock = time.perf_counter
+    try:
+        for d in range(DIRS):
+            t0 = clock()
+            dino = run(ops.mkdir(root, b"d%d" % d, 0o755, Ctx)).st_ino
+            spent["mkdir"] += clock() - t0
+            for f in range(FILES_PER_DIR):
+                name = b"f%d" % f
+                value = rng.randbytes(rng.randint(MIN_SIZE, MAX_SIZE))
+                t = [clock()]
+                quiet(ops.lookup(dino, name, Ctx))
+                t.append(clock())
+                info, attr = run(ops.create(dino, name, 0o100600, os.O_WRONLY, Ctx))
+                t.append(clock())
+                quiet(ops.getxattr(attr.st_ino, b"security.capability", Ctx))
+                t.append(clock())
+                run(ops.write(info.fh, 0, value))
+                t.append(clock())
+                run(ops.setattr(attr.st_ino, Attr, TIMES, info.fh, Ctx))
+                t.append(clock())
+                quiet(ops.setxattr(attr.st_ino, b"system.posix_acl_access", ACL, Ctx))
+                t.append(clock())
+                run(ops.setattr(attr.st_ino, Attr, MODE, info.fh, Ctx))
+                t.append(clock())
+                run(ops.getattr(dino, Ctx))
+                t.append(clock())
+                run(ops.release(info.fh))
+                t.append(clock())
+                for kind, a, b in zip(CP_KINDS[1:], t, t[1:], strict=False):
+                    spent[kind] += b - a
+    finally:
+        store.env.close()
+    return spent
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--cp", action="store_true", help="the requests of a cp -a instead")
     args = parser.parse_args(argv)
+    if args.cp:
+        return main_cp(args.rounds)
     original_reply = pyfuse3.readdir_reply
     with tempfile.TemporaryDirectory(prefix="drekifs-bench-handlers-") as tmp:
         ops, store, dirs = build(Path(tmp))
@@ -135,6 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     for kind in KINDS:
         print(f"  {kind:<8} {best[kind] / files * 1e6:6.2f}")
     print(f"  {'total':<8} {sum(best.values()) / files * 1e6:6.2f}")
+    return 0
+
+
+def main_cp(rounds: int) -> int:
+    best = dict.fromkeys(CP_KINDS, float("inf"))
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="drekifs-bench-handlers-") as tmp:
+            spent = cp_round(Path(tmp))
+        for kind, seconds in spent.items():
+            best[kind] = min(best[kind], seconds)
+    files = DIRS * FILES_PER_DIR
+    print(
+        f"drekifs handlers of a cp -a, {files:,} files in {DIRS} directories, "
+        f"us per file (best of {rounds} rounds):"
+    )
+    for kind in CP_KINDS:
+        print(f"  {kind:<14} {best[kind] / files * 1e6:6.2f}")
+    print(f"  {'total':<14} {sum(best.values()) / files * 1e6:6.2f}")
     return 0
 
 

@@ -23,6 +23,7 @@ from drekifs.cluster.antientropy import (
     MemorySource,
     SyncResult,
     TreeShape,
+    hashtree,
     version_digest,
 )
 from drekifs.cluster.net import PeerUnreachable, RemoteError
@@ -192,6 +193,47 @@ def test_build_in_chunks_with_writes_meanwhile() -> None:
     assert tree.root() == fresh.root()
     with pytest.raises(RuntimeError):
         tree.build(pairs)
+
+
+def test_marked_keys_are_settled_at_the_next_read() -> None:
+    """A store may only mark a changed key: the tree asks its digest when next read, once for
+    a burst of changes to one key, and a mark made during a build wins over the build's pair."""
+    store: dict[bytes, bytes] = {}
+    asked: list[bytes] = []
+
+    def digest_of(key: bytes) -> bytes | None:
+        asked.append(key)
+        return store.get(key)
+
+    tree = HashTree(SMALL, ready=False, digest_of=digest_of)
+    tree.start_build()
+    tree.build([(b"a", version_digest(1, "x")), (b"gone", version_digest(1, "x"))])
+    for hlc in (2, 3, 4):  # created, written, chmod-ed
+        store[b"b"] = version_digest(hlc, "x")
+        tree.mark(b"b")
+    store[b"a"] = version_digest(5, "x")
+    tree.mark(b"a")
+    tree.mark(b"gone")  # deleted, its tombstone collected: no digest
+    tree.build([(b"a", version_digest(1, "x")), (b"b", version_digest(1, "x"))])  # older
+    tree.finish_build()
+    assert asked == []  # nothing settled before a read
+    assert tree.root() == _tree_of(store).root()
+    assert sorted(asked) == [b"a", b"b", b"gone"]  # once each
+    assert dict(tree.items()) == store
+    # Past SETTLE_AFTER marks, they are settled without a read.
+    for i in range(hashtree.SETTLE_AFTER):
+        store[b"k%d" % i] = version_digest(i, "y")
+        tree.mark(b"k%d" % i)
+    assert not tree._marked
+    with pytest.raises(RuntimeError):
+        HashTree(SMALL).mark(b"a")  # made without digest_of
+
+
+def _tree_of(pairs: dict[bytes, bytes]) -> HashTree:
+    tree = HashTree(SMALL)
+    for key, digest in pairs.items():
+        tree.set(key, digest)
+    return tree
 
 
 async def test_build_async_yields_between_chunks() -> None:

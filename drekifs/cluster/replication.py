@@ -138,7 +138,7 @@ class Replication:
         self.collected = 0
         self.dropped_stale = self._drop_if_stale()
         self.replica = GlobalReplica(store)
-        self.tree = HashTree(ready=False)
+        self.tree = HashTree(ready=False, digest_of=store.digest)
         self.broadcast = Broadcast(name, net, PlumtreeConfig(), self.replica)
         self.antientropy = AntiEntropy(name, net, self.tree, self.replica)
         self.antientropy.on_sync = lambda result: self._contact()
@@ -169,7 +169,7 @@ class Replication:
 
     def _changed(self, loc: str, parts: tuple[bytes, ...], origin: object) -> None:
         key = entry_key(loc, parts)
-        self.tree.update(key, self.store.digest(key))
+        self.tree.mark(key)  # settled when anti-entropy next reads the tree, or at a send
         if origin != ORIGIN:
             self._outgoing[key] = None
             self._wake.set()
@@ -179,6 +179,7 @@ class Replication:
             await self._wake.wait()
             await trio.sleep(SEND_EVERY)
             self._wake = trio.Event()
+            self.tree.settle()  # here rather than in the next exchange's first request
             keys, self._outgoing = self._outgoing, {}
             for key in keys:
                 exported = self.store.export(key)

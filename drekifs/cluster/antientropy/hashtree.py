@@ -26,12 +26,17 @@ chunks), then :meth:`HashTree.finish_build`. Writes go through :meth:`HashTree.s
 (older) pair for it is skipped. ``ready`` is False until the build finishes: readers of the
 store are never blocked, only anti-entropy waits. All methods must be called from one thread
 (the trio thread): the XOR updates are read-modify-write.
+
+A store may also just :meth:`HashTree.mark` a key as changed: its digest is then asked of
+``digest_of`` when the tree is next read (every reading method settles the marks first), or
+once ``SETTLE_AFTER`` keys are marked. A file copied in (created, written, its mode set) then
+costs the tree one update instead of one per change, off the request that made the change.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -43,6 +48,7 @@ pairs of one bucket (a handful of keys) collide with odds of about 2**-60."""
 _KEY_PERSON = b"dreki-ae-key"
 _ITEM_PERSON = b"dreki-ae-item"
 _EMPTY: Mapping[bytes, bytes] = {}
+SETTLE_AFTER = 1024  # marked keys, at most, before they are settled anyway (~5 ms of updates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +93,16 @@ def _item(khash: bytes, digest: bytes) -> int:
 class HashTree:
     """Node hashes of every level plus the (key -> digest) dict of every leaf bucket."""
 
-    def __init__(self, shape: TreeShape | None = None, *, ready: bool = True) -> None:
+    def __init__(
+        self,
+        shape: TreeShape | None = None,
+        *,
+        ready: bool = True,
+        digest_of: Callable[[bytes], bytes | None] | None = None,
+    ) -> None:
         self.shape = shape or TreeShape()
+        self.digest_of = digest_of
+        """A key's current digest (None: gone), for the keys :meth:`mark` names."""
         self.ready = ready
         """False while a build is under way: the tree is then incomplete."""
         self._bits = self.shape.fanout_bits
@@ -101,10 +115,12 @@ class HashTree:
         self._buckets: list[dict[bytes, bytes] | None] = [None] * self.shape.leaves
         self._count = 0
         self._touched: set[bytes] | None = None  # keys written during a build
+        self._marked: dict[bytes, None] = {}  # changed keys not settled yet, in order
 
-    # -- Reading ------------------------------------------------------------------------------
+    # -- Reading (each settles the marked keys first) -----------------------------------------
 
     def __len__(self) -> int:
+        self.settle()
         return self._count
 
     def bucket(self, key: bytes) -> int:
@@ -115,24 +131,29 @@ class HashTree:
         return int.from_bytes(khash[:4], "big") >> (32 - self._total_bits)
 
     def get(self, key: bytes) -> bytes | None:
+        self.settle()
         items = self._buckets[self.bucket(key)]
         return None if items is None else items.get(key)
 
     def root(self) -> bytes:
+        self.settle()
         return self._levels[0][0].to_bytes(HASH_BYTES, "big")
 
     def node(self, level: int, index: int) -> bytes:
+        self.settle()
         return self._levels[level][index].to_bytes(HASH_BYTES, "big")
 
     def children(self, level: int, index: int) -> bytes:
         """The hashes of node (``level``, ``index``)'s children, concatenated (fanout * 16
         bytes); ``level`` < depth."""
+        self.settle()
         fanout = self.shape.fanout
         below = self._levels[level + 1][index * fanout : (index + 1) * fanout]
         return b"".join(h.to_bytes(HASH_BYTES, "big") for h in below)
 
     def bucket_items(self, bucket: int) -> Mapping[bytes, bytes]:
         """The (key -> digest) pairs of a leaf bucket: a live view, not to be modified."""
+        self.settle()
         items = self._buckets[bucket]
         return _EMPTY if items is None else items
 
@@ -151,6 +172,7 @@ class HashTree:
         return _item(key_hash(key), digest).to_bytes(HASH_BYTES, "big")[:ITEM_ID_BYTES]
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
+        self.settle()
         for items in self._buckets:
             if items:
                 yield from items.items()
@@ -183,8 +205,29 @@ class HashTree:
         """:meth:`set`, or :meth:`remove` when ``digest`` is None; nothing when unchanged."""
         if digest is None:
             self.remove(key)
-        elif self.get(key) != digest:
+        else:
             self.set(key, digest)
+
+    def mark(self, key: bytes) -> None:
+        """``key`` changed: its digest is asked of ``digest_of`` at the next read. A burst of
+        changes to one key costs one update."""
+        if self.digest_of is None:
+            raise RuntimeError("mark() needs a tree made with digest_of")
+        if self._touched is not None:
+            self._touched.add(key)
+        self._marked[key] = None
+        if len(self._marked) >= SETTLE_AFTER:
+            self.settle()
+
+    def settle(self) -> None:
+        """Apply the marked changes now."""
+        if not self._marked:
+            return
+        marked, self._marked = self._marked, {}
+        digest_of = self.digest_of
+        assert digest_of is not None  # mark() checked
+        for key in marked:
+            self.update(key, digest_of(key))
 
     def _put(self, key: bytes, digest: bytes) -> None:
         khash = key_hash(key)
