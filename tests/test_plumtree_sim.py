@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
@@ -21,6 +21,7 @@ from drekifs.cluster.net import MAX_DATAGRAM
 from drekifs.cluster.plumtree import GOSSIP_METHOD, Broadcast, PlumtreeConfig
 from drekifs.cluster.plumtree import broadcast as broadcast_module
 from drekifs.cluster.plumtree.messages import (
+    MAX_HOPS,
     Graft,
     IHave,
     Malformed,
@@ -30,6 +31,8 @@ from drekifs.cluster.plumtree.messages import (
     decode_datagram,
     decode_gossip,
     encode_gossip,
+    ihave_entry_size,
+    packed_bin_size,
 )
 from drekifs.cluster.plumtree.missing import MissingIds
 from drekifs.cluster.plumtree.seen import SeenIds
@@ -118,6 +121,19 @@ def test_messages_round_trip_and_fit() -> None:
     assert decode_datagram({"pt": "prune"}) == Prune()
     g = decode_gossip(encode_gossip(b"id", 4, {"x": [1, 2]}))
     assert (g.mid, g.hops, g.payload) == (b"id", 4, {"x": [1, 2]})
+
+
+@given(st.binary(min_size=1, max_size=300), st.integers(0, 1 << 32))
+@example(b"x" * 255, 127)
+@example(b"x" * 256, 128)
+@example(b"x" * 65_535, 255)
+@example(b"x" * 65_536, 256)
+@example(b"x", 65_536)
+@settings(max_examples=200, deadline=None)
+def test_computed_sizes_are_msgpacks(mid: bytes, hops: int) -> None:
+    """IHAVE and GRAFT entries are sized without packing them: the sizes must be msgpack's."""
+    assert ihave_entry_size(mid, hops) == len(msgpack.packb([mid, min(hops, MAX_HOPS)]))
+    assert packed_bin_size(len(mid)) == len(msgpack.packb(mid))
 
 
 @pytest.mark.parametrize(

@@ -123,11 +123,27 @@ def encode_prune() -> dict[str, Any]:
 _HEADER = len(msgpack.packb({TAG: IHAVE, "i": []})) + 2
 
 
+def packed_bin_size(n: int) -> int:
+    """What msgpack makes of ``n`` bytes (a bin): its header and the bytes."""
+    return n + (2 if n < 1 << 8 else 3 if n < 1 << 16 else 5)
+
+
+def packed_uint_size(v: int) -> int:
+    """What msgpack makes of the unsigned int ``v``."""
+    return 1 if v < 1 << 7 else 2 if v < 1 << 8 else 3 if v < 1 << 16 else 5
+
+
+def ihave_entry_size(mid: bytes, hops: int) -> int:
+    """The packed size of one IHAVE entry ``[mid, hops]``, computed rather than packed: the
+    IHAVE loop sizes every entry once per lazy neighbour."""
+    return 1 + packed_bin_size(len(mid)) + packed_uint_size(min(hops, MAX_HOPS))
+
+
 def chunk_ihave(
     entries: list[tuple[bytes, int]], budget: int, max_ids: int
 ) -> list[dict[str, Any]]:
     """IHAVE datagrams announcing ``entries``, each within ``budget`` packed bytes."""
-    sizes = [len(msgpack.packb([mid, min(hops, MAX_HOPS)])) for mid, hops in entries]
+    sizes = [ihave_entry_size(mid, hops) for mid, hops in entries]
     return [
         {TAG: IHAVE, "i": [[mid, min(hops, MAX_HOPS)] for mid, hops in chunk]}
         for chunk in _chunks(entries, sizes, budget, max_ids)
@@ -138,7 +154,7 @@ def chunk_graft(mids: list[bytes], budget: int, max_ids: int) -> list[dict[str, 
     """GRAFT datagrams asking for ``mids`` (one empty GRAFT if there are none)."""
     if not mids:
         return [{TAG: GRAFT, "i": []}]
-    sizes = [len(msgpack.packb(mid)) for mid in mids]
+    sizes = [packed_bin_size(len(mid)) for mid in mids]
     return [{TAG: GRAFT, "i": chunk} for chunk in _chunks(mids, sizes, budget, max_ids)]
 
 
