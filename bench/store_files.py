@@ -276,7 +276,7 @@ class Floor(Process):
     """bench/floorfs.py serving a copy of the source directory; counters dumped on SIGUSR1."""
 
     def __init__(self, work: Path, source: Path, *, writable: bool = False) -> None:
-        super().__init__(work, "floor-rw" if writable else FLOOR)
+        super().__init__(work, "floor-writable" if writable else FLOOR)
         self.source = source
         self.writable = writable
         self.counts_file = work / f"{self.mountpoint.name}-counts.json"

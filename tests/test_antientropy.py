@@ -227,6 +227,23 @@ def test_marked_keys_are_settled_at_the_next_read() -> None:
     assert not tree._marked
     with pytest.raises(RuntimeError):
         HashTree(SMALL).mark(b"a")  # made without digest_of
+    # A digest that cannot be read (the store failing): the keys not settled stay marked.
+    broken = {b"x"}
+
+    def flaky(key: bytes) -> bytes | None:
+        if key in broken:
+            raise OSError("store unreadable")
+        return store.get(key)
+
+    tree.digest_of = flaky
+    store[b"w"], store[b"x"], store[b"y"] = (version_digest(9, "z"),) * 3
+    for key in (b"w", b"x", b"y"):
+        tree.mark(key)
+    with pytest.raises(OSError):
+        tree.settle()
+    assert list(tree._marked) == [b"x", b"y"]
+    broken.clear()
+    assert dict(tree.items()) == store
 
 
 def _tree_of(pairs: dict[bytes, bytes]) -> HashTree:

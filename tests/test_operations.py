@@ -247,6 +247,45 @@ async def test_a_write_after_utimes_moves_mtime_and_fsync_commits_all(tmp_path: 
     assert ops.stores["global"].changes == changes  # fsync took it all
 
 
+async def test_metadata_waiting_with_bytes_follows_the_entry(tmp_path: Path) -> None:
+    """Metadata held with unsaved bytes: an epoch mtime is kept, a rename carries it to the
+    new name, an unlink drops it with the bytes, and a node listed twice has its other path's
+    attributes dropped from the kernel."""
+    ops = make_ops(tmp_path)
+    glob = (await lookup_path(ops, "global")).st_ino
+    store = ops.stores["global"]
+    epoch = SimpleNamespace(st_mtime_ns=0, st_atime_ns=0, st_mode=0o100600, st_size=2)
+    info, attr = await ops.create(glob, b"f", 0o644, os.O_WRONLY, CTX)
+    await ops.write(info.fh, 0, b"data")
+    fields = _setattr_fields(size=True, mode=True, mtime=True, atime=True)
+    out = await ops.setattr(attr.st_ino, epoch, fields, None, CTX)
+    assert (out.st_mtime_ns, out.st_mode, out.st_size) == (0, 0o100600, 2)
+    await ops.rename(glob, b"f", glob, b"g", 0, CTX)
+    await ops.release(info.fh)
+    rec = store.get("w.test", (b"g",))
+    assert (rec.mtime_ns, rec.atime_ns, rec.perm, rec.size) == (0, 0, 0o600, 2)
+    assert store.read(rec.eid) == b"da"
+
+    info, attr = await ops.create(glob, b"gone", 0o644, os.O_WRONLY, CTX)
+    await ops.write(info.fh, 0, b"data")
+    await ops.setattr(attr.st_ino, epoch, _setattr_fields(mode=True), None, CTX)
+    await ops.unlink(glob, b"gone", CTX)
+    changes = store.changes
+    await ops.release(info.fh)  # nowhere to go: no error, no change
+    assert store.changes == changes and store.get("w.test", (b"gone",)) is None
+
+    # A node listed twice (eu/shared and eu/fr/shared).
+    shared = await lookup_path(ops, "eu/shared/global")
+    other = await lookup_path(ops, "eu/fr/shared/global")
+    info, attr = await ops.create(shared.st_ino, b"s", 0o644, os.O_WRONLY, CTX)
+    await ops.write(info.fh, 0, b"x")
+    ops.invalidator._attrs.clear()
+    await ops.setattr(attr.st_ino, epoch, _setattr_fields(mode=True), None, CTX)
+    twin = await ops.lookup(other.st_ino, b"s", CTX)
+    assert twin.st_ino in ops.invalidator._attrs and twin.st_mode == 0o100600
+    await ops.release(info.fh)
+
+
 async def test_attributes_kept_for_the_next_request_follow_store_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

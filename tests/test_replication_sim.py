@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import trio
 
-from drekifs.cluster.antientropy import TreeShape
+from drekifs.cluster.antientropy import HashTree, TreeShape
 from drekifs.cluster.rejoin import RETURN_EXCHANGES, came_back, exchange_with_returning
-from drekifs.cluster.replication import message_id
+from drekifs.cluster.replication import Replication, message_id
 from drekifs.cluster.replsim import (
     ANTIENTROPY,
     BROADCAST,
@@ -26,7 +26,9 @@ from drekifs.cluster.replsim import (
     run_scenario,
     run_seeded,
 )
-from drekifs.cluster.sim import SimWorld
+from drekifs.cluster.sim import SimWorld, addr_of
+from drekifs.stores.lmdbstore import LmdbStore, entry_key
+from drekifs.stores.record import FILE
 from drekifs.stores.version import Version
 
 LINK = (0.019, 0.021)
@@ -191,3 +193,29 @@ async def test_a_write_acknowledged_just_before_a_crash_is_not_lost(autojump_clo
         assert cluster.catch_ups[0].seconds is not None
         held = {s.version(w.key) for s in cluster.stores.values()}
         assert held == {(w.hlc, "node0005")}
+
+
+def test_a_local_write_shows_in_the_hash_tree_at_the_next_read(tmp_path) -> None:
+    """Replication marks each changed key; the tree anti-entropy reads is never behind the
+    store (create, write, chmod, delete: each seen at the next read, one update for a burst)."""
+    store = LmdbStore("global", tmp_path / "g", peer="a", replicated=True, max_value=1 << 20)
+    repl = Replication("a", SimWorld().network(addr_of(0)), store)
+    key = entry_key("loc", (b"k",))
+    try:
+        rec = store.create("loc", (b"k",), FILE, 0o644, 0, 0)
+        assert repl.tree.get(key) == store.digest(key) is not None
+        store.write_value("loc", (b"k",), rec.eid, b"bytes")
+        store.update("loc", (b"k",), perm=0o600)
+        assert repl.tree.get(key) == store.digest(key)
+        store.remove("loc", (b"k",), is_dir=False)
+        assert repl.tree.get(key) == store.digest(key)  # the tombstone's
+        assert repl.tree.root() == tree_of(store).root()
+    finally:
+        store.env.close()
+
+
+def tree_of(store: LmdbStore) -> HashTree:
+    tree = HashTree()
+    for key, digest in store.iter_digests():
+        tree.set(key, digest)
+    return tree

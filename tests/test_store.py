@@ -11,6 +11,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drekifs.stores import lmdbstore
 from drekifs.stores.lmdbstore import LmdbStore, children_prefix, entry_key, split_key
 from drekifs.stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from drekifs.stores.version import HybridClock, Version
@@ -181,3 +182,28 @@ async def test_trim_unmaps_read_pages_and_loses_nothing(tmp_path: Path) -> None:
     assert rss_file_kib() < before - 2000  # ~4 MB of values were mapped
     for i, eid in enumerate(eids):
         assert s.read(eid) == bytes([i]) * 20_000  # read again through the map
+
+
+async def test_a_heavy_group_commits_without_waiting_out_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer gathers changes for a window; a group holding GROUP_BYTES of values commits
+    at once, so a fast writer cannot pile up more than that in memory."""
+    monkeypatch.setattr(lmdbstore, "GROUP_BYTES", 64 << 10)
+    store = open_store(tmp_path / "s")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.run_writer, 30.0)  # a window no test waits out
+        small = store.create("loc", (b"small",), FILE, 0o644, 0, 0)
+        store.write_value("loc", (b"small",), small.eid, b"x" * 1000)
+        await trio.sleep(0.3)
+        assert store.committed == 0  # light: waits for the window
+        big = store.create("loc", (b"big",), FILE, 0o644, 0, 0)
+        store.write_value("loc", (b"big",), big.eid, b"y" * (64 << 10))
+        with trio.fail_after(10):
+            while store.committed < store.changes:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    await store.close()
+    again = open_store(tmp_path / "s")
+    assert again.read(big.eid) == b"y" * (64 << 10) and again.read(small.eid) == b"x" * 1000
+    await again.close()

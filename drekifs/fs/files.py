@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+
+import pyfuse3
 
 from ..stores.base import Key, Store
 from ..stores.record import Record
@@ -26,9 +27,9 @@ class Unsaved:
     the times of its last write and change, and metadata set meanwhile (perm, uid, gid,
     atime_ns...), committed with the bytes in one version. Shared by local and remote files."""
 
-    mtime_ns: int = 0  # of the last write (or the time set since)
+    mtime_ns: int = 0  # of the last write (or the time set since, the epoch included)
     ctime_ns: int = 0  # of the last change
-    fields: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, int] = field(default_factory=dict)  # set since: perm, uid, atime_ns...
 
     def wrote(self) -> None:
         self.mtime_ns = self.ctime_ns = time.time_ns()
@@ -39,13 +40,13 @@ class Unsaved:
         changes = dict(changes)
         if "mtime_ns" in changes:
             self.mtime_ns = changes.pop("mtime_ns")
-        self.fields.update(changes)
+        self.metadata.update(changes)
         self.ctime_ns = time.time_ns()
 
-    def attrs(self, ino: int, rec: Record, timeout: float, size: int) -> Any:
+    def attrs(self, ino: int, rec: Record, timeout: float, size: int) -> pyfuse3.EntryAttributes:
         """``rec``'s attributes as the commit will make them."""
-        if self.fields:
-            rec = rec.but(**{k: v for k, v in self.fields.items() if k != "ctime_ns"})
+        if self.metadata:
+            rec = rec.but(**{k: v for k, v in self.metadata.items() if k != "ctime_ns"})
         ctime = max(self.ctime_ns, rec.ctime_ns)
         return record_attrs(ino, rec, timeout, size=size, mtime_ns=self.mtime_ns, ctime_ns=ctime)
 
@@ -92,9 +93,9 @@ class OpenFile(Unsaved):
             return bytes(self.buffer[offset : offset + size])
         return self.store.read(self.eid, offset, size)
 
-    def commit(self, parts: Key | None, origin: object, **fields: object) -> Record | None:
+    def commit(self, parts: Key | None, origin: object) -> Record | None:
         """Hand a dirty buffer to the store (in memory; the store's writer takes it to disk),
-        with metadata ``fields`` changed in the same version.
+        with the metadata set meanwhile, in one version.
 
         ``parts`` is where the entry is now, or None when it is gone: then the bytes are kept
         for the handles still open, and go nowhere. Returns the new record, if any.
@@ -102,19 +103,11 @@ class OpenFile(Unsaved):
         if not self.dirty:
             return None
         self.dirty = False
-        fields = {**self.fields, **fields}
-        self.fields = {}
+        metadata, self.metadata = self.metadata, {}
         if parts is None:
             return None
-        mtime = fields.pop("mtime_ns", self.mtime_ns)
         return self.store.write_value(
-            self.loc,
-            parts,
-            self.eid,
-            bytes(self.buffer or b""),
-            origin,
-            mtime,
-            **fields,
+            self.loc, parts, self.eid, bytes(self.buffer or b""), origin, self.mtime_ns, **metadata
         )
 
 

@@ -426,6 +426,7 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.EISDIR)
             if f is not None:
                 f.truncate(attr.st_size)
+                self._unsaved_changed(f)
             else:
                 value = bytearray(store.read(node.rec.eid))
                 store.check_size(attr.st_size)
@@ -437,6 +438,7 @@ class Operations(pyfuse3.Operations):
             if f is not None and f.dirty:
                 # Bytes not committed yet: the change waits with them, one version at close.
                 f.set_metadata(changes)
+                self._unsaved_changed(f)
             else:
                 rec = store.update(loc, parts, self, **changes)
         if rec is node.rec:
@@ -715,13 +717,18 @@ class Operations(pyfuse3.Operations):
         if f is None:
             raise FUSEError(errno.EBADF)
         written = f.write(off, buf)
+        self._unsaved_changed(f)
+        return written
+
+    def _unsaved_changed(self, f: OpenFile) -> None:
+        """A file being written here changed without a store change (bytes, or metadata held
+        for the commit): on a node listed twice, the kernel's attributes of its other paths
+        must go (the store's watcher does it for changes that reach the store)."""
         roots = self.ns.store_roots.get((f.loc, f.store.name), ())
         if len(roots) > 1:
-            # A node listed twice: its other path's cached size must follow this write.
             slot = self.slots.slot(f.store.name)
             for root in roots:
                 self.invalidator.attributes(inodes.pack(root.alias, slot, f.eid))
-        return written
 
     def _commit(self, f: OpenFile) -> None:
         if not f.dirty:

@@ -79,6 +79,10 @@ class RemoteFile(Unsaved):
         self.wrote()
         self.changes += 1
 
+    def set_metadata(self, changes: dict[str, int]) -> None:
+        super().set_metadata(changes)
+        self.changes += 1  # a commit already under way must not clear ``dirty``
+
 
 @dataclass(slots=True)
 class RemoteFileHandle:
@@ -268,6 +272,7 @@ class RemoteStores:
     async def setattr(self, ref: RemoteRef, attr: Any, fields: Any) -> pyfuse3.EntryAttributes:
         parts, rec = await self.resolve(ref)
         client = ref.client
+        fresh: Record | None = None
         if fields.update_size:
             if rec.is_dir:
                 raise FUSEError(errno.EISDIR)
@@ -282,18 +287,19 @@ class RemoteStores:
                 value = bytearray(await client.read(rec.eid, 0, rec.size))
                 del value[attr.st_size :]
                 value.extend(bytes(attr.st_size - len(value)))
-                rec = await client.put(parts, rec.eid, bytes(value)) or rec
+                fresh = await client.put(parts, rec.eid, bytes(value))
         changes = metadata_changes(attr, fields)
         if changes:
             f = self._files.get(_file_key(client, rec.eid))
             if f is not None and f.dirty:
                 # Bytes not sent yet: the change goes with them (one call, one version).
                 f.set_metadata(changes)
-                f.changes += 1
             else:
-                rec = await client.update(parts, rec.eid, **changes)
-        self._remember(ref.ino, parts, rec)
-        return await self.getattr(ref)
+                fresh = await client.update(parts, rec.eid, **changes)
+        if fresh is not None:  # what the owner answered; else what was known stays as it was
+            rec = fresh
+            self._remember(ref.ino, parts, rec)
+        return self.attrs(ref.ino, client, rec)
 
     async def readlink(self, ref: RemoteRef) -> bytes:
         _, rec = await self.resolve(ref)
@@ -461,7 +467,7 @@ class RemoteStores:
                 return
             upto = f.changes
             value = bytes(f.buffer or b"")
-            rec = await f.client.put(f.parts, f.eid, value, mtime_ns=f.mtime_ns, **f.fields)
+            rec = await f.client.put(f.parts, f.eid, value, mtime_ns=f.mtime_ns, **f.metadata)
             if rec is not None:
                 self._remember(f.ino, f.parts, rec)
             if f.changes == upto:
@@ -469,7 +475,7 @@ class RemoteStores:
                 # elsewhere meanwhile is seen (and a later write starts from it).
                 f.dirty = False
                 f.buffer = None
-                f.fields = {}
+                f.metadata = {}
 
     async def commit_all(self) -> None:
         """At unmount: send what is still buffered, each owner bounded by the call timeout."""

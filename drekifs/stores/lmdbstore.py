@@ -55,6 +55,9 @@ CACHE_ENTRIES = 20_000
 # rather than 20: a cp -a of small files costs the daemon ~9% less CPU (fewer transactions and
 # thread hand-offs), and a crash loses at most this much of what nobody fsynced.
 GROUP_WINDOW = 0.1
+# Value bytes a group may hold before it commits without waiting out the window: what a fast
+# writer can pile up in memory is bounded by this, not by its speed.
+GROUP_BYTES = 16 << 20
 # Trim the map once reads may have mapped this much (each miss counts a fault-around window).
 TRIM_AFTER_BYTES = 16 << 20
 _FAULT_AROUND = 64 << 10
@@ -100,6 +103,7 @@ class _Layer:
     next_eid: int | None = None
     last_write_ns: int | None = None
     value_bytes: int | None = None
+    held: int = 0  # bytes of the values in ``values`` (GROUP_BYTES)
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.values or self.eids)
@@ -162,6 +166,7 @@ class LmdbStore:
         self._pending = _Layer()
         self._inflight = _Layer()
         self._dirty = trio.Event()
+        self._full = trio.Event()  # the pending group holds GROUP_BYTES: commit it now
         self._commit_lock = trio.Lock()
         self.changes = 0  # changes applied in memory
         self.committed = 0  # changes on disk
@@ -357,6 +362,13 @@ class LmdbStore:
         self.changes += 1
         self._dirty.set()
 
+    def _hold_value(self, eid: int, value: bytes) -> None:
+        p = self._pending
+        p.values[eid] = value
+        p.held += len(value)
+        if p.held >= GROUP_BYTES:
+            self._full.set()
+
     def _set_eid(self, eid: int, key: bytes | None) -> None:
         self._pending.eids[eid] = key
         self._where[eid] = key
@@ -464,7 +476,7 @@ class LmdbStore:
         if rec is None or not rec.alive or rec.eid != eid:
             return None
         now = self._now()
-        mtime = mtime_ns or now
+        mtime = now if mtime_ns is None else mtime_ns  # an explicit 0 is the epoch
         changes: dict[str, object] = {
             "size": len(value),
             "mtime_ns": mtime,
@@ -474,7 +486,7 @@ class LmdbStore:
         }
         new = rec.but(**{**changes, **fields})
         self._put(key, new)
-        self._pending.values[eid] = bytes(value)
+        self._hold_value(eid, bytes(value))
         self._count(len(value) - rec.size)
         self._notify(loc, parts, origin)
         return new
@@ -787,7 +799,7 @@ class LmdbStore:
             new = rec.but(eid=eid, subdirs=subdirs, size=size)
             if rec.kind == FILE:
                 old = local.size if same_kind and local is not None else 0
-                self._pending.values[eid] = bytes(value or b"")
+                self._hold_value(eid, bytes(value or b""))
                 self._count(size - old)
             if not was_alive:
                 self._set_eid(eid, key)
@@ -817,7 +829,8 @@ class LmdbStore:
         """
         while True:
             await self._dirty.wait()
-            await trio.sleep(group_window)
+            with trio.move_on_after(group_window):
+                await self._full.wait()  # a heavy group does not wait out the window
             self._dirty = trio.Event()
             try:
                 await self.commit()
@@ -831,6 +844,7 @@ class LmdbStore:
             if not self._pending:
                 return
             batch, self._pending = self._pending, _Layer()
+            self._full = trio.Event()
             self._inflight = batch
             upto = self.changes
             try:
@@ -936,6 +950,7 @@ def _merge(older: _Layer, newer: _Layer) -> _Layer:
         newer.last_write_ns or older.last_write_ns,
         newer.value_bytes if newer.value_bytes is not None else older.value_bytes,
     )
+    out.held = older.held + newer.held
     for layer in (older, newer):
         for prefix, names in layer.children.items():
             out.children.setdefault(prefix, set()).update(names)

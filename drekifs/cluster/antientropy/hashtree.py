@@ -226,8 +226,14 @@ class HashTree:
         marked, self._marked = self._marked, {}
         digest_of = self.digest_of
         assert digest_of is not None  # mark() checked
-        for key in marked:
-            self.update(key, digest_of(key))
+        done = 0
+        try:
+            for key in marked:
+                self.update(key, digest_of(key))
+                done += 1
+        finally:
+            if done < len(marked):  # digest_of failed: what is left stays marked
+                self._marked = dict.fromkeys(list(marked)[done:]) | self._marked
 
     def _put(self, key: bytes, digest: bytes) -> None:
         khash = key_hash(key)

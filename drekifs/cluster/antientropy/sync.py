@@ -96,8 +96,9 @@ class AntiEntropy:
     """Periodic hash-tree anti-entropy for one peer.
 
     ``name`` is this peer's name (left out of the peers to pick); ``tree`` must be kept up to
-    date by the store on every write (``tree.set`` / ``tree.remove``); ``source`` gives and
-    takes entries. Serves ``ae.*`` calls from construction on; :meth:`run` initiates exchanges.
+    date by the store on every write (``tree.set`` / ``tree.remove``, or ``tree.mark``);
+    ``source`` gives and takes entries. Serves ``ae.*`` calls from construction on; :meth:`run`
+    initiates exchanges.
     """
 
     def __init__(

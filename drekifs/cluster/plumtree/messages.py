@@ -129,7 +129,9 @@ def packed_bin_size(n: int) -> int:
 
 
 def packed_uint_size(v: int) -> int:
-    """What msgpack makes of the unsigned int ``v``."""
+    """What msgpack makes of the int ``v``, 0 <= v < 2**32 (hops are capped at MAX_HOPS)."""
+    if not 0 <= v < 1 << 32:
+        raise ValueError(f"{v} is outside 0..2**32-1")
     return 1 if v < 1 << 7 else 2 if v < 1 << 8 else 3 if v < 1 << 16 else 5
 
 
@@ -143,10 +145,11 @@ def chunk_ihave(
     entries: list[tuple[bytes, int]], budget: int, max_ids: int
 ) -> list[dict[str, Any]]:
     """IHAVE datagrams announcing ``entries``, each within ``budget`` packed bytes."""
-    sizes = [ihave_entry_size(mid, hops) for mid, hops in entries]
+    capped = [(mid, min(hops, MAX_HOPS)) for mid, hops in entries]
+    sizes = [ihave_entry_size(mid, hops) for mid, hops in capped]
     return [
-        {TAG: IHAVE, "i": [[mid, min(hops, MAX_HOPS)] for mid, hops in chunk]}
-        for chunk in _chunks(entries, sizes, budget, max_ids)
+        {TAG: IHAVE, "i": [[mid, hops] for mid, hops in chunk]}
+        for chunk in _chunks(capped, sizes, budget, max_ids)
     ]
 
 
