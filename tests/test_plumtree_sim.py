@@ -161,9 +161,9 @@ def test_malformed_datagrams_are_refused(junk: Any) -> None:
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.binary(max_size=8) | st.text(max_size=8),
-        lambda c: (
-            st.lists(c, max_size=4)
-            | st.dictionaries(st.sampled_from(["pt", "i", "h", "p", "x"]), c, max_size=4)
+        lambda c: st.one_of(
+            st.lists(c, max_size=4),
+            st.dictionaries(st.sampled_from(["pt", "i", "h", "p", "x"]), c, max_size=4),
         ),
         max_leaves=12,
     )
