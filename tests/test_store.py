@@ -33,6 +33,12 @@ def test_keys() -> None:
     for parts in [(), (b"a",), (b"a", b"b", b"c")]:
         assert split_key(entry_key(LOC, parts)) == (LOC, parts)
     assert entry_key(LOC, (b"a", b"b")).startswith(children_prefix(LOC, (b"a",)))
+    # Location heads are cached, boundedly: many locations (from peers) stay right and few.
+    for i in range(5000):
+        loc = f"n{i}.example"
+        assert entry_key(loc, (b"x", b"y")) == loc.encode() + b"\0x\0y"
+    assert len(lmdbstore._LOC_HEADS) <= 4096
+    assert entry_key(LOC, ()) == LOC.encode() + b"\0"
 
 
 async def test_entries_and_errnos(tmp_path: Path) -> None:

@@ -69,10 +69,18 @@ _U64 = struct.Struct(">Q")
 _MISSING = object()
 
 
+_LOC_HEADS: dict[str, bytes] = {}  # loc -> its encoding and separator: a key per change
+
+
 def entry_key(loc: str, parts: Parts) -> bytes:
+    head = _LOC_HEADS.get(loc)
+    if head is None:
+        if len(_LOC_HEADS) >= 4096:  # locations come from DNS and peers: keep it bounded
+            _LOC_HEADS.clear()
+        head = _LOC_HEADS[loc] = loc.encode() + b"\0"
     if not parts:
-        return loc.encode() + b"\0"
-    return loc.encode() + b"\0" + b"/".join(parts[:-1]) + b"\0" + parts[-1]
+        return head
+    return head + b"/".join(parts[:-1]) + b"\0" + parts[-1]
 
 
 def children_prefix(loc: str, parts: Parts) -> bytes:
