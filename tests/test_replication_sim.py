@@ -197,7 +197,8 @@ async def test_a_write_acknowledged_just_before_a_crash_is_not_lost(autojump_clo
 
 def test_a_local_write_shows_in_the_hash_tree_at_the_next_read(tmp_path) -> None:
     """Replication marks each changed key; the tree anti-entropy reads is never behind the
-    store (create, write, chmod, delete: each seen at the next read, one update for a burst)."""
+    store (create, write, chmod, delete: each seen at the next read; that a burst costs one
+    update is test_antientropy's marked-keys test)."""
     store = LmdbStore("global", tmp_path / "g", peer="a", replicated=True, max_value=1 << 20)
     repl = Replication("a", SimWorld().network(addr_of(0)), store)
     key = entry_key("loc", (b"k",))

@@ -46,7 +46,7 @@ class Unsaved:
     def attrs(self, ino: int, rec: Record, timeout: float, size: int) -> pyfuse3.EntryAttributes:
         """``rec``'s attributes as the commit will make them."""
         if self.metadata:
-            rec = rec.but(**{k: v for k, v in self.metadata.items() if k != "ctime_ns"})
+            rec = rec.but(**self.metadata)
         ctime = max(self.ctime_ns, rec.ctime_ns)
         return record_attrs(ino, rec, timeout, size=size, mtime_ns=self.mtime_ns, ctime_ns=ctime)
 

@@ -421,12 +421,13 @@ class Operations(pyfuse3.Operations):
         store, loc, parts = node.store, node.loc, node.parts
         rec: Record | None = node.rec
         f = self.files.get(store, node.rec.eid)
+        held = False  # a change kept with the file's unsaved bytes, not in the store
         if fields.update_size:
             if node.is_dir:
                 raise FUSEError(errno.EISDIR)
             if f is not None:
                 f.truncate(attr.st_size)
-                self._unsaved_changed(f)
+                held = True
             else:
                 value = bytearray(store.read(node.rec.eid))
                 store.check_size(attr.st_size)
@@ -438,9 +439,11 @@ class Operations(pyfuse3.Operations):
             if f is not None and f.dirty:
                 # Bytes not committed yet: the change waits with them, one version at close.
                 f.set_metadata(changes)
-                self._unsaved_changed(f)
+                held = True
             else:
                 rec = store.update(loc, parts, self, **changes)
+        if held and f is not None:
+            self._unsaved_changed(f)
         if rec is node.rec:
             return self._store_attrs(node)
         if rec is None:

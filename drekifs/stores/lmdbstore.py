@@ -52,8 +52,8 @@ _libc = ctypes.CDLL(None, use_errno=True)  # madvise, for trim()
 SCHEMA = 1
 CACHE_ENTRIES = 20_000
 # Seconds a group of changes gathers before it commits (fsync never waits for it). 100 ms
-# rather than 20: a cp -a of small files costs the daemon ~9% less CPU (fewer transactions and
-# thread hand-offs), and a crash loses at most this much of what nobody fsynced.
+# rather than 20: a cp -a of small files cost the daemon ~9% less CPU (fewer transactions and
+# thread hand-offs; docs/stores.md), and a crash loses at most this much of what nobody fsynced.
 GROUP_WINDOW = 0.1
 # Value bytes a group may hold before it commits without waiting out the window: what a fast
 # writer can pile up in memory is bounded by this, not by its speed.
@@ -72,19 +72,23 @@ _MISSING = object()
 _LOC_HEADS: dict[str, bytes] = {}  # loc -> its encoding and separator: a key per change
 
 
-def entry_key(loc: str, parts: Parts) -> bytes:
+def _loc_head(loc: str) -> bytes:
     head = _LOC_HEADS.get(loc)
     if head is None:
         if len(_LOC_HEADS) >= 4096:  # locations come from DNS and peers: keep it bounded
             _LOC_HEADS.clear()
         head = _LOC_HEADS[loc] = loc.encode() + b"\0"
+    return head
+
+
+def entry_key(loc: str, parts: Parts) -> bytes:
     if not parts:
-        return head
-    return head + b"/".join(parts[:-1]) + b"\0" + parts[-1]
+        return _loc_head(loc)
+    return _loc_head(loc) + b"/".join(parts[:-1]) + b"\0" + parts[-1]
 
 
 def children_prefix(loc: str, parts: Parts) -> bytes:
-    return loc.encode() + b"\0" + b"/".join(parts) + b"\0"
+    return _loc_head(loc) + b"/".join(parts) + b"\0"
 
 
 def split_key(key: bytes) -> tuple[str, Parts]:

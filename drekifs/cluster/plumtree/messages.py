@@ -136,9 +136,9 @@ def packed_uint_size(v: int) -> int:
 
 
 def ihave_entry_size(mid: bytes, hops: int) -> int:
-    """The packed size of one IHAVE entry ``[mid, hops]``, computed rather than packed: the
-    IHAVE loop sizes every entry once per lazy neighbour."""
-    return 1 + packed_bin_size(len(mid)) + packed_uint_size(min(hops, MAX_HOPS))
+    """The packed size of one IHAVE entry ``[mid, hops]`` (hops capped at MAX_HOPS), computed
+    rather than packed: the IHAVE loop sizes every entry once per lazy neighbour."""
+    return 1 + packed_bin_size(len(mid)) + packed_uint_size(hops)
 
 
 def chunk_ihave(
