@@ -220,6 +220,11 @@ class WritableFloorFS(FloorFS):
         self.handles: dict[int, Node] = {}
         self.next_fh = 1
 
+    def _resized(self, node: Node) -> None:
+        attr = self.attrs[node.ino]
+        attr.st_size = len(node.data)
+        attr.st_blocks = (len(node.data) + 511) // 512
+
     @staticmethod
     def _bytes_of(node: Node) -> bytearray:
         if not isinstance(node.data, bytearray):
@@ -272,9 +277,8 @@ class WritableFloorFS(FloorFS):
         if off > len(data):
             data.extend(bytes(off - len(data)))
         data[off : off + len(buf)] = buf
+        self._resized(node)
         attr = self.attrs[node.ino]
-        attr.st_size = len(data)
-        attr.st_blocks = (len(data) + 511) // 512
         attr.st_mtime_ns = attr.st_ctime_ns = time.time_ns()
         return len(buf)
 
@@ -286,7 +290,7 @@ class WritableFloorFS(FloorFS):
             data = self._bytes_of(node)
             del data[attr.st_size :]
             data.extend(bytes(attr.st_size - len(data)))
-            out.st_size = attr.st_size
+            self._resized(node)
         if fields.update_mode:
             out.st_mode = stat.S_IFMT(out.st_mode) | stat.S_IMODE(attr.st_mode)
             node.mode = out.st_mode

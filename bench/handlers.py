@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,7 @@ def cp_round(data: Path) -> dict[str, float]:
                 t.append(clock())
                 run(ops.release(info.fh))
                 t.append(clock())
-                for kind, a, b in zip(CP_KINDS[1:], t, t[1:], strict=False):
+                for kind, (a, b) in zip(CP_KINDS[1:], itertools.pairwise(t), strict=True):
                     spent[kind] += b - a
     finally:
         store.env.close()
@@ -214,39 +215,41 @@ def main(argv: list[str] | None = None) -> int:
         ops, store, dirs = build(Path(tmp))
         try:
             trio.run(store.sync)  # on disk, as a remounted store is
-            best = dict.fromkeys(KINDS, float("inf"))
-            for _ in range(args.rounds):
-                for kind, seconds in one_round(ops, store, dirs).items():
-                    best[kind] = min(best[kind], seconds)
+            best = best_of(args.rounds, lambda: one_round(ops, store, dirs))
         finally:
             pyfuse3.readdir_reply = original_reply
             store.env.close()
-    files = DIRS * FILES_PER_DIR
-    print(
-        f"drekifs handlers of a cold tar, {files:,} files in {DIRS} directories, "
-        f"us per file (best of {args.rounds} rounds):"
-    )
-    for kind in KINDS:
-        print(f"  {kind:<8} {best[kind] / files * 1e6:6.2f}")
-    print(f"  {'total':<8} {sum(best.values()) / files * 1e6:6.2f}")
+    report("a cold tar", best, args.rounds)
     return 0
 
 
-def main_cp(rounds: int) -> int:
-    best = dict.fromkeys(CP_KINDS, float("inf"))
+def best_of(rounds: int, one: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Each request kind's least time over ``rounds`` rounds."""
+    best: dict[str, float] = {}
     for _ in range(rounds):
-        with tempfile.TemporaryDirectory(prefix="drekifs-bench-handlers-") as tmp:
-            spent = cp_round(Path(tmp))
-        for kind, seconds in spent.items():
-            best[kind] = min(best[kind], seconds)
+        for kind, seconds in one().items():
+            best[kind] = min(best.get(kind, seconds), seconds)
+    return best
+
+
+def report(what: str, best: dict[str, float], rounds: int) -> None:
     files = DIRS * FILES_PER_DIR
     print(
-        f"drekifs handlers of a cp -a, {files:,} files in {DIRS} directories, "
+        f"drekifs handlers of {what}, {files:,} files in {DIRS} directories, "
         f"us per file (best of {rounds} rounds):"
     )
-    for kind in CP_KINDS:
-        print(f"  {kind:<14} {best[kind] / files * 1e6:6.2f}")
-    print(f"  {'total':<14} {sum(best.values()) / files * 1e6:6.2f}")
+    width = max(map(len, best)) + 1
+    for kind, seconds in best.items():
+        print(f"  {kind:<{width}} {seconds / files * 1e6:6.2f}")
+    print(f"  {'total':<{width}} {sum(best.values()) / files * 1e6:6.2f}")
+
+
+def main_cp(rounds: int) -> int:
+    def one() -> dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="drekifs-bench-handlers-") as tmp:
+            return cp_round(Path(tmp))
+
+    report("a cp -a", best_of(rounds, one), rounds)
     return 0
 
 

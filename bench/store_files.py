@@ -621,8 +621,10 @@ class Bench:
                 if kind == COLD:  # warm: the same again at once
                     out = measure(server, tar_command(parent), TAR_TIMEOUT, self.series(WARM, name))
                     self.check_tar(out, name)
-            if r == 0:
-                for name, (_, parent) in tar_at.items():
+            if r == 0:  # every copy is the source, the writable floor's included
+                copies = {name: parent for name, (_, parent) in tar_at.items()}
+                copies[CP_FLOOR] = cp_floor.mountpoint
+                for name, parent in copies.items():
                     compare_with_source(parent, self.source, name)
         finally:
             errors = []
