@@ -28,7 +28,7 @@ from drekifs.cluster.replsim import (
 )
 from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.stores.lmdbstore import LmdbStore, entry_key
-from drekifs.stores.record import FILE
+from drekifs.stores.record import DIR, FILE
 from drekifs.stores.version import Version
 
 LINK = (0.019, 0.021)
@@ -214,6 +214,27 @@ def test_a_local_write_shows_in_the_hash_tree_at_the_next_read(tmp_path) -> None
     finally:
         store.env.close()
 
+
+
+def test_a_directory_rename_shows_every_moved_entry_in_the_hash_tree(tmp_path) -> None:
+    """Renaming a directory moves every entry below it: each new key and each old key's
+    tombstone must reach the tree (and the broadcast), not only the directory's own two."""
+    store = LmdbStore("global", tmp_path / "g", peer="a", replicated=True, max_value=1 << 20)
+    repl = Replication("a", SimWorld().network(addr_of(0)), store)
+    try:
+        store.create("loc", (b"a",), DIR, 0o755, 0, 0)
+        store.create("loc", (b"a", b"f"), FILE, 0o644, 0, 0)
+        store.create("loc", (b"a", b"sub"), DIR, 0o755, 0, 0)
+        store.create("loc", (b"a", b"sub", b"g"), FILE, 0o644, 0, 0)
+        repl.tree.settle()  # written long ago: the tree holds them
+        repl._outgoing.clear()
+        store.rename("loc", (b"a",), (b"z",))
+        assert dict(repl.tree.items()) == dict(store.iter_digests())
+        moved = [(b"z",), (b"z", b"f"), (b"z", b"sub"), (b"z", b"sub", b"g")]
+        gone = [(b"a",), (b"a", b"f"), (b"a", b"sub"), (b"a", b"sub", b"g")]
+        assert set(repl._outgoing) == {entry_key("loc", p) for p in moved + gone}
+    finally:
+        store.env.close()
 
 def tree_of(store: LmdbStore) -> HashTree:
     tree = HashTree()

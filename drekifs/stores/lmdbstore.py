@@ -614,8 +614,10 @@ class LmdbStore:
         shift = 1 if rec.is_dir else 0
         self._touch_dir(loc, src[:-1], now, -shift)
         self._touch_dir(loc, dst[:-1], now, shift)
-        self._notify(loc, src, origin)
-        self._notify(loc, dst, origin)
+        # Every entry below a moved directory changed key: replication must hear each one.
+        for old_parts, _ in moved:
+            self._notify(loc, old_parts, origin)
+            self._notify(loc, dst + old_parts[len(src) :], origin)
 
     def set_xattr(
         self,
