@@ -215,7 +215,6 @@ def test_a_local_write_shows_in_the_hash_tree_at_the_next_read(tmp_path) -> None
         store.env.close()
 
 
-
 def test_a_directory_rename_shows_every_moved_entry_in_the_hash_tree(tmp_path) -> None:
     """Renaming a directory moves every entry below it: each new key and each old key's
     tombstone must reach the tree (and the broadcast), not only the directory's own two."""
@@ -235,6 +234,7 @@ def test_a_directory_rename_shows_every_moved_entry_in_the_hash_tree(tmp_path) -
         assert set(repl._outgoing) == {entry_key("loc", p) for p in moved + gone}
     finally:
         store.env.close()
+
 
 def tree_of(store: LmdbStore) -> HashTree:
     tree = HashTree()
