@@ -26,6 +26,11 @@ def test_changes_not_made_through_the_mount_invalidate_the_kernel_cache(mount_wo
     assert drekifs("get", "--mount", m.path, "inf.random.sh::global::motd").stdout == (
         "two, longer\n"
     )
+    # A name looked up while absent: the kernel keeps that answer, until the name appears.
+    fresh = m.path / "global" / "fresh"
+    assert not fresh.exists() and not fresh.exists()
+    drekifs("put", "--mount", m.path, "inf.random.sh::global::fresh", "here now\n")
+    assert fresh.read_text() == "here now\n"
     # A new key, parents and all; the listing shows it.
     drekifs("put", "--mount", m.path, "inf.random.sh:eu::global::a/b/c", input="deep")
     assert (m.path / "eu" / "global" / "a" / "b" / "c").read_text() == "deep"
@@ -65,6 +70,10 @@ def test_a_node_listed_twice_shows_the_same_stores(mount_world, zone_file) -> No
     # The other path's kernel cache follows within moments (invalidation is asynchronous).
     wait_for(lambda: os.stat(b / "local" / "x").st_size == 23, timeout=2, what="new size")
     assert (b / "local" / "x").read_text() == "from one path, and more"
+    # Absent on one path, then made on the other: the first path's kernel forgets the absence.
+    assert not (b / "local" / "new").exists()
+    (a / "local" / "new").write_text("made on a")
+    wait_for(lambda: (b / "local" / "new").exists(), timeout=2, what="the new name on b")
     # Distinct inodes per path: the kernel never sees one directory under two parents.
     os.mkdir(a / "global" / "d")
     assert os.stat(a / "global" / "d").st_ino != os.stat(b / "global" / "d").st_ino

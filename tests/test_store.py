@@ -116,6 +116,10 @@ async def test_rename_moves_subtrees_and_keeps_ids(tmp_path: Path) -> None:
     assert s.get(LOC, (b"a",)) is None
     assert s.locate(f.eid) == (LOC, (b"z", b"b", b"f"))
     assert s.read(f.eid) == b"data"
+    # A write addressed by entry id alone (a file open while renamed) follows it.
+    assert s.write_value(LOC, None, f.eid, b"moved").size == 5
+    assert s.read(f.eid) == b"moved" and s.get(LOC, (b"z", b"b", b"f")).size == 5
+    assert s.write_value("other.loc", None, f.eid, b"x") is None  # not at that location
     await s.commit()
     assert set(s.children(LOC, ())) == {b"z"}
     # Tombstones stay in a replicated store, with versions that saw what they replace.
@@ -130,6 +134,7 @@ async def test_unlinked_while_open_write_goes_nowhere(tmp_path: Path) -> None:
     s.remove(LOC, (b"f",), is_dir=False)
     g = s.create(LOC, (b"f",), FILE, 0o644, 0, 0)
     assert s.write_value(LOC, (b"f",), f.eid, b"old") is None
+    assert s.write_value(LOC, None, f.eid, b"old") is None
     assert s.get(LOC, (b"f",)).eid == g.eid and s.read(g.eid) == b""
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from ..stores.lmdbstore import LmdbStore, entry_key
+from ..stores.lmdbstore import LmdbStore
 from ..stores.record import TOMBSTONE_GRACE, Record
 from ..stores.version import Version
 from .antientropy import AntiEntropy, HashTree
@@ -167,8 +167,7 @@ class Replication:
             self._last_contact = now
             self.store.set_meta_int("last_contact_s", now)
 
-    def _changed(self, loc: str, parts: tuple[bytes, ...], origin: object) -> None:
-        key = entry_key(loc, parts)
+    def _changed(self, key: bytes, origin: object) -> None:
         self.tree.mark(key)  # settled when anti-entropy next reads the tree, or at a send
         if origin != ORIGIN:
             self._outgoing[key] = None

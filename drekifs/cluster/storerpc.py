@@ -46,6 +46,7 @@ from typing import Any
 import trio
 
 from ..stores.base import Key, Store
+from ..stores.lmdbstore import split_key
 from ..stores.record import DIR, FILE, NO_XATTRS, SYMLINK, Record, StoreError
 from .net import Network, PeerAddr, PeerUnreachable, RemoteError
 
@@ -134,7 +135,10 @@ class StoreService:
         if len(self._subscribers) < MAX_SUBSCRIBERS:
             self._subscribers[(caller, store)] = now + SUBSCRIPTION
 
-    def _store_changed(self, store: str, loc: str, parts: Key, origin: object) -> None:
+    def _store_changed(self, store: str, key: bytes, origin: object) -> None:
+        if not self._subscribers:
+            return  # nobody to tell: the usual case, decided before parsing the key
+        loc, parts = split_key(key)
         if loc != self.node or not parts:
             return
         now = trio.current_time()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from ..stores.base import Key, Store
+from ..stores.base import Store
 from ..stores.record import Record
 from .attrs import record_attrs
 
@@ -93,21 +93,18 @@ class OpenFile(Unsaved):
             return bytes(self.buffer[offset : offset + size])
         return self.store.read(self.eid, offset, size)
 
-    def commit(self, parts: Key | None, origin: object) -> Record | None:
+    def commit(self, origin: object) -> Record | None:
         """Hand a dirty buffer to the store (in memory; the store's writer takes it to disk),
-        with the metadata set meanwhile, in one version.
-
-        ``parts`` is where the entry is now, or None when it is gone: then the bytes are kept
-        for the handles still open, and go nowhere. Returns the new record, if any.
+        with the metadata set meanwhile, in one version, wherever the entry is now (renamed
+        while open or not). When it is gone, the bytes are kept for the handles still open,
+        and go nowhere. Returns the new record, if any.
         """
         if not self.dirty:
             return None
         self.dirty = False
         metadata, self.metadata = self.metadata, {}
-        if parts is None:
-            return None
         return self.store.write_value(
-            self.loc, parts, self.eid, bytes(self.buffer or b""), origin, self.mtime_ns, **metadata
+            self.loc, None, self.eid, bytes(self.buffer or b""), origin, self.mtime_ns, **metadata
         )
 
 

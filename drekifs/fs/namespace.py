@@ -157,6 +157,9 @@ class Namespace:
                 )
                 root_entry.alias = alias
                 self.store_roots.setdefault((loc.name, store), []).append(root_entry)
+        # Whether any store shows under two paths (a node listed by two regions): only then
+        # must a change made through the mount be invalidated on another path.
+        self.listed_twice = any(len(roots) > 1 for roots in self.store_roots.values())
         status = self._add(
             URN(world.domain, (), STATUS_STORE),
             Kind.STATUS_DIR,

@@ -28,6 +28,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..stores.base import Key, Store
+from ..stores.lmdbstore import split_key
 from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes
@@ -162,6 +163,13 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Any] = {}
         self._next_fh = itertools.count(1)
         self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}
+        # A name absent from a store: inode 0 tells the kernel to keep the negative entry as
+        # long as a positive one (cheaper than an ENOENT, which it keeps for no time at all:
+        # cp's lookup of each new name, a shell's probing). Anything that later creates the
+        # name elsewhere than through the kernel invalidates it (_store_changed).
+        self._absent = pyfuse3.EntryAttributes()
+        self._absent.st_ino = 0
+        self._absent.entry_timeout = cache_timeout
         # Store inodes resolved, each valid while its store has not changed (tar, find, rsync
         # ask about one inode several times in a row).
         self._nodes: dict[int, tuple[StoreNode, int]] = {}
@@ -181,9 +189,12 @@ class Operations(pyfuse3.Operations):
         for ino in changes.inodes:
             self.invalidator.inode(ino)
 
-    def _store_changed(self, store: Store, loc: str, parts: Key, origin: object) -> None:
+    def _store_changed(self, store: Store, key: bytes, origin: object) -> None:
         """A change that did not come through this mount: the kernel's caches must drop it,
         on every path of the location (queued: invalidating here could deadlock)."""
+        if origin is self and not self.ns.listed_twice:
+            return  # the kernel saw it happen (the usual case: decided before parsing the key)
+        loc, parts = split_key(key)
         if not parts:
             return
         roots = self.ns.store_roots.get((loc, store.name), ())
@@ -247,23 +258,24 @@ class Operations(pyfuse3.Operations):
 
     def _node(self, ino: int) -> Entry | StoreNode:
         """What an inode is now; ENOENT when it is gone."""
-        slot = inodes.store_slot(ino)
-        if slot:
-            cached = self._nodes.get(ino)
-            if cached is not None:
-                node, seen = cached
-                store = node.store
-                if seen == store.changes:
-                    return node
-                # The store changed since: still there, under the same path? (An entry id is
-                # never reused, so the same id at the same path is the same entry.)
-                rec = store.get(node.loc, node.parts)
-                if rec is not None and rec.eid == node.rec.eid:
+        cached = self._nodes.get(ino)  # store inodes only
+        if cached is not None:
+            node, seen = cached
+            store = node.store
+            if seen == store.changes:
+                return node
+            # The store changed since: still there, under the same path? (An entry id is
+            # never reused, so the same id at the same path is the same entry.)
+            rec = store.get(node.loc, node.parts)
+            if rec is not None and rec.eid == node.rec.eid:
+                if rec is not node.rec:
                     node = StoreNode(
                         ino, store, node.loc, node.segments, node.alias, node.parts, rec, node.root
                     )
-                    self._remember(node)
-                    return node
+                self._remember(node)
+                return node
+        slot = inodes.store_slot(ino)
+        if slot:
             store = self.by_slot.get(slot)
             if store is not None:
                 si = inodes.unpack(ino)
@@ -346,8 +358,8 @@ class Operations(pyfuse3.Operations):
 
     def _store_attrs(self, node: StoreNode) -> pyfuse3.EntryAttributes:
         rec = node.rec
-        if self.files.by_key and not rec.is_dir:  # a file written here: its buffer's size
-            f = self.files.get(node.store, rec.eid)
+        if self.files.by_key and rec.kind != DIR:  # a file written here: its buffer's size
+            f = self.files.by_key.get((node.store.name, rec.eid))
             if f is not None and f.dirty:
                 return f.attrs(node.ino, rec, self.cache_timeout, len(f.buffer or b""))
         attrs = node.attrs
@@ -394,7 +406,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(parent, StoreNode):
             child = self._child(parent, name)
             if child is None:
-                raise FUSEError(errno.ENOENT)
+                return self._absent
             return self._store_attrs(child)
         e = self.ns.child(parent_inode, name)
         if e is None:
@@ -734,10 +746,8 @@ class Operations(pyfuse3.Operations):
                 self.invalidator.attributes(inodes.pack(root.alias, slot, f.eid))
 
     def _commit(self, f: OpenFile) -> None:
-        if not f.dirty:
-            return
-        where = f.store.locate(f.eid)
-        f.commit(where[1] if where and where[0] == f.loc else None, self)
+        if f.dirty:
+            f.commit(self)
 
     @request
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -18,8 +18,9 @@ from typing import Protocol
 from .record import Record
 
 Key = tuple[bytes, ...]
-# watcher(location, key, origin): called after every change, synchronously.
-Watcher = Callable[[str, Key, object], None]
+# watcher(entry key, origin): called after every change of an entry, synchronously. The entry
+# key is the store's own (bytes: replication's unit); lmdbstore.split_key gives (location, key).
+Watcher = Callable[[bytes, object], None]
 
 
 class Store(Protocol):
@@ -63,7 +64,7 @@ class Store(Protocol):
     def write_value(
         self,
         loc: str,
-        key: Key,
+        key: Key | None,
         eid: int,
         value: bytes,
         origin: object = None,

@@ -82,9 +82,10 @@ def _loc_head(loc: str) -> bytes:
 
 
 def entry_key(loc: str, parts: Parts) -> bytes:
+    head = _LOC_HEADS.get(loc) or _loc_head(loc)  # several per request: no call when known
     if not parts:
-        return _loc_head(loc)
-    return _loc_head(loc) + b"/".join(parts[:-1]) + b"\0" + parts[-1]
+        return head
+    return head + b"/".join(parts[:-1]) + b"\0" + parts[-1]
 
 
 def children_prefix(loc: str, parts: Parts) -> bytes:
@@ -205,11 +206,13 @@ class LmdbStore:
         return self._pending, self._inflight
 
     def _record(self, key: bytes) -> Record | None:
-        for layer in self._layers():
-            rec = layer.entries.get(key, _MISSING)
-            if rec is not _MISSING:
-                return rec  # type: ignore[return-value]
-        rec = self._records.get(key, _MISSING)
+        # Newest first: changes not on disk (pending, then in flight), the cache, LMDB. Written
+        # out rather than a loop over _layers(): every request reads a few records.
+        rec = self._pending.entries.get(key, _MISSING)
+        if rec is _MISSING:
+            rec = self._inflight.entries.get(key, _MISSING)
+            if rec is _MISSING:
+                rec = self._records.get(key, _MISSING)
         if rec is not _MISSING:
             return rec  # type: ignore[return-value]
         with self.env.begin(db=self._entries) as txn:
@@ -235,9 +238,9 @@ class LmdbStore:
     def get(self, loc: str, parts: Parts) -> Record | None:
         """The live entry at ``parts`` (None if absent or deleted). The root always exists."""
         rec = self._record(entry_key(loc, parts))
-        if rec is None and not parts:
-            return self._root(loc)
-        return rec if rec is not None and rec.alive else None
+        if rec is None:
+            return None if parts else self._root(loc)
+        return rec if rec.kind != TOMBSTONE else None
 
     def _root(self, loc: str) -> Record:
         return Record(DIR, 0, 0o755, self.uid, self.gid, 0, 0)
@@ -323,17 +326,22 @@ class LmdbStore:
 
     def locate(self, eid: int) -> tuple[str, Parts] | None:
         """Where the entry ``eid`` is now."""
-        for layer in self._layers():
-            key = layer.eids.get(eid, _MISSING)
-            if key is not _MISSING:
-                return split_key(key) if key is not None else None  # type: ignore[arg-type]
-        key = self._where.get(eid, _MISSING)
+        key = self._key_of(eid)
+        return split_key(key) if key is not None else None
+
+    def _key_of(self, eid: int) -> bytes | None:
+        """The entries key of the entry ``eid`` now; None when it is gone."""
+        key = self._pending.eids.get(eid, _MISSING)
         if key is _MISSING:
-            with self.env.begin(db=self._eids) as txn:
-                key = txn.get(eid_key(eid))
-            self._remember(self._where, eid, key)
-            self._touched(_FAULT_AROUND)
-        return split_key(key) if key is not None else None  # type: ignore[arg-type]
+            key = self._inflight.eids.get(eid, _MISSING)
+            if key is _MISSING:
+                key = self._where.get(eid, _MISSING)
+                if key is _MISSING:
+                    with self.env.begin(db=self._eids) as txn:
+                        key = txn.get(eid_key(eid))
+                    self._remember(self._where, eid, key)
+                    self._touched(_FAULT_AROUND)
+        return key  # type: ignore[return-value]
 
     def read(self, eid: int, offset: int = 0, size: int | None = None) -> bytes:
         """Bytes of a file's value; only the slice asked for is copied."""
@@ -391,10 +399,10 @@ class LmdbStore:
         self._pending.next_eid = self._next_eid
         return eid
 
-    def _notify(self, loc: str, parts: Parts, origin: object) -> None:
+    def _notify(self, key: bytes, origin: object) -> None:
         for watcher in self.watchers:
             try:
-                watcher(loc, parts, origin)
+                watcher(key, origin)
             except Exception:
                 log.exception("store %s watcher failed", self.name)
 
@@ -406,20 +414,22 @@ class LmdbStore:
             raise StoreError(errno.ENOTDIR, f"{self._label(loc, parts[:-1])} is not a directory")
         return parent
 
-    def _touch_dir(self, loc: str, parts: Parts, now: int, subdirs: int = 0) -> None:
+    def _touch_dir(
+        self, loc: str, parts: Parts, now: int, subdirs: int = 0, rec: Record | None = None
+    ) -> None:
         """A directory's entries changed: its mtime and ctime move (its version does not: a
-        directory's content is its children's business, not a replicated write)."""
-        rec = self.get(loc, parts)
-        if rec is not None:
-            self._put(
-                entry_key(loc, parts),
-                rec.but(
-                    mtime_ns=now,
-                    ctime_ns=now,
-                    atime_ns=now,
-                    subdirs=max(0, rec.subdirs + subdirs),
-                ),
-            )
+        directory's content is its children's business, not a replicated write). ``rec`` is
+        its record, when the caller has just read it."""
+        if rec is None:
+            rec = self.get(loc, parts)
+            if rec is None:
+                return
+        self._put(
+            entry_key(loc, parts),
+            rec.but(
+                mtime_ns=now, ctime_ns=now, atime_ns=now, subdirs=max(0, rec.subdirs + subdirs)
+            ),
+        )
 
     def _label(self, loc: str, parts: Parts) -> str:
         return f"{self.name}@{loc}:/" + "/".join(p.decode("utf-8", "replace") for p in parts)
@@ -436,7 +446,7 @@ class LmdbStore:
         origin: object = None,
     ) -> Record:
         """A new file, directory or symlink. EEXIST if the name is taken."""
-        self._parent_dir(loc, parts)
+        parent = self._parent_dir(loc, parts)
         key = entry_key(loc, parts)
         previous = self._record(key)
         if previous is not None and previous.alive:
@@ -459,8 +469,8 @@ class LmdbStore:
         )
         self._put(key, rec)
         self._set_eid(eid, key)
-        self._touch_dir(loc, parts[:-1], now, 1 if kind == DIR else 0)
-        self._notify(loc, parts, origin)
+        self._touch_dir(loc, parts[:-1], now, 1 if kind == DIR else 0, parent)
+        self._notify(key, origin)
         return rec
 
     def check_size(self, size: int) -> None:
@@ -472,7 +482,7 @@ class LmdbStore:
     def write_value(
         self,
         loc: str,
-        parts: Parts,
+        parts: Parts | None,
         eid: int,
         value: bytes,
         origin: object = None,
@@ -481,9 +491,15 @@ class LmdbStore:
     ) -> Record | None:
         """Set a file's bytes (and metadata ``fields``, as in update): one new version. None
         when the entry is gone or is another one now (unlinked or replaced while open): the
-        write has nowhere to go."""
+        write has nowhere to go. ``parts`` None: wherever the entry ``eid`` is now (a file
+        written while open may have been renamed meanwhile)."""
         self.check_size(len(value))
-        key = entry_key(loc, parts)
+        if parts is None:
+            key = self._key_of(eid)  # type: ignore[assignment]
+            if key is None or not key.startswith(entry_key(loc, ())):
+                return None
+        else:
+            key = entry_key(loc, parts)
         rec = self._record(key)
         if rec is None or not rec.alive or rec.eid != eid:
             return None
@@ -496,11 +512,13 @@ class LmdbStore:
             "ctime_ns": now,
             "version": self._version(rec),
         }
-        new = rec.but(**{**changes, **fields})
+        if fields:  # metadata set while the bytes waited: it may set atime and ctime too
+            changes.update(fields)
+        new = rec.but(**changes)
         self._put(key, new)
         self._hold_value(eid, bytes(value))
         self._count(len(value) - rec.size)
-        self._notify(loc, parts, origin)
+        self._notify(key, origin)
         return new
 
     def update(self, loc: str, parts: Parts, origin: object = None, **fields) -> Record:
@@ -515,7 +533,7 @@ class LmdbStore:
         # An explicit change (chmod, utimes, xattrs) is a new version, for directories too;
         # a directory's times moving with its children are not (_touch_dir).
         self._put(key, rec.but(version=self._version(rec), **fields))
-        self._notify(loc, parts, origin)
+        self._notify(key, origin)
         return self.get(loc, parts)  # type: ignore[return-value]
 
     def remove(self, loc: str, parts: Parts, *, is_dir: bool, origin: object = None) -> Record:
@@ -533,7 +551,7 @@ class LmdbStore:
         now = self._now()
         self._drop(loc, parts, rec, now)
         self._touch_dir(loc, parts[:-1], now, -1 if rec.is_dir else 0)
-        self._notify(loc, parts, origin)
+        self._notify(entry_key(loc, parts), origin)
         return rec
 
     def _drop(self, loc: str, parts: Parts, rec: Record, now: int) -> None:
@@ -616,8 +634,8 @@ class LmdbStore:
         self._touch_dir(loc, dst[:-1], now, shift)
         # Every entry below a moved directory changed key: replication must hear each one.
         for old_parts, _ in moved:
-            self._notify(loc, old_parts, origin)
-            self._notify(loc, dst + old_parts[len(src) :], origin)
+            self._notify(entry_key(loc, old_parts), origin)
+            self._notify(entry_key(loc, dst + old_parts[len(src) :]), origin)
 
     def set_xattr(
         self,
@@ -697,7 +715,7 @@ class LmdbStore:
             old = self.read(local.eid) if local.kind == FILE else None
             self._keep_copy(loc, parts, local, old, origin)
         self._replace(loc, parts, key, local, rec, value)
-        self._notify(loc, parts, origin)
+        self._notify(key, origin)
         return True
 
     def _scan(self) -> Iterator[tuple[bytes, Record]]:
@@ -720,8 +738,7 @@ class LmdbStore:
             self._drop_value(rec)
             self._set_eid(rec.eid, None)
         self._put(key, None)
-        loc, parts = split_key(key)
-        self._notify(loc, parts, "replication")
+        self._notify(key, "replication")
 
     def collect_tombstones(self, cutoff_ms: int, limit: int = 10_000) -> int:
         """Forget tombstones of deletes older than ``cutoff_ms`` (wall clock): their key leaves
