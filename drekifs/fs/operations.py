@@ -456,6 +456,8 @@ class Operations(pyfuse3.Operations):
                 rec = store.update(loc, parts, self, **changes)
         if held and f is not None:
             self._unsaved_changed(f)
+            if rec is node.rec:  # what the commit will make of it
+                return f.attrs(inode, rec, self.cache_timeout, len(f.buffer or b""))
         if rec is node.rec:
             return self._store_attrs(node)
         if rec is None:
@@ -739,6 +741,8 @@ class Operations(pyfuse3.Operations):
         """A file being written here changed without a store change (bytes, or metadata held
         for the commit): on a node listed twice, the kernel's attributes of its other paths
         must go (the store's watcher does it for changes that reach the store)."""
+        if not self.ns.listed_twice:
+            return  # every WRITE asks: the usual answer without a lookup
         roots = self.ns.store_roots.get((f.loc, f.store.name), ())
         if len(roots) > 1:
             slot = self.slots.slot(f.store.name)
