@@ -406,6 +406,11 @@ class Operations(pyfuse3.Operations):
         if isinstance(parent, StoreNode):
             child = self._child(parent, name)
             if child is None:
+                if log.isEnabledFor(logging.DEBUG):  # as an ENOENT would be, for SIGUSR1 sessions
+                    args = (parent_inode, name)
+                    log.debug(
+                        "lookup %s: %s", self.describe("lookup", args), os.strerror(errno.ENOENT)
+                    )
                 return self._absent
             return self._store_attrs(child)
         e = self.ns.child(parent_inode, name)
