@@ -7,6 +7,8 @@ from typing import Any
 
 import pyfuse3
 
+from ..stores.record import DIR
+
 
 def metadata_changes(attr: Any, fields: Any) -> dict[str, int]:
     """The metadata fields of a SETATTR (size is the caller's: it changes the value)."""
@@ -37,19 +39,17 @@ def record_attrs(
 ) -> Any:
     """A store entry's attributes (local or remote); ``size`` and the times override the
     record's (a file being written here)."""
-    attr = pyfuse3.EntryAttributes()
+    attr = pyfuse3.EntryAttributes()  # st_blksize 4096 and st_nlink 1 already (its __cinit__)
     attr.st_ino = ino
     attr.st_mode = rec.mode
     attr.st_uid = rec.uid
     attr.st_gid = rec.gid
-    attr.st_blksize = 4096
     attr.entry_timeout = attr.attr_timeout = timeout
     mtime = rec.mtime_ns if mtime_ns is None else mtime_ns
-    if rec.is_dir:
+    if rec.kind == DIR:
         attr.st_nlink = 2 + rec.subdirs
         size = 0
     else:
-        attr.st_nlink = 1
         size = rec.size if size is None else size
     attr.st_size = size
     attr.st_blocks = (size + 511) // 512
