@@ -156,7 +156,7 @@ def test_old_tombstones_are_collected_recent_ones_kept(tmp_path: Path) -> None:
     a.remove(LOC, (b"new",), is_dir=False)
     old_ms = a._record(entry_key(LOC, (b"old",))).version.hlc >> 16  # type: ignore[union-attr]
     seen: list[tuple[bytes, ...]] = []
-    a.watchers.append(lambda key, origin: seen.append(split_key(key)[1]))
+    a.watchers.append(lambda key, origin, carried: seen.append(split_key(key)[1]))
     assert a.collect_tombstones(cutoff_ms=old_ms + 1) == 1  # only the older delete
     assert a._record(entry_key(LOC, (b"old",))) is None
     assert a._record(entry_key(LOC, (b"new",))).kind == TOMBSTONE  # type: ignore[union-attr]

@@ -92,6 +92,31 @@ async def test_status_files_sizes_and_reads() -> None:
         assert await errno_of(ops.open(attr.st_ino, flags, None)) == errno.EPERM
 
 
+async def test_a_file_renamed_while_written_is_committed_where_it_is(tmp_path: Path) -> None:
+    """The bytes of a file being written go, at release, to wherever the entry is then (its
+    entry id, not the name it was created under); a file replaced meanwhile keeps them to
+    itself."""
+    ops = make_ops(tmp_path)
+    glob = (await lookup_path(ops, "global")).st_ino
+    info, attr = await ops.create(glob, b"a", 0o644, os.O_WRONLY, CTX)
+    await ops.write(info.fh, 0, b"bytes")
+    await ops.rename(glob, b"a", glob, b"b", 0, CTX)
+    await ops.release(info.fh)
+    b = await ops.lookup(glob, b"b", None)
+    assert b.st_ino == attr.st_ino and b.st_size == 5
+    info = await ops.open(b.st_ino, os.O_RDONLY, None)
+    assert await ops.read(info.fh, 0, 10) == b"bytes"
+    await ops.release(info.fh)
+    # c is open for writing when b replaces it: c's bytes stay with its handle, and go nowhere.
+    info, _ = await ops.create(glob, b"c", 0o644, os.O_WRONLY, CTX)
+    await ops.write(info.fh, 0, b"lost")
+    await ops.rename(glob, b"b", glob, b"c", 0, CTX)
+    assert await ops.read(info.fh, 0, 10) == b"lost"
+    await ops.release(info.fh)
+    c = await ops.lookup(glob, b"c", None)
+    assert c.st_ino == attr.st_ino and c.st_size == 5
+
+
 async def test_files_in_a_store(tmp_path: Path) -> None:
     ops = make_ops(tmp_path)
     root = (await lookup_path(ops, "eu/fr/web1/local")).st_ino

@@ -227,7 +227,12 @@ def test_a_directory_rename_shows_every_moved_entry_in_the_hash_tree(tmp_path) -
         store.create("loc", (b"a", b"sub", b"g"), FILE, 0o644, 0, 0)
         repl.tree.settle()  # written long ago: the tree holds them
         repl._outgoing.clear()
+        heard: list[tuple[bytes, bool]] = []
+        store.watchers.append(lambda key, origin, carried: heard.append((key, carried)))
         store.rename("loc", (b"a",), (b"z",))
+        # Only the directory's own two keys are not "carried": the mount invalidates just those.
+        uncarried = {key for key, carried in heard if not carried}
+        assert uncarried == {entry_key("loc", (b"a",)), entry_key("loc", (b"z",))}
         assert dict(repl.tree.items()) == dict(store.iter_digests())
         moved = [(b"z",), (b"z", b"f"), (b"z", b"sub"), (b"z", b"sub", b"g")]
         gone = [(b"a",), (b"a", b"f"), (b"a", b"sub"), (b"a", b"sub", b"g")]

@@ -167,7 +167,7 @@ class Replication:
             self._last_contact = now
             self.store.set_meta_int("last_contact_s", now)
 
-    def _changed(self, key: bytes, origin: object) -> None:
+    def _changed(self, key: bytes, origin: object, carried: bool) -> None:
         self.tree.mark(key)  # settled when anti-entropy next reads the tree, or at a send
         if origin != ORIGIN:
             self._outgoing[key] = None

@@ -135,7 +135,7 @@ class StoreService:
         if len(self._subscribers) < MAX_SUBSCRIBERS:
             self._subscribers[(caller, store)] = now + SUBSCRIPTION
 
-    def _store_changed(self, store: str, key: bytes, origin: object) -> None:
+    def _store_changed(self, store: str, key: bytes, origin: object, carried: bool) -> None:
         if not self._subscribers:
             return  # nobody to tell: the usual case, decided before parsing the key
         loc, parts = split_key(key)

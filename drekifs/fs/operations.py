@@ -166,7 +166,11 @@ class Operations(pyfuse3.Operations):
         # A name absent from a store: inode 0 tells the kernel to keep the negative entry as
         # long as a positive one (cheaper than an ENOENT, which it keeps for no time at all:
         # cp's lookup of each new name, a shell's probing). Anything that later creates the
-        # name elsewhere than through the kernel invalidates it (_store_changed).
+        # name elsewhere than through the kernel invalidates it (_store_changed). The stakes:
+        # a missed invalidation would hide the name for the cache timeout, and a create of it
+        # would then answer EEXIST (as it does today when a name is made elsewhere between the
+        # kernel's LOOKUP and its CREATE: answering with the existing file instead would skip
+        # the kernel's permission check, which it waives for a file it believes created).
         self._absent = pyfuse3.EntryAttributes()
         self._absent.st_ino = 0
         self._absent.entry_timeout = cache_timeout
@@ -189,9 +193,11 @@ class Operations(pyfuse3.Operations):
         for ino in changes.inodes:
             self.invalidator.inode(ino)
 
-    def _store_changed(self, store: Store, key: bytes, origin: object) -> None:
+    def _store_changed(self, store: Store, key: bytes, origin: object, carried: bool) -> None:
         """A change that did not come through this mount: the kernel's caches must drop it,
         on every path of the location (queued: invalidating here could deadlock)."""
+        if carried:
+            return  # moved with its directory: same inode, and the directory's names suffice
         if origin is self and not self.ns.listed_twice:
             return  # the kernel saw it happen (the usual case: decided before parsing the key)
         loc, parts = split_key(key)

@@ -2,8 +2,9 @@
 
 A store holds entries — files, directories, symlinks — at *locations* (a region's or node's DNS
 name), each addressed by a key: a tuple of byte strings, the path below the store's root.
-``LmdbStore`` implements it for the global store and this node's local stores; another node's
-local stores will implement it over RPC. Nothing here knows of FUSE or paths on a mount.
+``LmdbStore`` implements it for the global store and this node's local stores (another node's
+local stores are reached over RPC, ``cluster/storerpc.py``, not through this interface). Nothing
+here knows of FUSE or paths on a mount.
 
 Errors are :class:`~drekifs.stores.record.StoreError` with the errno a filesystem would give.
 Every change takes an ``origin``: watchers are told who made it, so the mount that made a change
@@ -18,9 +19,13 @@ from typing import Protocol
 from .record import Record
 
 Key = tuple[bytes, ...]
-# watcher(entry key, origin): called after every change of an entry, synchronously. The entry
-# key is the store's own (bytes: replication's unit); lmdbstore.split_key gives (location, key).
-Watcher = Callable[[bytes, object], None]
+# watcher(entry key, origin, carried): called synchronously after every change of an entry (a
+# directory's times moving with its children excepted). The entry key is the store's own, bytes
+# (``location \0 parent \0 name``, replication's unit; lmdbstore.split_key gives the location
+# and key). ``carried``: an entry below a renamed directory, moved with it (a new key and a
+# tombstone or nothing at the old one, the same entry id): replication needs each one, a cache
+# keyed by inode or by the directory's name nothing more than the directory's own two calls.
+Watcher = Callable[[bytes, object, bool], None]
 
 
 class Store(Protocol):
@@ -70,7 +75,9 @@ class Store(Protocol):
         origin: object = None,
         mtime_ns: int | None = None,
         **fields: object,
-    ) -> Record | None: ...
+    ) -> Record | None:
+        """A file's bytes (and metadata ``fields``), one new version; None when the entry is
+        gone. ``key`` None: wherever the entry ``eid`` is now at ``loc`` (renamed or not)."""
 
     def update(self, loc: str, key: Key, origin: object = None, **fields: object) -> Record: ...
 

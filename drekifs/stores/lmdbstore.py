@@ -399,10 +399,10 @@ class LmdbStore:
         self._pending.next_eid = self._next_eid
         return eid
 
-    def _notify(self, key: bytes, origin: object) -> None:
+    def _notify(self, key: bytes, origin: object, carried: bool = False) -> None:
         for watcher in self.watchers:
             try:
-                watcher(key, origin)
+                watcher(key, origin, carried)
             except Exception:
                 log.exception("store %s watcher failed", self.name)
 
@@ -614,6 +614,7 @@ class LmdbStore:
             if target.is_dir:
                 self._touch_dir(loc, dst[:-1], now, -1)
         moved = list(self.walk(loc, src))
+        keys: list[tuple[bytes, bytes]] = []  # (old, new) of each entry moved, src's first
         for old_parts, old in moved:
             new_parts = dst + old_parts[len(src) :]
             new_key = entry_key(loc, new_parts)
@@ -624,6 +625,7 @@ class LmdbStore:
             self._put(new_key, old.but(**changes))
             self._set_eid(old.eid, new_key)
             old_key = entry_key(loc, old_parts)
+            keys.append((old_key, new_key))
             if self.replicated:
                 tomb = Record(TOMBSTONE, 0, 0, 0, 0, now, now, version=self._version(old))
                 self._put(old_key, tomb)
@@ -633,9 +635,9 @@ class LmdbStore:
         self._touch_dir(loc, src[:-1], now, -shift)
         self._touch_dir(loc, dst[:-1], now, shift)
         # Every entry below a moved directory changed key: replication must hear each one.
-        for old_parts, _ in moved:
-            self._notify(entry_key(loc, old_parts), origin)
-            self._notify(entry_key(loc, dst + old_parts[len(src) :]), origin)
+        for i, (old_key, new_key) in enumerate(keys):
+            self._notify(old_key, origin, i > 0)
+            self._notify(new_key, origin, i > 0)
 
     def set_xattr(
         self,
