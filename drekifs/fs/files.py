@@ -37,10 +37,12 @@ class Unsaved:
     def set_metadata(self, changes: dict[str, int]) -> None:
         """A SETATTR while the bytes wait: kept for their commit instead of a version of its
         own. An explicit mtime holds until the next write moves it, as on any filesystem."""
-        changes = dict(changes)
-        if "mtime_ns" in changes:
-            self.mtime_ns = changes.pop("mtime_ns")
-        self.metadata.update(changes)
+        metadata = self.metadata
+        for name, value in changes.items():
+            if name == "mtime_ns":
+                self.mtime_ns = value
+            else:
+                metadata[name] = value
         self.ctime_ns = time.time_ns()
 
     def attrs(self, ino: int, rec: Record, timeout: float, size: int) -> pyfuse3.EntryAttributes:
