@@ -27,6 +27,8 @@ class Unsaved:
     the times of its last write and change, and metadata set meanwhile (perm, uid, gid,
     atime_ns...), committed with the bytes in one version. Shared by local and remote files."""
 
+    buffer: bytearray | None = None  # the whole value, once written (or kept after unlink)
+    dirty: bool = False  # holds what the store (or the owner) does not have yet
     mtime_ns: int = 0  # of the last write (or the time set since, the epoch included)
     ctime_ns: int = 0  # of the last change
     metadata: dict[str, int] = field(default_factory=dict)  # set since: perm, uid, atime_ns...
@@ -45,11 +47,13 @@ class Unsaved:
                 metadata[name] = value
         self.ctime_ns = time.time_ns()
 
-    def attrs(self, ino: int, rec: Record, timeout: float, size: int) -> pyfuse3.EntryAttributes:
-        """``rec``'s attributes as the commit will make them."""
+    def attrs(self, ino: int, rec: Record, timeout: float) -> pyfuse3.EntryAttributes:
+        """``rec``'s attributes as the commit will make them: the buffer's size, the held
+        metadata and times."""
         if self.metadata:
             rec = rec.but(**self.metadata)
         ctime = max(self.ctime_ns, rec.ctime_ns)
+        size = len(self.buffer or b"")
         return record_attrs(ino, rec, timeout, size=size, mtime_ns=self.mtime_ns, ctime_ns=ctime)
 
 
@@ -61,8 +65,6 @@ class OpenFile(Unsaved):
     loc: str
     eid: int
     handles: int = 0
-    buffer: bytearray | None = None  # the whole value, once written (or kept after unlink)
-    dirty: bool = False
 
     def load(self) -> bytearray:
         if self.buffer is None:

@@ -367,7 +367,7 @@ class Operations(pyfuse3.Operations):
         if self.files.by_key and rec.kind != DIR:  # a file written here: its buffer's size
             f = self.files.by_key.get((node.store.name, rec.eid))
             if f is not None and f.dirty:
-                return f.attrs(node.ino, rec, self.cache_timeout, len(f.buffer or b""))
+                return f.attrs(node.ino, rec, self.cache_timeout)
         attrs = node.attrs
         if attrs is None:
             mtime = None
@@ -468,7 +468,7 @@ class Operations(pyfuse3.Operations):
         if held and f is not None:
             self._unsaved_changed(f)
             if rec is node.rec:  # what the commit will make of it
-                return f.attrs(inode, rec, self.cache_timeout, len(f.buffer or b""))
+                return f.attrs(inode, rec, self.cache_timeout)
         if rec is node.rec:
             return self._store_attrs(node)
         if rec is None:

@@ -67,8 +67,6 @@ class RemoteFile(Unsaved):
     eid: int
     ino: int
     handles: int = 0
-    buffer: bytearray | None = None
-    dirty: bool = False  # changed since the owner last acknowledged it
     changes: int = 0  # changes so far: a commit clears ``dirty`` only if none came meanwhile
     # One load or commit at a time: the owner may serve two requests of one connection in
     # either order, and an older buffer must never land last.
@@ -247,7 +245,7 @@ class RemoteStores:
         """As the owner said, or as this mount is writing it."""
         f = None if rec.is_dir else self._files.get(_file_key(client, rec.eid))
         if f is not None and f.dirty:
-            return f.attrs(ino, rec, REMOTE_TIMEOUT, len(f.buffer or b""))
+            return f.attrs(ino, rec, REMOTE_TIMEOUT)
         return record_attrs(ino, rec, REMOTE_TIMEOUT)
 
     def _entry(self, ref: RemoteRef, parts: Key, rec: Record) -> pyfuse3.EntryAttributes:
