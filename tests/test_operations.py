@@ -92,29 +92,39 @@ async def test_status_files_sizes_and_reads() -> None:
         assert await errno_of(ops.open(attr.st_ino, flags, None)) == errno.EPERM
 
 
-async def test_a_file_renamed_while_written_is_committed_where_it_is(tmp_path: Path) -> None:
-    """The bytes of a file being written go, at release, to wherever the entry is then (its
-    entry id, not the name it was created under); a file replaced meanwhile keeps them to
-    itself."""
+async def test_a_file_replaced_while_written_keeps_its_bytes_to_itself(tmp_path: Path) -> None:
+    """A file renamed over while open for writing: at release its bytes go nowhere (its
+    entry id is gone), and the new occupant of the name is untouched. (A file renamed while
+    written is test_metadata_waiting_with_bytes_follows_the_entry's.)"""
     ops = make_ops(tmp_path)
     glob = (await lookup_path(ops, "global")).st_ino
-    info, attr = await ops.create(glob, b"a", 0o644, os.O_WRONLY, CTX)
-    await ops.write(info.fh, 0, b"bytes")
-    await ops.rename(glob, b"a", glob, b"b", 0, CTX)
-    await ops.release(info.fh)
-    b = await ops.lookup(glob, b"b", None)
-    assert b.st_ino == attr.st_ino and b.st_size == 5
-    info = await ops.open(b.st_ino, os.O_RDONLY, None)
-    assert await ops.read(info.fh, 0, 10) == b"bytes"
-    await ops.release(info.fh)
-    # c is open for writing when b replaces it: c's bytes stay with its handle, and go nowhere.
+    _, b = await ops.create(glob, b"b", 0o644, os.O_WRONLY, CTX)
     info, _ = await ops.create(glob, b"c", 0o644, os.O_WRONLY, CTX)
     await ops.write(info.fh, 0, b"lost")
     await ops.rename(glob, b"b", glob, b"c", 0, CTX)
     assert await ops.read(info.fh, 0, 10) == b"lost"
     await ops.release(info.fh)
     c = await ops.lookup(glob, b"c", None)
-    assert c.st_ino == attr.st_ino and c.st_size == 5
+    assert c.st_ino == b.st_ino and c.st_size == 0
+
+
+async def test_a_directory_renamed_elsewhere_invalidates_its_names_not_its_tree(
+    tmp_path: Path,
+) -> None:
+    """A rename made elsewhere (here the control socket's origin) drops the directory's old
+    and new names from the kernel; the entries it carried keep their inodes, so nothing is
+    queued for them (a big tree would otherwise lose its page cache)."""
+    ops = make_ops(tmp_path)
+    store = ops.stores["global"]
+    glob = (await lookup_path(ops, "global")).st_ino
+    d = await ops.mkdir(glob, b"d", 0o755, CTX)
+    _, f = await ops.create(d.st_ino, b"f", 0o644, os.O_WRONLY, CTX)
+    ops.invalidator._entries.clear()
+    ops.invalidator._inodes.clear()
+    store.rename("w.test", (b"d",), (b"e",), origin="control")
+    assert set(ops.invalidator._entries) == {(glob, b"d"), (glob, b"e")}
+    assert ops.invalidator._inodes == {glob, d.st_ino}
+    assert f.st_ino not in ops.invalidator._inodes | ops.invalidator._attrs
 
 
 async def test_files_in_a_store(tmp_path: Path) -> None:
