@@ -33,6 +33,7 @@ from drekifs.cluster.plumtree.messages import (
     encode_gossip,
     ihave_entry_size,
     packed_bin_size,
+    packed_uint_size,
 )
 from drekifs.cluster.plumtree.missing import MissingIds
 from drekifs.cluster.plumtree.seen import SeenIds
@@ -123,7 +124,7 @@ def test_messages_round_trip_and_fit() -> None:
     assert (g.mid, g.hops, g.payload) == (b"id", 4, {"x": [1, 2]})
 
 
-@given(st.binary(min_size=1, max_size=300), st.integers(0, 1 << 32))
+@given(st.binary(min_size=1, max_size=300), st.integers(0, (1 << 32) - 1))
 @example(b"x" * 255, 127)
 @example(b"x" * 256, 128)
 @example(b"x" * 65_535, 255)
@@ -135,6 +136,11 @@ def test_computed_sizes_are_msgpacks(mid: bytes, hops: int) -> None:
     capped = min(hops, MAX_HOPS)
     assert ihave_entry_size(mid, capped) == len(msgpack.packb([mid, capped]))
     assert packed_bin_size(len(mid)) == len(msgpack.packb(mid))
+    # The whole range it accepts, not only the capped hops an IHAVE carries (the examples
+    # above 65,535 reach the 5-byte branch only here), and a clear refusal beyond it.
+    assert packed_uint_size(hops) == len(msgpack.packb(hops))
+    with pytest.raises(ValueError):
+        packed_uint_size(1 << 32)
 
 
 @pytest.mark.parametrize(
