@@ -120,6 +120,19 @@ def parse_duration(text: str) -> float:
     return value * _SECONDS[unit]
 
 
+MAX_POLL_US = 10_000
+
+
+def poll_us(text: str) -> int:
+    """Microseconds of polling, 0 to 10,000 (a longer poll only burns CPU)."""
+    t = text.strip().lower().removesuffix("us")
+    if not t.isdigit() or int(t) > MAX_POLL_US:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a poll time (microseconds, 0 to {MAX_POLL_US:,})"
+        )
+    return int(t)
+
+
 def store_name(text: str) -> str:
     from .urn import is_valid_store_name
 
@@ -242,6 +255,7 @@ def mount_config(args: argparse.Namespace):
         max_local_value=args.max_local_value,
         keyring=Path(os.path.abspath(args.keyring)) if args.keyring else None,
         tombstone_grace=args.tombstone_grace,
+        poll_us=args.poll_us,
     )
 
 
@@ -590,6 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_duration,
         default=TOMBSTONE_GRACE,
         help="how long a delete of a global key is remembered (default 7d; e.g. 12h, 90s)",
+    )
+    p.add_argument(
+        "--poll-us",
+        metavar="US",
+        type=poll_us,
+        default=100,
+        help="after answering a request, poll for the next one this many microseconds "
+        "before sleeping: on a VM, waking a sleeping daemon costs each request tens of us "
+        "(default 100; 0 sleeps at once)",
     )
     p.add_argument(
         "--config",

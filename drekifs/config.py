@@ -101,6 +101,12 @@ def _duration(value: Any, base: Path) -> float:
     return _arg(parse_duration, 'a duration (seconds, or like "7d")', fractions=True)(value, base)
 
 
+def _poll_us(value: Any, base: Path) -> int:
+    from .cli import poll_us
+
+    return _arg(poll_us, "microseconds (an integer)")(value, base)
+
+
 def _stores(value: Any, base: Path) -> list[str]:
     from .cli import store_name
 
@@ -148,6 +154,7 @@ KEYS: dict[str, tuple[str, Callable[[Any, Path], Any]]] = {
     "max-global-value": ("max_global_value", _size),
     "max-local-value": ("max_local_value", _size),
     "tombstone-grace": ("tombstone_grace", _duration),
+    "poll-us": ("poll_us", _poll_us),
     "mountpoint": ("mountpoint", _path),
 }
 

@@ -57,6 +57,7 @@ class MountConfig:
     max_local_value: int = 64 << 20
     keyring: Path | None = None  # without one, this peer runs alone
     tombstone_grace: float = TOMBSTONE_GRACE
+    poll_us: int = 100  # fs/requestloop.py: how long to poll /dev/fuse before sleeping
 
 
 # -- mount table ---------------------------------------------------------------------------------
@@ -402,7 +403,10 @@ class Daemon:
     async def _serve(self, nursery) -> None:
         import pyfuse3
 
-        await pyfuse3.main()
+        from .fs import requestloop
+
+        requestloop.install(self.config.poll_us)
+        await pyfuse3.main(min_tasks=requestloop.MIN_TASKS)
         # main() returns when the kernel ends the session: somebody unmounted us.
         self.external_unmount = True
         await self._leave()

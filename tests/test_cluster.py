@@ -6,6 +6,7 @@ real mount, talking to the others over the sealed transport.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -151,12 +152,32 @@ def test_remote_store_read_write_and_failure(cluster, tmp_path: Path) -> None:
     urn = os.getxattr(b_local_from_a / "dir" / "synced", "user.dreki.urn").decode()
     assert urn == "w.test:dc:b::local::dir/synced"
 
-    # kill -9 of B: A's members stop showing it alive within 10 s, reads fail within 2 s.
-    os.kill(mounts["b"].pid, signal.SIGKILL)
+    # B stopped, then killed: a request of A's waiting on B (until its call times out) does
+    # not hold up A's other requests (fs/requestloop.py hands the reading on to another worker).
+    b_pid = mounts["b"].pid  # read from B's mount: not while B is stopped
+    os.kill(b_pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit((b_local_from_a / "dir" / "synced-not-cached").read_text)
+            mine = a / "global" / "while-b-is-stopped"
+            for i in range(20):
+                t0 = time.monotonic()
+                mine.write_text(f"{i}\n")
+                assert mine.read_text() == f"{i}\n" and mine.name in os.listdir(mine.parent)
+                assert time.monotonic() - t0 < 0.5, f"a local request took {time.monotonic() - t0}"
+            assert not waiting.done(), "the remote read was answered before the local ones ran"
+            with pytest.raises(OSError) as info:
+                waiting.result(timeout=10)
+        assert info.value.errno == errno.EHOSTDOWN
+        assert time.monotonic() - stopped < 2.5
+    finally:
+        # kill -9 of B: A's members stop showing it alive within 10 s, reads fail within 2 s.
+        os.kill(b_pid, signal.SIGKILL)
     killed = time.monotonic()
     t0 = time.monotonic()
     with pytest.raises(OSError) as info:
-        (b_local_from_a / "dir" / "synced-not-cached").read_text()
+        (b_local_from_a / "dir" / "synced-not-cached-2").read_text()
     assert time.monotonic() - t0 < 2.5
     assert info.value.errno == errno.EHOSTDOWN
     wait_for(lambda: members(a)["b"] in ("suspect", "dead"), timeout=10, what="a suspects b")

@@ -62,6 +62,7 @@ store = ["cache", "scratch"]
 max-global-value = "2MiB"
 max-local-value = 4096
 tombstone-grace = "12h"
+poll-us = 40
 mountpoint = "mnt"
 """
 
@@ -87,6 +88,7 @@ def test_every_key_reaches_the_mount_config(tmp_path: Path, mounted: list[MountC
     assert mc.max_global_value == 2 << 20
     assert mc.max_local_value == 4096
     assert mc.tombstone_grace == 12 * 3600.0
+    assert mc.poll_us == 40
 
 
 def test_flags_override_the_file(tmp_path: Path, mounted: list[MountConfig]) -> None:
@@ -95,6 +97,7 @@ def test_flags_override_the_file(tmp_path: Path, mounted: list[MountConfig]) -> 
     argv = ["--config", path, "--zone", zone, "--node", "db1", "--store", "other"]
     argv += ["-o", "rw", "--max-global-value", "1k", "--tombstone-grace", "90"]
     argv += ["--log-level", "ERROR", "--cache-timeout", "5", "--data-dir", tmp_path / "d"]
+    argv += ["--poll-us", "0"]
     assert mount(*argv, tmp_path / "elsewhere") == 0
     (mc,) = mounted
     assert mc.mountpoint == tmp_path / "elsewhere"
@@ -106,6 +109,7 @@ def test_flags_override_the_file(tmp_path: Path, mounted: list[MountConfig]) -> 
     assert mc.max_global_value == 1024
     assert mc.max_local_value == 4096  # not given: from the file
     assert mc.tombstone_grace == 90.0
+    assert mc.poll_us == 0  # 0 from the command line overrides the file's 40
     assert mc.log_level == "ERROR"
     assert mc.cache_timeout == 5.0
     assert mc.data_dir == tmp_path / "d"
@@ -120,6 +124,7 @@ def test_built_in_defaults_without_a_file(tmp_path: Path, mounted: list[MountCon
     assert mc.cache_timeout == 3600.0 and mc.log_level == "INFO" and mc.log_file is None
     assert mc.max_global_value == 1 << 20 and mc.max_local_value == 64 << 20
     assert mc.tombstone_grace == 7 * 86400.0 and mc.keyring is None
+    assert mc.poll_us == 100
     assert mc.data_dir == cli.default_data_dir(None, cli.demo_zone(), None)
 
 
@@ -167,6 +172,9 @@ def test_no_mountpoint_anywhere_is_a_usage_error(
         ('  "log-level" = "LOUD"\n', 1, "log-level", "is not one of"),
         ('log-level = "LOUD"\n', 1, "log-level", "'LOUD' is not one of DEBUG, INFO"),
         ("foreground = 1\n", 1, "foreground", "expected true or false"),
+        ("poll-us = 20000\n", 1, "poll-us", "'20000' is not a poll time (microseconds, 0 to"),
+        ('poll-us = "fast"\n', 1, "poll-us", "'fast' is not a poll time"),
+        ("poll-us = 1.5\n", 1, "poll-us", "expected microseconds (an integer), got"),
         ('cache-timeout = "x"\n', 1, "cache-timeout", "'x' is not a duration"),
         ("cache-timeout = -5\n", 1, "cache-timeout", "a duration is not negative"),
         ("node = 3\n", 1, "node", "expected a string, got an integer"),

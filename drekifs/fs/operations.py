@@ -31,7 +31,7 @@ from ..stores.base import Key, Store
 from ..stores.lmdbstore import split_key
 from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from ..urn import URN
-from . import inodes
+from . import inodes, requestloop
 from .attrs import metadata_changes, record_attrs
 from .files import OpenFile, OpenFiles
 from .invalidate import Invalidator
@@ -70,7 +70,14 @@ def request(fn: F) -> F:
     async def handler(self: Operations, *args: Any) -> Any:
         self.counts[op] += 1
         try:
-            return await fn(self, *args)
+            # requestloop.run(), inline: a coroutine less on every request.
+            coro = fn(self, *args)
+            try:
+                signal = coro.send(None)
+            except StopIteration as done:
+                return done.value
+            requestloop.handoff()  # it waits: another worker reads the next requests meanwhile
+            return await requestloop.Resumed(coro, signal)
         except FUSEError as e:
             if e.errno not in QUIET_ERRNOS and not isinstance(e, QuietError):
                 log.info("%s %s: %s", op, self.describe(op, args), os.strerror(e.errno))

@@ -1,0 +1,207 @@
+"""How pyfuse3's workers wait for the next request: a short poll before sleeping, and one
+worker at a time unless a request has to wait.
+
+``pyfuse3.main()`` runs worker tasks that take turns waiting on ``/dev/fuse``: a ``trio.Lock``
+says whose turn it is, ``trio.lowlevel.wait_readable`` sleeps until a request comes. On a VM,
+where most nodes run, both cost more than most of our handlers (measured on the 2-vCPU test VM):
+
+- A request that finds the daemon asleep waits until the hypervisor wakes its vCPU: a pipe
+  round trip between two processes takes 64-94 us there, 18-29 us when the server polls.
+  ``cp -a`` and ``tar`` make their requests one after the other, so they pay it on each one.
+- ``trio.Lock`` passes through the scheduler on every acquire (~11 us), and pyfuse3's two idle
+  workers hand it to each other on every request: another pass.
+
+pyfuse3 looks both up on its module global ``trio`` (the hook ``pyfuse3.asyncio`` uses), so
+:func:`install` puts there a module that is trio but for two names:
+
+- ``Lock``: a :class:`ReaderSeat`. The worker that read a request takes the seat back when it
+  comes for the next one; the others stay parked. When a request has to wait (an RPC to another
+  peer, an fsync), :func:`handoff`, called by the request wrapper, gives the seat to a parked
+  worker at once, so one slow request never holds up the others.
+- ``lowlevel.wait_readable``: :meth:`Poller.wait_readable` polls the fd for up to ``poll_us``
+  before sleeping in trio, and yields to the other tasks at least every ``YIELD_EVERY_NS``.
+
+Measured with ``cp -a`` of 5,000 small files into the global store: 0.55-0.6x the wall time and
+0.6-0.65x the daemon's CPU of pyfuse3's own loop (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+import types
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+# pyfuse3 versions whose worker loop uses trio.Lock and trio.lowlevel.wait_readable as described
+# above (internal.pxi, 3.3.0 to 3.5.0 read); another keeps pyfuse3's own loop.
+KNOWN_PYFUSE3 = ("3.3.", "3.4.", "3.5.")
+MIN_TASKS = 1  # pyfuse3.main()'s default: a worker leaves when more than this many are idle
+PATROL_S = 0.1  # a parked worker checks this often that the seat was not left empty
+YIELD_EVERY_NS = 2_000_000  # polling never keeps the other trio tasks waiting longer
+
+_seat: ReaderSeat | None = None
+_SENT = object()  # Resumed's first value was handed on
+
+
+class ReaderSeat:
+    """Which worker waits on the FUSE fd: an async context manager in place of ``trio.Lock``.
+
+    Unlike the lock, a worker leaving the seat does not wake the next one: it will most likely
+    be back for the next request before that one could run. A parked worker gets the seat by
+    :meth:`handoff`, when the worker in the seat leaves pyfuse3's loop (an exception, or more
+    idle workers than pyfuse3 keeps), or by finding it empty every ``PATROL_S`` (a worker that
+    left the loop on its own: the session ended).
+    """
+
+    def __init__(self, min_tasks: int = MIN_TASKS) -> None:
+        self.taken = False
+        self.min_tasks = min_tasks
+        self._parked = trio.lowlevel.ParkingLot()
+
+    async def __aenter__(self) -> None:
+        if not self.taken:
+            self.taken = True
+            return
+        while True:
+            with trio.move_on_after(PATROL_S):
+                await self._parked.park()
+                return  # handed the seat: taken stays True
+            if not self.taken:
+                self.taken = True
+                return
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.taken = False
+        # pyfuse3's worker ends its loop on an exception, and when more than min_tasks
+        # workers are idle (those parked here): the seat must not wait for it then.
+        if exc_type is not None or len(self._parked) > self.min_tasks:
+            self.handoff()
+
+    def handoff(self) -> None:
+        """The worker that left the seat is busy for a while: a parked one takes it."""
+        if not self.taken and self._parked:
+            self.taken = True
+            self._parked.unpark(count=1)
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
+
+class Poller:
+    """``wait_readable`` that polls for up to ``poll_us`` before sleeping in trio."""
+
+    def __init__(self, poll_us: int) -> None:
+        self.poll_ns = poll_us * 1000
+        self._polls: dict[int, select.poll] = {}
+        self._slept = time.perf_counter_ns()  # when the caller last let other tasks run
+
+    async def wait_readable(self, fd: Any) -> None:
+        if self.poll_ns:
+            now = time.perf_counter_ns()
+            if now - self._slept < YIELD_EVERY_NS:
+                poll = self._polls.get(fd)
+                if poll is None:
+                    poll = self._polls[fd] = select.poll()
+                    poll.register(fd, select.POLLIN)
+                deadline = now + self.poll_ns
+                while not poll.poll(0):
+                    if time.perf_counter_ns() >= deadline:
+                        break
+                else:
+                    return  # readable (or in error: pyfuse3's read says which)
+        await trio.lowlevel.wait_readable(fd)
+        self._slept = time.perf_counter_ns()
+
+
+def _trio_with(**names: Any) -> types.ModuleType:
+    """A module that is ``trio`` but for ``names`` (``lowlevel`` likewise for its own)."""
+    lowlevel = types.ModuleType("trio.lowlevel")
+    lowlevel.__dict__.update(vars(trio.lowlevel))
+    lowlevel.__dict__.update(names.pop("lowlevel", {}))
+    shim = types.ModuleType("trio")
+    shim.__dict__.update(vars(trio))
+    shim.__dict__.update(names, lowlevel=lowlevel)
+    return shim
+
+
+def install(poll_us: int) -> bool:
+    """Put the seat and the poller into pyfuse3 (before ``pyfuse3.main()``); False when this
+    pyfuse3 is not one whose loop they were written for (it then keeps its own)."""
+    global _seat
+    import pyfuse3
+
+    version = getattr(pyfuse3, "__version__", "?")
+    if getattr(pyfuse3, "trio", None) is not trio or not version.startswith(KNOWN_PYFUSE3):
+        log.info("pyfuse3 %s: its own request loop (drekifs's is for 3.3 to 3.5)", version)
+        return False
+    seat = ReaderSeat()
+    poller = Poller(poll_us)
+    pyfuse3.trio = _trio_with(  # type: ignore[attr-defined]
+        Lock=lambda: seat, lowlevel={"wait_readable": poller.wait_readable}
+    )
+    _seat = seat
+    return True
+
+
+def uninstall() -> None:
+    """pyfuse3's own loop again (tests; a daemon keeps its loop until it exits)."""
+    global _seat
+    import pyfuse3
+
+    pyfuse3.trio = trio  # type: ignore[attr-defined]
+    _seat = None
+
+
+def handoff() -> None:
+    """The request being handled waits for something: let another worker read the next ones."""
+    if _seat is not None:
+        _seat.handoff()
+
+
+class Resumed:
+    """Awaits a coroutine that already yielded ``first``: the rest of ``await coro``."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self  # type: ignore[return-value]
+
+    def __iter__(self) -> Resumed:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        first = self.first
+        if first is not _SENT:
+            self.first = _SENT
+            return first
+        return self.coro.send(value)
+
+    def throw(self, *exc: Any) -> Any:
+        return self.coro.throw(*exc)
+
+    def close(self) -> None:
+        self.coro.close()
+
+
+async def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """``await coro``, handing the seat on if the coroutine waits instead of returning at once."""
+    try:
+        signal = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    handoff()
+    return await Resumed(coro, signal)

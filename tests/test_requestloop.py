@@ -1,0 +1,237 @@
+"""pyfuse3's request loop as drekifs runs it: the reader seat, the poller, the hand-off.
+
+Real pipes and trio; the mounted side (a request waiting on a stopped peer does not hold up
+the others) is in test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from drekifs.fs import requestloop
+from drekifs.fs.requestloop import PATROL_S, YIELD_EVERY_NS, Poller, ReaderSeat
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+async def test_the_seat_stays_with_its_worker_until_handed_on() -> None:
+    seat = ReaderSeat()
+    order: list[str] = []
+
+    async def standby() -> None:
+        async with seat:
+            order.append("standby")
+
+    async with seat:
+        pass  # the first worker sits down without waiting
+    async with trio.open_nursery() as nursery:
+        async with seat:  # back for the next request, seat empty: no switch
+            nursery.start_soon(standby)
+            await trio.testing.wait_all_tasks_blocked()
+            assert seat.parked == 1
+        # Left as after reading a request: the standby stays parked...
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [] and seat.parked == 1
+        async with seat:  # ...and the worker takes the seat again at once.
+            order.append("worker")
+        seat.handoff()  # the worker's request waits: the standby reads the next ones
+        await trio.testing.wait_all_tasks_blocked()
+    assert order == ["worker", "standby"]
+    assert not seat.taken and seat.parked == 0
+
+
+async def test_a_worker_leaving_on_an_error_hands_the_seat_on() -> None:
+    seat = ReaderSeat()
+    got: list[str] = []
+
+    async def standby() -> None:
+        async with seat:
+            got.append("standby")
+
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(trio.ClosedResourceError):
+            async with seat:
+                nursery.start_soon(standby)
+                await trio.testing.wait_all_tasks_blocked()
+                raise trio.ClosedResourceError  # as pyfuse3's wait on a closed fd
+    assert got == ["standby"]
+
+
+async def test_more_idle_workers_than_pyfuse3_keeps_hands_the_seat_on() -> None:
+    # pyfuse3 ends a worker's loop when more than min_tasks are idle: the one leaving the
+    # seat will not be back.
+    seat = ReaderSeat(min_tasks=1)
+    got: list[int] = []
+
+    async def standby(i: int) -> None:
+        async with seat:
+            got.append(i)
+
+    async with trio.open_nursery() as nursery, seat:
+        nursery.start_soon(standby, 1)
+        nursery.start_soon(standby, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert seat.parked == 2
+    assert sorted(got) == [1, 2]
+
+
+async def test_a_seat_left_empty_is_taken_within_the_patrol_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A worker ends its loop on its own (the session ended): nobody hands the seat on.
+    seat = ReaderSeat()
+    taken_at: list[float] = []
+
+    async def standby() -> None:
+        async with seat:
+            taken_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery, seat:
+        nursery.start_soon(standby)
+        await trio.testing.wait_all_tasks_blocked()
+        left = trio.current_time()
+    assert taken_at and 0 < taken_at[0] - left <= PATROL_S
+
+
+async def test_the_poller_finds_a_request_already_there(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    poller = Poller(poll_us=100)
+    os.write(w, b"x")
+    with trio.fail_after(1):
+        await poller.wait_readable(r)
+        await poller.wait_readable(r)  # still readable: nothing was read
+
+
+@pytest.mark.parametrize("poll_us", [0, 100])
+async def test_the_poller_sleeps_when_nothing_comes(pipe: tuple[int, int], poll_us: int) -> None:
+    r, w = pipe
+    poller = Poller(poll_us=poll_us)
+
+    async def later() -> None:
+        await trio.sleep(0.05)
+        os.write(w, b"x")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(later)
+        t0 = time.monotonic()
+        with trio.fail_after(5):
+            await poller.wait_readable(r)  # slept in trio: later() ran meanwhile
+        assert time.monotonic() - t0 >= 0.04
+
+
+async def test_polling_lets_the_other_tasks_run(pipe: tuple[int, int]) -> None:
+    # A worker that always finds a request waiting still yields every YIELD_EVERY_NS.
+    r, w = pipe
+    os.write(w, b"x")
+    poller = Poller(poll_us=100)
+    turns = 0
+
+    async def other() -> None:
+        nonlocal turns
+        while True:
+            await trio.lowlevel.checkpoint()
+            turns += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()
+        turns = 0
+        t0 = time.perf_counter_ns()
+        while time.perf_counter_ns() - t0 < 20 * YIELD_EVERY_NS:
+            await poller.wait_readable(r)
+        seen = turns
+        nursery.cancel_scope.cancel()
+    assert seen >= 10  # about one turn per YIELD_EVERY_NS: 20 expected
+
+
+async def _sync_value() -> int:
+    return 7
+
+
+async def _sync_error() -> int:
+    raise pyfuse3.FUSEError(5)
+
+
+async def test_run_answers_a_request_that_does_not_wait() -> None:
+    seat = ReaderSeat()
+    requestloop._seat = seat
+    try:
+        assert await requestloop.run(_sync_value()) == 7
+        with pytest.raises(pyfuse3.FUSEError):
+            await requestloop.run(_sync_error())
+    finally:
+        requestloop._seat = None
+
+
+async def test_run_hands_the_seat_on_when_a_request_waits() -> None:
+    seat = ReaderSeat()
+    requestloop._seat = seat
+    got: list[str] = []
+    release = trio.Event()
+
+    async def slow_request() -> str:
+        await release.wait()  # an RPC to another peer, an fsync
+        return "done"
+
+    async def standby() -> None:
+        async with seat:
+            got.append("standby reads")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            async with seat:
+                nursery.start_soon(standby)
+                await trio.testing.wait_all_tasks_blocked()
+
+            async def worker() -> None:
+                got.append(await requestloop.run(slow_request()))
+
+            nursery.start_soon(worker)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == ["standby reads"]  # while the slow request still waits
+            release.set()
+        assert got == ["standby reads", "done"]
+
+        # Cancelled while waiting: the cancellation reaches the request's own await.
+        with trio.move_on_after(0.01) as scope:
+            await requestloop.run(trio.sleep_forever())
+        assert scope.cancelled_caught
+    finally:
+        requestloop._seat = None
+
+
+def test_install_puts_the_seat_and_the_poller_into_pyfuse3(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert pyfuse3.trio is trio
+    try:
+        assert requestloop.install(poll_us=50)
+        shim = pyfuse3.trio
+        assert shim is not trio
+        assert shim.Lock() is shim.Lock() is requestloop._seat  # pyfuse3 makes one
+        assert shim.lowlevel.wait_readable.__self__.poll_ns == 50_000
+        # The rest is trio's own.
+        assert shim.open_nursery is trio.open_nursery
+        assert shim.ClosedResourceError is trio.ClosedResourceError
+        assert shim.lowlevel.current_task is trio.lowlevel.current_task
+        assert shim.lowlevel.notify_closing is trio.lowlevel.notify_closing
+    finally:
+        requestloop.uninstall()
+    assert pyfuse3.trio is trio and requestloop._seat is None
+
+    monkeypatch.setattr(pyfuse3, "__version__", "4.0.0")
+    assert not requestloop.install(poll_us=50)  # a loop it was not written for: left alone
+    assert pyfuse3.trio is trio and requestloop._seat is None
