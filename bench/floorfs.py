@@ -415,7 +415,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="serve the tree read-write (the floor of a cp -a into it)",
     )
+    parser.add_argument(
+        "--drekifs-loop",
+        action="store_true",
+        help="wait for requests as drekifs does (drekifs/fs/requestloop.py: a reader seat "
+        "and a 100 us poll) instead of pyfuse3's own loop; needs drekifs importable",
+    )
     args = parser.parse_args(argv)
+    if args.drekifs_loop:
+        from drekifs.fs import requestloop  # the same code and default as `drekifs mount`
+
+        if not requestloop.install(poll_us=100):
+            raise SystemExit("floorfs: this pyfuse3 does not take drekifs's request loop")
 
     kind = WritableFloorFS if args.writable else FloorFS
     if args.tree.is_dir():

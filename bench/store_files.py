@@ -79,6 +79,9 @@ COLD_DISK = "cold, store file cold"  # drekifs: fresh mount, LMDB file not in pa
 
 TMPFS, FLOOR, EXAMPLE = "tmpfs", "floor", "example"
 CP_FLOOR = "floor (writable)"  # floorfs --writable: the floor of a cp -a
+# The same two with drekifs's request loop (floorfs --drekifs-loop): what the handlers cost
+# beside the loop's gain. Not a target: the issue's floor is pyfuse3's own loop.
+FLOOR_LOOP, CP_FLOOR_LOOP = "floor, drekifs loop", "floor (writable), drekifs loop"
 DREKI_GLOBAL, DREKI_LOCAL = "drekifs global", "drekifs local"
 
 
@@ -275,10 +278,14 @@ class Process(Server):
 class Floor(Process):
     """bench/floorfs.py serving a copy of the source directory; counters dumped on SIGUSR1."""
 
-    def __init__(self, work: Path, source: Path, *, writable: bool = False) -> None:
-        super().__init__(work, "floor-writable" if writable else FLOOR)
+    def __init__(
+        self, work: Path, source: Path, *, writable: bool = False, drekifs_loop: bool = False
+    ) -> None:
+        name = "floor-writable" if writable else FLOOR
+        super().__init__(work, f"{name}-loop" if drekifs_loop else name)
         self.source = source
         self.writable = writable
+        self.drekifs_loop = drekifs_loop
         self.counts_file = work / f"{self.mountpoint.name}-counts.json"
         self.seq = 0
 
@@ -287,6 +294,7 @@ class Floor(Process):
         self.seq = 0
         cmd = [sys.executable, str(FLOORFS), str(self.source), str(self.mountpoint)]
         cmd += ["--counts", str(self.counts_file)] + (["--writable"] if self.writable else [])
+        cmd += ["--drekifs-loop"] if self.drekifs_loop else []
         proc = self._start(cmd)
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], MOUNT_TIMEOUT)
@@ -554,9 +562,11 @@ class Bench:
         tmpfs = KernelTmpfs(work, TMPFS)
         example = Example(work, self.example_script)
         floor = Floor(work, self.source)
+        floor_loop = Floor(work, self.source, drekifs_loop=True)
         empty = work / "empty"
         empty.mkdir(exist_ok=True)
         cp_floor = Floor(work, empty, writable=True)
+        cp_floor_loop = Floor(work, empty, writable=True, drekifs_loop=True)
         dreki = Drekifs(work)
         data_dir = work / f"drekifs-data-{r}"
         mounted: list[Server] = []
@@ -567,6 +577,8 @@ class Bench:
             mounted.append(example)
             cp_floor.mount()
             mounted.append(cp_floor)
+            cp_floor_loop.mount()
+            mounted.append(cp_floor_loop)
             dreki.mount(data_dir)
             mounted.append(dreki)
 
@@ -574,6 +586,7 @@ class Bench:
             cp_dest: dict[str, tuple[Server, Path]] = {
                 TMPFS: (tmpfs, tmpfs.mountpoint),
                 CP_FLOOR: (cp_floor, cp_floor.mountpoint),
+                CP_FLOOR_LOOP: (cp_floor_loop, cp_floor_loop.mountpoint),
                 EXAMPLE: (example, example.mountpoint),
                 DREKI_GLOBAL: (dreki, dreki.global_dir),
                 DREKI_LOCAL: (dreki, dreki.local_dir),
@@ -594,9 +607,12 @@ class Bench:
             mounted.append(dreki)
             floor.mount()
             mounted.append(floor)
+            floor_loop.mount()
+            mounted.append(floor_loop)
             tar_at: dict[str, tuple[Server, Path]] = {
                 TMPFS: (tmpfs, tmpfs.mountpoint),
                 FLOOR: (floor, floor.mountpoint),
+                FLOOR_LOOP: (floor_loop, floor_loop.mountpoint),
                 EXAMPLE: (example, example.mountpoint),
                 DREKI_GLOBAL: (dreki, dreki.global_dir),
                 DREKI_LOCAL: (dreki, dreki.local_dir),
@@ -624,6 +640,7 @@ class Bench:
             if r == 0:  # every copy is the source, the writable floor's included
                 copies = {name: parent for name, (_, parent) in tar_at.items()}
                 copies[CP_FLOOR] = cp_floor.mountpoint
+                copies[CP_FLOOR_LOOP] = cp_floor_loop.mountpoint
                 for name, parent in copies.items():
                     compare_with_source(parent, self.source, name)
         finally:
@@ -633,11 +650,26 @@ class Bench:
                     s.unmount()
                 except BenchError as e:
                     errors.append(e)
-            for s in (tmpfs, example, floor, cp_floor, dreki):
+            for s in (tmpfs, example, floor, floor_loop, cp_floor, cp_floor_loop, dreki):
                 s.cleanup()
             shutil.rmtree(data_dir, ignore_errors=True)
         if errors:  # reached only when no other error is on its way
             raise errors[0]
+
+
+def same_loop(results: dict[tuple[str, str], Series], kind: str, floor: str) -> None:
+    """drekifs against the floor run with drekifs's request loop: its handlers alone."""
+    base = results.get((kind, floor))
+    if base is None:
+        return
+    parts = []
+    for target in (DREKI_GLOBAL, DREKI_LOCAL):
+        s = results.get((kind, target))
+        if s is not None:
+            parts.append(
+                f"{target} {fmt_ratio(paired_of(s, base))} (CPU {fmt_ratio(paired_cpu(s, base))})"
+            )
+    print(f"against '{floor}', the same request loop, paired: " + ", ".join(parts))
 
 
 def compare_with_source(parent: Path, source: Path, name: str) -> None:
@@ -814,6 +846,7 @@ def report(
     tar_rows = [
         (TMPFS, COLD),
         (FLOOR, COLD),
+        (FLOOR_LOOP, COLD),
         (EXAMPLE, COLD),
         (DREKI_GLOBAL, COLD),
         (DREKI_LOCAL, COLD),
@@ -853,6 +886,7 @@ def report(
         f"them; '{COLD_DISK}': remounted and dropped right before, the LMDB file read from "
         "disk)"
     )
+    same_loop(results, COLD, FLOOR_LOOP)
 
     print()
     print(f"FUSE requests per file during one tar ({n_files:,} files, {DIRS + 1} directories)")
@@ -882,7 +916,7 @@ def report(
         ]
     ]
     cp_example, cp_floor = get(("cp", EXAMPLE)), get(("cp", CP_FLOOR))
-    for target in (TMPFS, CP_FLOOR, EXAMPLE, DREKI_GLOBAL, DREKI_LOCAL):
+    for target in (TMPFS, CP_FLOOR, CP_FLOOR_LOOP, EXAMPLE, DREKI_GLOBAL, DREKI_LOCAL):
         s = get(("cp", target))
         if s is None:
             continue
@@ -909,6 +943,7 @@ def report(
         "on disk: ms after cp returned until drekifs's .dreki/stores shows no change waiting "
         "for LMDB's fsync; not in the time)"
     )
+    same_loop(results, "cp", CP_FLOOR_LOOP)
     print()
     print("FUSE requests per file during one cp -a")
     cp_rows = [("cp", CP_FLOOR), ("cp", DREKI_GLOBAL), ("cp", DREKI_LOCAL)]
