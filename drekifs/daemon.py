@@ -187,6 +187,7 @@ class Daemon:
         import pyfuse3
         import trio
 
+        from .fs import requestloop
         from .fs.namespace import Namespace
         from .fs.operations import Operations
         from .world.watch import WorldWatcher
@@ -225,6 +226,7 @@ class Daemon:
         if os.getuid() == 0:
             options.add("allow_other")  # others may read, as permission bits say
         options |= set(config.fuse_options)
+        requestloop.install(config.poll_us)  # before init: pyfuse3 3.3 and 3.4 lock there
         try:
             pyfuse3.init(ops, str(config.mountpoint), options)
         except RuntimeError as e:
@@ -405,7 +407,6 @@ class Daemon:
 
         from .fs import requestloop
 
-        requestloop.install(self.config.poll_us)
         await pyfuse3.main(min_tasks=requestloop.MIN_TASKS)
         # main() returns when the kernel ends the session: somebody unmounted us.
         self.external_unmount = True

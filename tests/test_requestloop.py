@@ -1,14 +1,16 @@
 """pyfuse3's request loop as drekifs runs it: the reader seat, the poller, the hand-off.
 
 Real pipes and trio; the mounted side (a request waiting on a stopped peer does not hold up
-the others) is in test_cluster.py.
+the others) is in test_cluster.py. The seat's tests run on a mock clock that stands still, so
+its patrol (which would hide a missing hand-off) fires only where a test moves the clock.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Generator, Iterator
 
 import pyfuse3
 import pytest
@@ -27,7 +29,9 @@ def pipe() -> Iterator[tuple[int, int]]:
     os.close(w)
 
 
-async def test_the_seat_stays_with_its_worker_until_handed_on() -> None:
+async def test_the_seat_stays_with_its_worker_until_handed_on(
+    mock_clock: trio.testing.MockClock,
+) -> None:
     seat = ReaderSeat()
     order: list[str] = []
 
@@ -53,7 +57,9 @@ async def test_the_seat_stays_with_its_worker_until_handed_on() -> None:
     assert not seat.taken and seat.parked == 0
 
 
-async def test_a_worker_leaving_on_an_error_hands_the_seat_on() -> None:
+async def test_a_worker_leaving_on_an_error_hands_the_seat_on(
+    mock_clock: trio.testing.MockClock,
+) -> None:
     seat = ReaderSeat()
     got: list[str] = []
 
@@ -67,10 +73,13 @@ async def test_a_worker_leaving_on_an_error_hands_the_seat_on() -> None:
                 nursery.start_soon(standby)
                 await trio.testing.wait_all_tasks_blocked()
                 raise trio.ClosedResourceError  # as pyfuse3's wait on a closed fd
-    assert got == ["standby"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["standby"]
 
 
-async def test_more_idle_workers_than_pyfuse3_keeps_hands_the_seat_on() -> None:
+async def test_more_idle_workers_than_pyfuse3_keeps_hands_the_seat_on(
+    mock_clock: trio.testing.MockClock,
+) -> None:
     # pyfuse3 ends a worker's loop when more than min_tasks are idle: the one leaving the
     # seat will not be back.
     seat = ReaderSeat(min_tasks=1)
@@ -80,30 +89,37 @@ async def test_more_idle_workers_than_pyfuse3_keeps_hands_the_seat_on() -> None:
         async with seat:
             got.append(i)
 
-    async with trio.open_nursery() as nursery, seat:
-        nursery.start_soon(standby, 1)
-        nursery.start_soon(standby, 2)
+    async with trio.open_nursery() as nursery:
+        async with seat:
+            nursery.start_soon(standby, 1)
+            nursery.start_soon(standby, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert seat.parked == 2
         await trio.testing.wait_all_tasks_blocked()
-        assert seat.parked == 2
+        assert len(got) == 1 and seat.parked == 1  # one took over at once, the clock stood still
+        seat.handoff()
     assert sorted(got) == [1, 2]
 
 
 async def test_a_seat_left_empty_is_taken_within_the_patrol_period(
-    autojump_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
     # A worker ends its loop on its own (the session ended): nobody hands the seat on.
     seat = ReaderSeat()
-    taken_at: list[float] = []
+    taken: list[str] = []
 
     async def standby() -> None:
         async with seat:
-            taken_at.append(trio.current_time())
+            taken.append("standby")
 
-    async with trio.open_nursery() as nursery, seat:
-        nursery.start_soon(standby)
+    async with trio.open_nursery() as nursery:
+        async with seat:
+            nursery.start_soon(standby)
+            await trio.testing.wait_all_tasks_blocked()
         await trio.testing.wait_all_tasks_blocked()
-        left = trio.current_time()
-    assert taken_at and 0 < taken_at[0] - left <= PATROL_S
+        assert taken == [] and seat.parked == 1  # the clock stands still: no patrol yet
+        mock_clock.jump(PATROL_S)
+    assert taken == ["standby"]
 
 
 async def test_the_poller_finds_a_request_already_there(pipe: tuple[int, int]) -> None:
@@ -154,7 +170,8 @@ async def test_polling_lets_the_other_tasks_run(pipe: tuple[int, int]) -> None:
             await poller.wait_readable(r)
         seen = turns
         nursery.cancel_scope.cancel()
-    assert seen >= 10  # about one turn per YIELD_EVERY_NS: 20 expected
+    # About one turn per YIELD_EVERY_NS (20); without the rule none. Low, for a VM that stalls.
+    assert seen >= 3
 
 
 async def _sync_value() -> int:
@@ -165,6 +182,11 @@ async def _sync_error() -> int:
     raise pyfuse3.FUSEError(5)
 
 
+async def _waits_then_fails() -> int:
+    await trio.lowlevel.checkpoint()
+    raise pyfuse3.FUSEError(5)
+
+
 async def test_run_answers_a_request_that_does_not_wait() -> None:
     seat = ReaderSeat()
     requestloop._seat = seat
@@ -172,11 +194,15 @@ async def test_run_answers_a_request_that_does_not_wait() -> None:
         assert await requestloop.run(_sync_value()) == 7
         with pytest.raises(pyfuse3.FUSEError):
             await requestloop.run(_sync_error())
+        with pytest.raises(pyfuse3.FUSEError):  # an error after the first wait
+            await requestloop.run(_waits_then_fails())
     finally:
         requestloop._seat = None
 
 
-async def test_run_hands_the_seat_on_when_a_request_waits() -> None:
+async def test_run_hands_the_seat_on_when_a_request_waits(
+    mock_clock: trio.testing.MockClock,
+) -> None:
     seat = ReaderSeat()
     requestloop._seat = seat
     got: list[str] = []
@@ -206,11 +232,41 @@ async def test_run_hands_the_seat_on_when_a_request_waits() -> None:
         assert got == ["standby reads", "done"]
 
         # Cancelled while waiting: the cancellation reaches the request's own await.
-        with trio.move_on_after(0.01) as scope:
+        with trio.CancelScope() as scope:
+            scope.cancel()
             await requestloop.run(trio.sleep_forever())
         assert scope.cancelled_caught
     finally:
         requestloop._seat = None
+
+
+def test_resumed_passes_throw_and_close_to_the_coroutine() -> None:
+    cleaned: list[str] = []
+
+    @types.coroutine
+    def waits() -> Generator[str, object, str]:
+        try:
+            got = yield "first"
+            return f"got {got}"
+        finally:
+            cleaned.append("finally")
+
+    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    assert coro.send(None) == "first"  # handed up, as to trio
+    with pytest.raises(StopIteration) as done:
+        coro.send("value")
+    assert done.value.value == "got value" and cleaned == ["finally"]
+
+    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    coro.send(None)
+    with pytest.raises(KeyError):
+        coro.throw(KeyError("thrown"))
+    assert cleaned == ["finally", "finally"]
+
+    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    coro.send(None)
+    coro.close()
+    assert cleaned == ["finally", "finally", "finally"]
 
 
 def test_install_puts_the_seat_and_the_poller_into_pyfuse3(

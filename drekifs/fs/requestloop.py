@@ -55,8 +55,9 @@ class ReaderSeat:
     Unlike the lock, a worker leaving the seat does not wake the next one: it will most likely
     be back for the next request before that one could run. A parked worker gets the seat by
     :meth:`handoff`, when the worker in the seat leaves pyfuse3's loop (an exception, or more
-    idle workers than pyfuse3 keeps), or by finding it empty every ``PATROL_S`` (a worker that
-    left the loop on its own: the session ended).
+    idle workers than pyfuse3 keeps), or by finding it empty, which a parked worker checks every
+    ``PATROL_S`` (a worker that left the loop on its own: the session ended). So an idle daemon
+    wakes 1/PATROL_S times a second per parked worker (one, usually).
     """
 
     def __init__(self, min_tasks: int = MIN_TASKS) -> None:
@@ -67,6 +68,11 @@ class ReaderSeat:
     async def __aenter__(self) -> None:
         if not self.taken:
             self.taken = True
+            if not self._parked:
+                # Nobody parked: pyfuse3 starts a worker after each read that finds no idle
+                # one, so let the one it started last park before reading (else one per read
+                # until this worker next sleeps). Shielded: the seat is ours now.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return
         while True:
             with trio.move_on_after(PATROL_S):
@@ -95,7 +101,12 @@ class ReaderSeat:
 
 
 class Poller:
-    """``wait_readable`` that polls for up to ``poll_us`` before sleeping in trio."""
+    """``wait_readable`` that polls for up to ``poll_us`` before sleeping in trio.
+
+    A poll that finds a request returns without a checkpoint: a worker whose scope was
+    cancelled (the daemon stopping) may read requests for up to ``YIELD_EVERY_NS`` more, and
+    answers those its handlers answer without waiting.
+    """
 
     def __init__(self, poll_us: int) -> None:
         self.poll_ns = poll_us * 1000
@@ -110,7 +121,9 @@ class Poller:
                 if poll is None:
                     poll = self._polls[fd] = select.poll()
                     poll.register(fd, select.POLLIN)
-                deadline = now + self.poll_ns
+                # Never past the yield budget: a long poll would keep the other tasks waiting
+                # (among them the replies a waiting request needs).
+                deadline = min(now + self.poll_ns, self._slept + YIELD_EVERY_NS)
                 while not poll.poll(0):
                     if time.perf_counter_ns() >= deadline:
                         break
@@ -132,8 +145,9 @@ def _trio_with(**names: Any) -> types.ModuleType:
 
 
 def install(poll_us: int) -> bool:
-    """Put the seat and the poller into pyfuse3 (before ``pyfuse3.main()``); False when this
-    pyfuse3 is not one whose loop they were written for (it then keeps its own)."""
+    """Put the seat and the poller into pyfuse3, before ``pyfuse3.init()`` (3.3 and 3.4 make
+    their lock there, 3.5 at the first read); False when this pyfuse3 is not one whose loop
+    they were written for (it then keeps its own)."""
     global _seat
     import pyfuse3
 
