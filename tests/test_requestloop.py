@@ -174,6 +174,28 @@ async def test_polling_lets_the_other_tasks_run(pipe: tuple[int, int]) -> None:
     assert seen >= 3
 
 
+async def test_the_poller_stops_polling_while_polls_do_not_pay(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    poller = Poller(poll_us=100)
+
+    async def later() -> None:
+        await trio.sleep(0.002)  # well past the poll time: a poll would not have served it
+        os.write(w, b"x")
+
+    for _ in range(2 * requestloop.HIT_WINDOW):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(later)
+            await poller.wait_readable(r)
+        os.read(r, 1)
+    assert poller.hit_rate < requestloop.HIT_RATE_TO_POLL  # it sleeps at once now
+
+    # Requests that come at once (measured on its sleeps) bring the polling back.
+    os.write(w, b"x")
+    for _ in range(2 * requestloop.HIT_WINDOW):
+        await poller.wait_readable(r)
+    assert poller.hit_rate >= requestloop.HIT_RATE_TO_POLL
+
+
 async def _sync_value() -> int:
     return 7
 

@@ -44,6 +44,11 @@ KNOWN_PYFUSE3 = ("3.3.", "3.4.", "3.5.")
 MIN_TASKS = 1  # pyfuse3.main()'s default: a worker leaves when more than this many are idle
 PATROL_S = 0.1  # a parked worker checks this often that the seat was not left empty
 YIELD_EVERY_NS = 2_000_000  # polling never keeps the other trio tasks waiting longer
+# Poll only while it pays: while at least this share of recent waits (an average over about
+# HIT_WINDOW of them) ended within the poll time. On a busy host a spinning vCPU takes time
+# from the client's: there the requests come later and polling stops by itself.
+HIT_RATE_TO_POLL = 0.5
+HIT_WINDOW = 16
 
 _seat: ReaderSeat | None = None
 _SENT = object()  # Resumed's first value was handed on
@@ -103,34 +108,40 @@ class ReaderSeat:
 class Poller:
     """``wait_readable`` that polls for up to ``poll_us`` before sleeping in trio.
 
-    A poll that finds a request returns without a checkpoint: a worker whose scope was
-    cancelled (the daemon stopping) may read requests for up to ``YIELD_EVERY_NS`` more, and
-    answers those its handlers answer without waiting.
+    It polls only while :attr:`hit_rate`, the recent share of waits that a poll would have
+    served (measured on the polls, and on the sleeps when it does not poll), is at least
+    ``HIT_RATE_TO_POLL``. A poll that finds a request returns without a checkpoint: a worker
+    whose scope was cancelled (the daemon stopping) may read requests for up to
+    ``YIELD_EVERY_NS`` more, and answers those its handlers answer without waiting.
     """
 
     def __init__(self, poll_us: int) -> None:
         self.poll_ns = poll_us * 1000
         self._polls: dict[int, select.poll] = {}
         self._slept = time.perf_counter_ns()  # when the caller last let other tasks run
+        self.hit_rate = 1.0
 
     async def wait_readable(self, fd: Any) -> None:
-        if self.poll_ns:
-            now = time.perf_counter_ns()
-            if now - self._slept < YIELD_EVERY_NS:
-                poll = self._polls.get(fd)
-                if poll is None:
-                    poll = self._polls[fd] = select.poll()
-                    poll.register(fd, select.POLLIN)
-                # Never past the yield budget: a long poll would keep the other tasks waiting
-                # (among them the replies a waiting request needs).
-                deadline = min(now + self.poll_ns, self._slept + YIELD_EVERY_NS)
-                while not poll.poll(0):
-                    if time.perf_counter_ns() >= deadline:
-                        break
-                else:
-                    return  # readable (or in error: pyfuse3's read says which)
+        now = time.perf_counter_ns()
+        polls = self.poll_ns and self.hit_rate >= HIT_RATE_TO_POLL
+        if polls and now - self._slept < YIELD_EVERY_NS:
+            poll = self._polls.get(fd)
+            if poll is None:
+                poll = self._polls[fd] = select.poll()
+                poll.register(fd, select.POLLIN)
+            # Never past the yield budget: a long poll would keep the other tasks waiting
+            # (among them the replies a waiting request needs).
+            deadline = min(now + self.poll_ns, self._slept + YIELD_EVERY_NS)
+            while not poll.poll(0):
+                if time.perf_counter_ns() >= deadline:
+                    break
+            else:
+                self.hit_rate += (1.0 - self.hit_rate) / HIT_WINDOW
+                return  # readable (or in error: pyfuse3's read says which)
         await trio.lowlevel.wait_readable(fd)
         self._slept = time.perf_counter_ns()
+        hit = self._slept - now <= self.poll_ns  # a poll would have served it
+        self.hit_rate += (hit - self.hit_rate) / HIT_WINDOW
 
 
 def _trio_with(**names: Any) -> types.ModuleType:
