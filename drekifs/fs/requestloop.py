@@ -19,7 +19,8 @@ pyfuse3 looks both up on its module global ``trio`` (the hook ``pyfuse3.asyncio`
   peer, an fsync), :func:`handoff`, called by the request wrapper, gives the seat to a parked
   worker at once, so one slow request never holds up the others.
 - ``lowlevel.wait_readable``: :meth:`Poller.wait_readable` polls the fd for up to ``poll_us``
-  before sleeping in trio, and yields to the other tasks at least every ``YIELD_EVERY_NS``.
+  before sleeping in trio, while polling pays, and yields to the other tasks at least every
+  ``YIELD_EVERY_NS``.
 
 Measured with ``cp -a`` of 5,000 small files into the global store: 0.55-0.6x the wall time and
 0.6-0.65x the daemon's CPU of pyfuse3's own loop (bench/README.md).
