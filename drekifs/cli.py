@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-us",
         metavar="US",
         type=poll_us,
-        default=100,
+        default=100,  # fs/requestloop.py's POLL_US (importing it would load trio for every command)
         help="after answering a request, poll for the next one this many microseconds "
         "before sleeping: on a VM, waking a sleeping daemon costs each request tens of us "
         "(default 100; 0 sleeps at once)",

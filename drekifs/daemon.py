@@ -23,6 +23,7 @@ from pathlib import Path
 from . import control
 from .fs.inodes import StoreSlots
 from .fs.namespace import MAX_PATHS
+from .fs.requestloop import POLL_US
 from .stores.lmdbstore import LmdbStore
 from .stores.record import TOMBSTONE_GRACE
 from .stores.version import HybridClock
@@ -57,7 +58,7 @@ class MountConfig:
     max_local_value: int = 64 << 20
     keyring: Path | None = None  # without one, this peer runs alone
     tombstone_grace: float = TOMBSTONE_GRACE
-    poll_us: int = 100  # fs/requestloop.py: how long to poll /dev/fuse before sleeping
+    poll_us: int = POLL_US  # fs/requestloop.py: how long to poll /dev/fuse before sleeping
 
 
 # -- mount table ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import drekifs.daemon
 from drekifs import cli, config
 from drekifs.daemon import MountConfig
+from drekifs.fs import requestloop
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -124,7 +125,7 @@ def test_built_in_defaults_without_a_file(tmp_path: Path, mounted: list[MountCon
     assert mc.cache_timeout == 3600.0 and mc.log_level == "INFO" and mc.log_file is None
     assert mc.max_global_value == 1 << 20 and mc.max_local_value == 64 << 20
     assert mc.tombstone_grace == 7 * 86400.0 and mc.keyring is None
-    assert mc.poll_us == 100
+    assert mc.poll_us == 100 == requestloop.POLL_US  # the command's default is the module's
     assert mc.data_dir == cli.default_data_dir(None, cli.demo_zone(), None)
 
 

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # pyfuse3 versions whose worker loop uses trio.Lock and trio.lowlevel.wait_readable as described
 # above (internal.pxi, 3.3.0 to 3.5.0 read); another keeps pyfuse3's own loop.
 KNOWN_PYFUSE3 = ("3.3.", "3.4.", "3.5.")
+POLL_US = 100  # --poll-us's default: how long to poll /dev/fuse before sleeping
 MIN_TASKS = 1  # pyfuse3.main()'s default: a worker leaves when more than this many are idle
 PATROL_S = 0.1  # a parked worker checks this often that the seat was not left empty
 YIELD_EVERY_NS = 2_000_000  # polling never keeps the other trio tasks waiting longer
