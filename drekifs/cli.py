@@ -239,7 +239,18 @@ def mount_config(args: argparse.Namespace):
     config = source_config(args)
     if args.data_dir is None:
         args.data_dir = default_data_dir(config.domain, config.zone, args.node)
+    from .stores.keys import MAX_GLOBAL_VALUE
+
     options = [o for opt in args.o or [] for o in opt.split(",") if o]
+    if args.max_global_value > MAX_GLOBAL_VALUE:
+        # A global entry travels whole in one 4 MiB frame, with up to 256 KiB of path, xattrs
+        # and version besides its value (stores/keys.py ENTRY_OVERHEAD).
+        raise SystemExit(
+            _usage(
+                f"--max-global-value {args.max_global_value}: at most {MAX_GLOBAL_VALUE} "
+                "(3.75 MiB: a global entry is replicated whole, in one message)"
+            )
+        )
     return MountConfig(
         mountpoint=Path(args.mountpoint),
         source=config,

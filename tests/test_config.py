@@ -264,3 +264,13 @@ def test_seconds_are_durations_in_the_file_as_on_the_command_line(tmp_path: Path
     values = config.load(p)
     assert values["cache_timeout"] == 0.5 and values["min_refresh"] == 120.0
     assert values["tombstone_grace"] == 1.5
+
+
+def test_a_global_value_limit_past_one_message_is_refused(
+    tmp_path: Path, mounted: list[MountConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        mount("--max-global-value", "4MiB", tmp_path)
+    assert e.value.code == 2 and not mounted
+    assert "--max-global-value 4194304: at most 3932160" in capsys.readouterr().err
+    assert mount("--max-global-value", "3932160", tmp_path) == 0

@@ -318,6 +318,12 @@ class Peer:
     def counters_text(self) -> str:
         counters = dict(self.transport.counters)
         counters.update((f"swim.{k}", v) for k, v in self.membership.counters.items())
+        if self.replication is not None:
+            r = self.replication
+            counters.update((f"plumtree.{k}", v) for k, v in r.broadcast.counters.items())
+            counters.update((f"antientropy.{k}", v) for k, v in r.antientropy.counters.items())
+            counters["replication.merged"] = r.replica.merged
+            counters["replication.refused"] = r.replica.refused
         return "".join(f"{k} {v}\n" for k, v in sorted(counters.items()))
 
 

@@ -7,11 +7,16 @@ runs them: a local write (a store change whose origin is not replication) is bro
 change, local or merged, updates the hash tree; membership gives both their peers.
 
 On the wire an entry is ``[record (Record.pack()), value or None]``; a message id is
-``hlc (8 bytes) | length of peer (1) | peer | key``.
+``hlc (8 bytes) | length of peer (1) | peer | key``, or, when that would be over Plumtree's
+200 bytes (keys run to 4 KiB), ``... | peer | \x01 | 16-byte BLAKE2b digest of the key``, and
+then the entry carries its key: ``[record, value, key]``. A peer that has not seen that key
+lately cannot tell from the id whether it has the version, so it asks (one GRAFT) and drops
+the duplicate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 import time
@@ -19,12 +24,14 @@ from typing import Any
 
 import trio
 
+from ..stores.keys import HASHED
 from ..stores.lmdbstore import LmdbStore
-from ..stores.record import TOMBSTONE_GRACE, Record
+from ..stores.record import TOMBSTONE_GRACE, Record, StoreError
 from ..stores.version import Version
 from .antientropy import AntiEntropy, HashTree
 from .net import Network, PeerAddr
 from .plumtree import Broadcast, PlumtreeConfig
+from .plumtree.messages import MAX_ID
 from .rejoin import EXCHANGE_TIMEOUT, brought_news
 
 log = logging.getLogger(__name__)
@@ -36,13 +43,25 @@ SEND_EVERY = 0.02  # seconds local writes gather before they are broadcast
 BUILD_CHUNK = 5_000  # keys hashed into the tree per step at start, between other work
 
 
+KEY_DIGEST = 16
+LONG_KEYS = 10_000  # digests of long keys remembered, to answer IHAVEs and GRAFTs by id
+
+
+def key_digest(key: bytes) -> bytes:
+    return HASHED + hashlib.blake2b(key, digest_size=KEY_DIGEST).digest()
+
+
 def message_id(key: bytes, version: Version) -> bytes:
     peer = version.peer.encode()[:255]
-    return _HLC.pack(version.hlc) + bytes([len(peer)]) + peer + key
+    head = _HLC.pack(version.hlc) + bytes([len(peer)]) + peer
+    if len(head) + len(key) > MAX_ID:
+        return head + key_digest(key)
+    return head + key
 
 
 def split_message_id(mid: bytes) -> tuple[bytes, Version]:
-    """The entry key and the version a message id names; ValueError when it names none."""
+    """The entry key (or its digest: see is_digest) and the version a message id names;
+    ValueError when it names none."""
     if len(mid) < 10:
         raise ValueError("not a message id")
     n = mid[8]
@@ -52,10 +71,15 @@ def split_message_id(mid: bytes) -> tuple[bytes, Version]:
     return key, Version(_HLC.unpack(mid[:8])[0], peer.decode("utf-8", "replace"))
 
 
+def is_digest(key: bytes) -> bool:
+    """A message id's key part is a digest (no entry key starts with HASHED: keys.py)."""
+    return key[:1] == HASHED
+
+
 def _entry(raw: Any) -> tuple[Record, bytes | None]:
-    if not isinstance(raw, list | tuple) or len(raw) != 2:
-        raise ValueError("an entry is [record, value]")
-    packed, value = raw
+    if not isinstance(raw, list | tuple) or len(raw) not in (2, 3):
+        raise ValueError("an entry is [record, value] or [record, value, key]")
+    packed, value = raw[0], raw[1]
     if not isinstance(packed, bytes) or not (value is None or isinstance(value, bytes)):
         raise ValueError("an entry is [record bytes, value bytes or nil]")
     rec = Record.unpack(packed)
@@ -64,31 +88,60 @@ def _entry(raw: Any) -> tuple[Record, bytes | None]:
     return rec, value
 
 
+def entry_payload(key: bytes, rec: Record, value: bytes | None) -> list:
+    """An entry as Plumtree carries it: its key too when the message id has only a digest."""
+    assert rec.version is not None
+    if is_digest(split_message_id(message_id(key, rec.version))[0]):
+        return [rec.pack(), value, key]
+    return [rec.pack(), value]
+
+
 class GlobalReplica:
     """The global store as Plumtree's MessageStore and anti-entropy's EntrySource."""
 
     def __init__(self, store: LmdbStore) -> None:
         self.store = store
         self.merged = 0  # entries from peers that changed something here
+        self.refused = 0  # entries from peers this store would not take (each logged)
+        self._long_keys: dict[bytes, bytes] = {}  # digest -> key, of long keys seen lately
+
+    def remember_long(self, key: bytes) -> bytes:
+        """A long key's digest, remembered so that ids naming it can be answered."""
+        digest = key_digest(key)
+        if digest not in self._long_keys and len(self._long_keys) >= LONG_KEYS:
+            self._long_keys.pop(next(iter(self._long_keys)))
+        self._long_keys[digest] = key
+        return digest
+
+    def _key_of(self, part: bytes) -> bytes | None:
+        return self._long_keys.get(part) if is_digest(part) else part
 
     # -- Plumtree --------------------------------------------------------------------------
 
     def has(self, mid: bytes) -> bool:
-        key, version = split_message_id(mid)
-        return self.store.has_version(key, version)
+        part, version = split_message_id(mid)
+        key = self._key_of(part)
+        return key is not None and self.store.has_version(key, version)
 
     def get(self, mid: bytes) -> Any | None:
-        key, version = split_message_id(mid)
-        exported = self.store.export(key)
+        part, version = split_message_id(mid)
+        key = self._key_of(part)
+        exported = self.store.export(key) if key is not None else None
         current = exported[0].version if exported is not None else None
         if current is None or not version.same_write(current):
             return None  # superseded: the newer version travels on its own
         rec, value = exported
-        return [rec.pack(), value]
+        return entry_payload(key, rec, value)
 
     def deliver(self, mid: bytes, payload: Any) -> bool:
-        key, version = split_message_id(mid)
+        part, version = split_message_id(mid)
         rec, value = _entry(payload)
+        key = part
+        if is_digest(part):
+            key = payload[2] if len(payload) == 3 else None
+            if not isinstance(key, bytes) or key_digest(key) != part:
+                raise ValueError("the payload's key is not the one its message id names")
+            self.remember_long(key)
         assert rec.version is not None  # _entry refuses an entry without one
         if not version.same_write(rec.version):
             # Plumtree remembers ids: an id over another version would stand for the wrong one.
@@ -109,15 +162,29 @@ class GlobalReplica:
         return out
 
     def merge(self, entries: list[tuple[bytes, Any]]) -> int:
-        checked = [(key, *_entry(raw)) for key, raw in entries]  # all checked before any applied
-        return sum(self._merge_one(key, rec, value) for key, rec, value in checked)
+        """Each entry on its own: one this store refuses is logged and counted, and never
+        stops the others (nor fails the exchange that brought them)."""
+        changed = 0
+        for key, raw in entries:
+            try:
+                rec, value = _entry(raw)
+                changed += self._merge_one(key, rec, value)
+            except (ValueError, TypeError, KeyError, StoreError) as e:
+                self._refuse(key, e)
+        return changed
+
+    def _refuse(self, key: object, e: Exception) -> None:
+        self.refused += 1
+        shown = key[:120] if isinstance(key, bytes) else type(key).__name__
+        log.warning("replication: an entry refused (%s): %s", shown, e)
 
     def _merge_one(self, key: bytes, rec: Record, value: bytes | None) -> bool:
-        if not isinstance(key, bytes) or key.count(b"\0") not in (1, 2):
-            raise ValueError("not an entry key")
         if value is not None and len(value) > self.store.max_value:
-            raise ValueError("value larger than this store takes")
-        changed = self.store.merge(key, rec, value, ORIGIN)
+            raise ValueError(f"a value of {len(value)} bytes, over {self.store.max_value}")
+        try:
+            changed = self.store.merge(key, rec, value, ORIGIN)
+        except StoreError as e:
+            raise ValueError(str(e)) from None
         self.merged += changed
         return changed
 
@@ -185,10 +252,13 @@ class Replication:
                 if exported is None or exported[0].version is None:
                     continue
                 rec, value = exported
+                mid = message_id(key, rec.version)
+                if is_digest(split_message_id(mid)[0]):
+                    self.replica.remember_long(key)
                 try:
-                    self.broadcast.broadcast(message_id(key, rec.version), [rec.pack(), value])
-                except ValueError as e:  # an id too long to send: anti-entropy carries it
-                    log.warning("not broadcast: %s", e)
+                    self.broadcast.broadcast(mid, entry_payload(key, rec, value))
+                except ValueError as e:  # a bug: anti-entropy carries it all the same
+                    log.error("replication: not broadcast: %s", e)
 
     def set_members(self, alive: dict[str, PeerAddr]) -> None:
         """The live members (this peer may be among them): neighbours and exchange partners."""

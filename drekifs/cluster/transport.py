@@ -38,6 +38,7 @@ from typing import Any
 
 import trio
 
+from ..stores.keys import MAX_FRAME
 from . import frames
 from .endpoint import Endpoint
 from .frames import Keys, Malformed
@@ -70,7 +71,7 @@ class Transport:
         keyring: KeyRing,
         bind: PeerAddr,
         *,
-        max_frame: int = 4 << 20,
+        max_frame: int = MAX_FRAME,
         limits: Limits | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:

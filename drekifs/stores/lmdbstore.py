@@ -4,9 +4,12 @@ On disk (``<data-dir>/stores/<name>/``, one environment per store), named databa
 
     entries  loc \\0 parent \\0 name  ->  Record.pack()     the entry ``parent/name`` at ``loc``
              loc \\0                  ->  Record.pack()     the store's root directory at ``loc``
+             \\x01 digest name        ->  Record.pack()     the same, when ``loc \\0 parent \\0``
+                                                         is over 256 bytes (keys.py)
+    heads    \\x01 digest             ->  loc \\0 parent \\0  what each digest stands for
     values   eid (8 bytes, big end)  ->  the file's bytes
-    eids     eid                     ->  entries key        (entry ids are inode numbers' base)
-    meta     b"schema" -> 1, b"next_eid" -> u64, b"last_write_ns" -> u64,
+    eids     eid                     ->  entry key          (entry ids are inode numbers' base)
+    meta     b"schema" -> 2, b"next_eid" -> u64, b"last_write_ns" -> u64,
              b"value_bytes" -> u64 (bytes in all live values),
              b"x.<name>" -> u64 (numbers of other parts: b"x.incarnation", membership's)
 
@@ -41,15 +44,36 @@ from pathlib import Path
 import lmdb
 import trio
 
-from .base import Key, Watcher
+from .base import Watcher
 from .conflicts import conflict_name, decide
+from .keys import (
+    HASHED_HEAD,
+    INLINE_HEAD,
+    MAX_PATH,
+    Parts,
+    check_entry_key,
+    check_path,
+    check_target,
+    check_xattrs,
+    children_prefix,
+    db_head,
+    db_key,
+    eid_key,
+    entry_key,
+    is_hashed,
+    label,
+    path_bytes,
+    split_key,
+)
+
+__all__ = ["LmdbStore", "children_prefix", "eid_key", "entry_key", "split_key"]
 from .record import DIR, FILE, NO_XATTRS, SYMLINK, TOMBSTONE, Record, StoreError
 from .version import LOGICAL_BITS, HybridClock, Version, first_version, version_digest
 
 log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)  # madvise, for trim()
-SCHEMA = 1
+SCHEMA = 2  # 2: long heads hashed (keys.py); a schema 1 store is rewritten at open
 CACHE_ENTRIES = 20_000
 # Seconds a group of changes gathers before it commits (fsync never waits for it). 100 ms
 # rather than 20: a cp -a of small files cost the daemon ~9% less CPU (fewer transactions and
@@ -64,45 +88,8 @@ _FAULT_AROUND = 64 << 10
 # Entries on one LMDB leaf page, about: a scan faults once per leaf, and each fault maps up to
 # _FAULT_AROUND of the file (value pages written at the same time lie between entry pages).
 _ENTRIES_PER_LEAF = 16
-Parts = Key  # a key: the path below the store's root, as byte strings
 _U64 = struct.Struct(">Q")
 _MISSING = object()
-
-
-_LOC_HEADS: dict[str, bytes] = {}  # loc -> its encoding and separator: a key per change
-
-
-def _loc_head(loc: str) -> bytes:
-    head = _LOC_HEADS.get(loc)
-    if head is None:
-        if len(_LOC_HEADS) >= 4096:  # locations come from DNS and peers: keep it bounded
-            _LOC_HEADS.clear()
-        head = _LOC_HEADS[loc] = loc.encode() + b"\0"
-    return head
-
-
-def entry_key(loc: str, parts: Parts) -> bytes:
-    head = _LOC_HEADS.get(loc) or _loc_head(loc)  # several per request: no call when known
-    if not parts:
-        return head
-    return head + b"/".join(parts[:-1]) + b"\0" + parts[-1]
-
-
-def children_prefix(loc: str, parts: Parts) -> bytes:
-    return _loc_head(loc) + b"/".join(parts) + b"\0"
-
-
-def split_key(key: bytes) -> tuple[str, Parts]:
-    loc, _, rest = key.partition(b"\0")
-    if not rest:
-        return loc.decode(), ()
-    parent, _, name = rest.partition(b"\0")
-    parts = tuple(parent.split(b"/")) if parent else ()
-    return loc.decode(), (*parts, name)
-
-
-def eid_key(eid: int) -> bytes:
-    return _U64.pack(eid)
 
 
 @dataclass
@@ -164,9 +151,14 @@ class LmdbStore:
         self._values = self.env.open_db(b"values")
         self._eids = self.env.open_db(b"eids")
         self._meta = self.env.open_db(b"meta")
+        self._heads = self.env.open_db(b"heads")
+        self._head_of: dict[bytes, bytes] = {}  # digest -> head, for scans (bounded)
         with self.env.begin(write=True, db=self._meta) as txn:
             schema = txn.get(b"schema")
             if schema is None:
+                txn.put(b"schema", _U64.pack(SCHEMA))
+            elif _U64.unpack(schema)[0] == 1:
+                self._upgrade_from_1(txn)
                 txn.put(b"schema", _U64.pack(SCHEMA))
             elif _U64.unpack(schema)[0] != SCHEMA:
                 raise StoreError(errno.EPROTO, f"store {name} at {path} has schema {schema!r}")
@@ -192,6 +184,36 @@ class LmdbStore:
         self._mapped = 0  # bytes reads may have mapped since the last trim (an estimate)
         self._map_ranges: list[tuple[int, int]] | None = None
 
+    def _upgrade_from_1(self, txn: lmdb.Transaction) -> None:
+        """Schema 1 kept every key whole: those with a head over INLINE_HEAD bytes move to
+        their hashed form (keys.py). One pass at the first open, in the opening transaction."""
+        moved = [
+            (key, raw)
+            for key, raw in txn.cursor(db=self._entries)
+            if len(key) > INLINE_HEAD and db_key(key) != key
+        ]
+        for key, raw in moved:
+            txn.delete(key, db=self._entries)
+            txn.put(db_key(key), raw, db=self._entries)
+            cut = key.rfind(b"\0") + 1
+            txn.put(db_head(key[:cut]), key[:cut], db=self._heads)
+        if moved:
+            log.info("store %s: %d keys with long paths moved to schema 2", self.name, len(moved))
+
+    def _whole_key(self, txn: lmdb.Transaction, dbkey: bytes) -> bytes | None:
+        """The entry key an ``entries`` key stands for (None: a digest nobody wrote down)."""
+        if not is_hashed(dbkey):
+            return dbkey
+        digest = dbkey[:HASHED_HEAD]
+        head = self._head_of.get(digest)
+        if head is None:
+            head = txn.get(digest, db=self._heads)
+            if head is None:
+                log.error("store %s: no head for a hashed key; entry skipped", self.name)
+                return None
+            self._remember(self._head_of, digest, head)
+        return head + dbkey[HASHED_HEAD:]
+
     def _count_value_bytes(self) -> int:
         with self.env.begin(db=self._entries) as txn:
             return sum(
@@ -216,7 +238,7 @@ class LmdbStore:
         if rec is not _MISSING:
             return rec  # type: ignore[return-value]
         with self.env.begin(db=self._entries) as txn:
-            raw = txn.get(key)
+            raw = txn.get(db_key(key))
         rec = Record.unpack(raw) if raw is not None else None
         self._remember(self._records, key, rec)
         self._touched(_FAULT_AROUND)
@@ -248,6 +270,7 @@ class LmdbStore:
     def children(self, loc: str, parts: Parts) -> dict[bytes, Record]:
         """Live entries of the directory ``parts``, by name."""
         prefix = children_prefix(loc, parts)
+        dbprefix = db_head(prefix)
         out: dict[bytes, Record] = {}
         records, where = self._records, self._where
         # A listing is usually followed by a lookup of each child (ls -l, tar, rsync): what
@@ -256,12 +279,14 @@ class LmdbStore:
         moved = self._pending.eids.keys() | self._inflight.eids.keys()
         with self.env.begin(db=self._entries) as txn:
             cursor = txn.cursor()
-            if cursor.set_range(prefix):
+            if cursor.set_range(dbprefix):
                 for key, raw in cursor:
-                    if not key.startswith(prefix):
+                    if not key.startswith(dbprefix):
                         break
                     rec = Record.unpack(raw)
-                    out[key[len(prefix) :]] = rec
+                    name = key[len(dbprefix) :]
+                    out[name] = rec
+                    key = prefix + name
                     if len(records) < CACHE_ENTRIES and key not in shadowed:  # never thrash
                         records[key] = rec
                         if len(where) < CACHE_ENTRIES and rec.alive and rec.eid not in moved:
@@ -283,6 +308,7 @@ class LmdbStore:
         whether more follow. Reads LMDB from ``after`` on (a cursor), so a page of a large
         directory costs the page, not the directory; changes not on disk yet are merged in."""
         prefix = children_prefix(loc, parts)
+        dbprefix = db_head(prefix)
         # Changes not yet on disk, in the range: they win over what LMDB says.
         layered: dict[bytes, Record | None] = {}
         for layer in (self._inflight, self._pending):  # newest last
@@ -297,11 +323,11 @@ class LmdbStore:
             cursor = txn.cursor()
             # Enough live entries for the page and one more (to tell whether more follow); a
             # name in ``layered`` may replace or hide what the cursor finds, so count those out.
-            if cursor.set_range(prefix + after):
+            if cursor.set_range(dbprefix + after):
                 for key, raw in cursor:
-                    if not key.startswith(prefix):
+                    if not key.startswith(dbprefix):
                         break
-                    name = key[len(prefix) :]
+                    name = key[len(dbprefix) :]
                     if name == after:
                         continue
                     scanned += 1
@@ -432,7 +458,7 @@ class LmdbStore:
         )
 
     def _label(self, loc: str, parts: Parts) -> str:
-        return f"{self.name}@{loc}:/" + "/".join(p.decode("utf-8", "replace") for p in parts)
+        return label(self.name, loc, parts)
 
     def create(
         self,
@@ -445,7 +471,11 @@ class LmdbStore:
         target: bytes = b"",
         origin: object = None,
     ) -> Record:
-        """A new file, directory or symlink. EEXIST if the name is taken."""
+        """A new file, directory or symlink. EEXIST if the name is taken; ENAMETOOLONG past
+        the path limits (keys.py)."""
+        check_path(self.name, loc, parts)
+        if target:
+            check_target(target)
         parent = self._parent_dir(loc, parts)
         key = entry_key(loc, parts)
         previous = self._record(key)
@@ -528,6 +558,8 @@ class LmdbStore:
         if rec is None:
             raise StoreError(errno.ENOENT, f"{self._label(loc, parts)} does not exist")
         fields.setdefault("ctime_ns", self._now())
+        if "xattrs" in fields:
+            check_xattrs(fields["xattrs"])
         if "perm" in fields:
             fields["perm"] &= 0o7777
         # An explicit change (chmod, utimes, xattrs) is a new version, for directories too;
@@ -598,6 +630,9 @@ class LmdbStore:
             return
         if dst[: len(src)] == src:
             raise StoreError(errno.EINVAL, f"cannot move {self._label(loc, src)} into itself")
+        check_path(self.name, loc, dst)
+        moved = list(self.walk(loc, src))
+        self._check_moved_paths(loc, src, dst, moved)
         target = self.get(loc, dst)
         now = self._now()
         if target is not None:
@@ -613,7 +648,6 @@ class LmdbStore:
             self._drop(loc, dst, target, now)
             if target.is_dir:
                 self._touch_dir(loc, dst[:-1], now, -1)
-        moved = list(self.walk(loc, src))
         keys: list[tuple[bytes, bytes]] = []  # (old, new) of each entry moved, src's first
         for old_parts, old in moved:
             new_parts = dst + old_parts[len(src) :]
@@ -639,6 +673,16 @@ class LmdbStore:
             self._notify(old_key, origin, i > 0)
             self._notify(new_key, origin, i > 0)
 
+    def _check_moved_paths(
+        self, loc: str, src: Parts, dst: Parts, moved: list[tuple[Parts, Record]]
+    ) -> None:
+        """ENAMETOOLONG before anything moves when an entry below ``src`` would end up
+        with a path over the limit under ``dst``."""
+        longest = max(moved, key=lambda pr: path_bytes(pr[0]))[0]
+        grow = path_bytes(dst) - path_bytes(src)
+        if grow > 0 and path_bytes(longest) + grow > MAX_PATH:
+            check_path(self.name, loc, dst + longest[len(src) :])
+
     def set_xattr(
         self,
         loc: str,
@@ -648,8 +692,6 @@ class LmdbStore:
         flags: int = 0,
         origin: object = None,
     ) -> Record:
-        import os
-
         rec = self.get(loc, parts)
         if rec is None:
             raise StoreError(errno.ENOENT, f"{self._label(loc, parts)} does not exist")
@@ -703,9 +745,15 @@ class LmdbStore:
         does (anti-entropy brings it)."""
         if rec.version is None:
             raise StoreError(errno.EINVAL, "a replicated entry has a version")
-        loc, parts = split_key(key)
+        try:
+            loc, parts = check_entry_key(key)
+        except ValueError as e:
+            raise StoreError(errno.EINVAL, str(e)) from None
         if not parts:
             return False  # store roots are not entries
+        if rec.alive:
+            check_xattrs(dict(rec.xattrs))
+            check_target(rec.target)
         self.clock.observe(rec.version.hlc)
         local = self._record(key)
         decision = decide(local, rec)
@@ -726,8 +774,9 @@ class LmdbStore:
         for layer in (self._inflight, self._pending):  # the newest last
             newer.update(layer.entries)
         with self.env.begin(db=self._entries) as txn:
-            for key, raw in txn.cursor():
-                if key not in newer:
+            for dbkey, raw in txn.cursor():
+                key = self._whole_key(txn, dbkey)
+                if key is not None and key not in newer:
                     yield key, Record.unpack(raw)
         for key, rec in newer.items():
             if rec is not None:
@@ -905,10 +954,14 @@ class LmdbStore:
     def _write(self, batch: _Layer) -> None:
         with self.env.begin(write=True) as txn:
             for key, rec in batch.entries.items():
+                dbkey = db_key(key)
                 if rec is None:
-                    txn.delete(key, db=self._entries)
-                else:
-                    txn.put(key, rec.pack(), db=self._entries)
+                    txn.delete(dbkey, db=self._entries)
+                    continue
+                if is_hashed(dbkey):
+                    cut = key.rfind(b"\0") + 1
+                    txn.put(dbkey[:HASHED_HEAD], key[:cut], db=self._heads)
+                txn.put(dbkey, rec.pack(), db=self._entries)
             for eid, value in batch.values.items():
                 if value is None:
                     txn.delete(eid_key(eid), db=self._values)

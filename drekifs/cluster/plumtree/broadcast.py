@@ -68,7 +68,8 @@ class Broadcast:
     ``gossip_received`` (pushes received), ``neighbours_added`` / ``neighbours_removed`` (as
     membership changes), ``delivered`` (new messages from peers), ``duplicates`` (copies of a
     message already delivered: each one is answered PRUNE), ``stale`` (copies the store already had
-    or found superseded), ``gossip_sent``, ``gossip_failed``, ``gossip_refused``, ``sends_dropped``,
+    or found superseded), ``gossip_sent``, ``gossip_failed``, ``gossip_refused``,
+    ``gossip_errors`` (a push the transport would not take), ``sends_dropped``,
     ``ihave_sent`` / ``ihave_ids``, ``graft_sent`` / ``graft_ids``, ``graft_served``,
     ``graft_unknown``, ``graft_gave_up``, ``prune_sent``, ``prune_received``, ``optimized``,
     ``missing_full``, ``ihave_dropped``, ``malformed``, ``not_running``, ``store_errors``,
@@ -336,6 +337,11 @@ class Broadcast:
         except RemoteError:
             self.counters["gossip_refused"] += 1
             self._peers.make_lazy(to)
+        except Exception as e:
+            # One message the transport would not take (too big, a bug): an error for that
+            # message, never for the task group the whole broadcast runs in.
+            self.counters["gossip_errors"] += 1
+            log.error("plumtree: a push to %s failed: %s", to, e)
         finally:
             self._sending -= 1
 
