@@ -65,6 +65,7 @@ class OpenFile(Unsaved):
     loc: str
     eid: int
     handles: int = 0
+    reserved: int = 0  # disk room held in the store for the buffer's commit (ENOSPC early)
 
     def load(self) -> bytearray:
         if self.buffer is None:
@@ -75,6 +76,7 @@ class OpenFile(Unsaved):
         buf = self.load()
         end = offset + len(data)
         self.store.check_size(end)
+        self._reserve(max(end, len(buf)))
         if offset > len(buf):
             buf.extend(bytes(offset - len(buf)))
         buf[offset:end] = data
@@ -85,12 +87,24 @@ class OpenFile(Unsaved):
     def truncate(self, size: int) -> None:
         self.store.check_size(size)
         buf = self.load()
+        self._reserve(size)
         if size < len(buf):
             del buf[size:]
         else:
             buf.extend(bytes(size - len(buf)))
         self.dirty = True
         self.wrote()
+
+    def _reserve(self, size: int) -> None:
+        """Room on disk for a commit of ``size`` bytes, held from the write that needs it (a
+        full disk is ENOSPC at write(2), not a failure at close that nobody sees)."""
+        if size > self.reserved:
+            self.store.reserve(size - self.reserved)
+            self.reserved = size
+
+    def unreserve(self) -> None:
+        self.store.unreserve(self.reserved)
+        self.reserved = 0
 
     def read(self, offset: int, size: int) -> bytes:
         if self.buffer is not None:
@@ -107,9 +121,19 @@ class OpenFile(Unsaved):
             return None
         self.dirty = False
         metadata, self.metadata = self.metadata, {}
-        return self.store.write_value(
-            self.loc, None, self.eid, bytes(self.buffer or b""), origin, self.mtime_ns, **metadata
-        )
+        try:
+            return self.store.write_value(
+                self.loc,
+                None,
+                self.eid,
+                bytes(self.buffer or b""),
+                origin,
+                self.mtime_ns,
+                reserved=self.reserved,
+                **metadata,
+            )
+        finally:
+            self.unreserve()  # the bytes are the store's to count now
 
 
 @dataclass
@@ -132,5 +156,7 @@ class OpenFiles:
     def close(self, f: OpenFile) -> None:
         f.handles -= 1
         key = (f.store.name, f.eid)
-        if f.handles == 0 and self.by_key.get(key) is f:
-            del self.by_key[key]
+        if f.handles == 0:
+            f.unreserve()
+            if self.by_key.get(key) is f:
+                del self.by_key[key]

@@ -74,6 +74,7 @@ class Store(Protocol):
         value: bytes,
         origin: object = None,
         mtime_ns: int | None = None,
+        reserved: int = 0,
         **fields: object,
     ) -> Record | None:
         """A file's bytes (and metadata ``fields``), one new version; None when the entry is
@@ -101,6 +102,12 @@ class Store(Protocol):
 
     def check_size(self, size: int) -> None:
         """EFBIG when a value of ``size`` bytes would not fit."""
+
+    def reserve(self, nbytes: int) -> None:
+        """Hold disk room for ``nbytes`` an open file will commit; ENOSPC when there is none
+        (write_value's ``reserved`` then spends it)."""
+
+    def unreserve(self, nbytes: int) -> None: ...
 
     # -- durability ------------------------------------------------------------------------
     async def sync(self) -> None:

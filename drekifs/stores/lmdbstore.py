@@ -82,6 +82,12 @@ GROUP_WINDOW = 0.1
 # Value bytes a group may hold before it commits without waiting out the window: what a fast
 # writer can pile up in memory is bounded by this, not by its speed.
 GROUP_BYTES = 16 << 20
+# Free disk a change needs besides twice the bytes waiting for the disk (LMDB writes new pages
+# before it frees old ones): a page or two of tree per change, and a reserve only deletes and
+# truncates may use, so that a full store can always be emptied.
+SPACE_PER_CHANGE = 8 << 10
+SPACE_RESERVE = 1 << 20
+SPACE_RECHECK = 1.0  # seconds a statvfs answer is trusted while it says there is room
 # Trim the map once reads may have mapped this much (each miss counts a fault-around window).
 TRIM_AFTER_BYTES = 16 << 20
 _FAULT_AROUND = 64 << 10
@@ -104,6 +110,7 @@ class _Layer:
     last_write_ns: int | None = None
     value_bytes: int | None = None
     held: int = 0  # bytes of the values in ``values`` (GROUP_BYTES)
+    refused: list[tuple[bytes, str]] = field(default_factory=list)  # set by _write: see there
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.values or self.eids)
@@ -143,6 +150,7 @@ class LmdbStore:
         self.max_value = max_value
         self.clock = clock or HybridClock()
         self.uid, self.gid = uid, gid
+        self.path = path
         path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
             str(path), map_size=map_size, max_dbs=8, sync=True, metasync=True, readahead=True
@@ -178,6 +186,11 @@ class LmdbStore:
         self.commit_error: str | None = None
         self.watchers: list[Watcher] = []
         self.conflicts = 0  # concurrent versions settled since the start (replication)
+        # Disk room (check_room): bytes open files hold for their commit, and the last statvfs.
+        self.reserved = 0
+        self.refused = 0  # changes LMDB would not take at commit (logged; none expected)
+        self._free = 0
+        self._free_at = -SPACE_RECHECK
         # Bounded caches of LMDB reads, kept current by every change (_put, _set_eid).
         self._records: dict[bytes, Record | None] = {}
         self._where: dict[int, bytes | None] = {}
@@ -481,6 +494,7 @@ class LmdbStore:
         previous = self._record(key)
         if previous is not None and previous.alive:
             raise StoreError(errno.EEXIST, f"{self._label(loc, parts)} exists")
+        self.check_room(len(target))
         now = self._now()
         eid = self._alloc()
         rec = Record(
@@ -503,6 +517,35 @@ class LmdbStore:
         self._notify(key, origin)
         return rec
 
+    def check_room(self, nbytes: int = 0, *, freeing: bool = False) -> None:
+        """ENOSPC unless the disk holds ``nbytes`` more beside everything waiting to be
+        committed: a full disk is refused at the request, never discovered at the commit."""
+        waiting = self._pending.held + self._inflight.held + self.reserved + nbytes
+        changes = len(self._pending) + len(self._inflight) + 1
+        need = 2 * waiting + SPACE_PER_CHANGE * changes + (0 if freeing else SPACE_RESERVE)
+        now = time.monotonic()
+        if need > self._free or now - self._free_at >= SPACE_RECHECK:
+            try:
+                st = os.statvfs(self.path)
+            except OSError:
+                return  # no answer: the commit will tell
+            self._free, self._free_at = st.f_bavail * st.f_frsize, now
+        if need > self._free:
+            raise StoreError(
+                errno.ENOSPC,
+                f"store {self.name}: {self._free} bytes free in {self.path}, "
+                f"{need} needed for this change and the {waiting} bytes waiting",
+            )
+
+    def reserve(self, nbytes: int) -> None:
+        """Hold room for bytes an open file will commit (check_room, then counted in it)."""
+        if nbytes > 0:
+            self.check_room(nbytes)
+            self.reserved += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        self.reserved = max(0, self.reserved - nbytes)
+
     def check_size(self, size: int) -> None:
         if size > self.max_value:
             raise StoreError(
@@ -517,13 +560,17 @@ class LmdbStore:
         value: bytes,
         origin: object = None,
         mtime_ns: int | None = None,
+        reserved: int = 0,
         **fields: object,
     ) -> Record | None:
         """Set a file's bytes (and metadata ``fields``, as in update): one new version. None
         when the entry is gone or is another one now (unlinked or replaced while open): the
         write has nowhere to go. ``parts`` None: wherever the entry ``eid`` is now (a file
-        written while open may have been renamed meanwhile)."""
+        written while open may have been renamed meanwhile). ``reserved``: bytes the caller
+        holds room for already (reserve); ENOSPC if the rest does not fit."""
         self.check_size(len(value))
+        if len(value) > reserved:
+            self.check_room(len(value) - reserved)
         if parts is None:
             key = self._key_of(eid)  # type: ignore[assignment]
             if key is None or not key.startswith(entry_key(loc, ())):
@@ -560,6 +607,9 @@ class LmdbStore:
         fields.setdefault("ctime_ns", self._now())
         if "xattrs" in fields:
             check_xattrs(fields["xattrs"])
+            self.check_room(sum(map(len, fields["xattrs"].values())))
+        else:
+            self.check_room(freeing=True)
         if "perm" in fields:
             fields["perm"] &= 0o7777
         # An explicit change (chmod, utimes, xattrs) is a new version, for directories too;
@@ -631,6 +681,7 @@ class LmdbStore:
         if dst[: len(src)] == src:
             raise StoreError(errno.EINVAL, f"cannot move {self._label(loc, src)} into itself")
         check_path(self.name, loc, dst)
+        self.check_room(freeing=True)
         moved = list(self.walk(loc, src))
         self._check_moved_paths(loc, src, dst, moved)
         target = self.get(loc, dst)
@@ -754,6 +805,9 @@ class LmdbStore:
         if rec.alive:
             check_xattrs(dict(rec.xattrs))
             check_target(rec.target)
+            self.check_room(len(value or b""))
+        else:
+            self.check_room(freeing=True)
         self.clock.observe(rec.version.hlc)
         local = self._record(key)
         decision = decide(local, rec)
@@ -939,6 +993,11 @@ class LmdbStore:
                 log.error("store %s: cannot commit %d changes: %s", self.name, len(batch), e)
                 raise StoreError(errno.ENOSPC if "MAP_FULL" in str(e) else errno.EIO, str(e)) from e
             self._inflight = _Layer()
+            for key, why in batch.refused:
+                loc, parts = split_key(key)
+                log.error("store %s: %s not saved: %s", self.name, self._label(loc, parts), why)
+            self.refused += len(batch.refused)
+            self._free_at = -SPACE_RECHECK  # what it took shows in the next statvfs
             self._touched(_FAULT_AROUND + 4096 * len(batch))  # the writer read the map
             self.commit_error = None
             self.committed = max(self.committed, upto)
@@ -961,7 +1020,13 @@ class LmdbStore:
                 if is_hashed(dbkey):
                     cut = key.rfind(b"\0") + 1
                     txn.put(dbkey[:HASHED_HEAD], key[:cut], db=self._heads)
-                txn.put(dbkey, rec.pack(), db=self._entries)
+                try:
+                    txn.put(dbkey, rec.pack(), db=self._entries)
+                except lmdb.BadValsizeError as e:
+                    # Nothing the requests let through gets here (keys.py checks first); should
+                    # something, it fails alone, and never holds up the group (a retry would
+                    # fail the same way, forever). LMDB refuses it before touching the txn.
+                    batch.refused.append((key, str(e)))
             for eid, value in batch.values.items():
                 if value is None:
                     txn.delete(eid_key(eid), db=self._values)

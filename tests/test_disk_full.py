@@ -1,0 +1,87 @@
+"""A full disk, for real: the data directory on a small tmpfs. Every refusal is ENOSPC at the
+request that would need the room (write, create, setxattr), never EIO at a later close or
+fsync; everything acknowledged is there after a remount; deleting frees room again."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import is_mounted
+
+pytestmark = pytest.mark.mounted
+
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", disk], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", disk], check=False)
+
+
+def fill(directory: Path, prefix: str, limit: int = 24) -> tuple[dict[str, bytes], int]:
+    """Write files of 512 KiB until the disk refuses (or ``limit`` files); returns what each
+    close acknowledged and the errno of the refusal (0: none)."""
+    acked: dict[str, bytes] = {}
+    for i in range(limit):
+        name = f"{prefix}{i}"
+        try:
+            fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            return acked, e.errno
+        written = b""
+        refusal = 0
+        try:
+            for c in range(8):
+                data = bytes([i % 251]) * (CHUNK - c)
+                try:
+                    n = os.write(fd, data)  # may be short: the kernel splits large writes
+                except OSError as e:
+                    refusal = e.errno
+                    break
+                written += data[:n]
+                if n < len(data):
+                    break
+        finally:
+            os.close(fd)  # raises if the bytes written were not taken: the test fails then
+        acked[name] = written
+        if refusal:
+            return acked, refusal
+    return acked, 0
+
+
+def test_a_full_disk_is_enospc_at_the_request_and_loses_nothing(mount_world, small_disk) -> None:
+    m = mount_world(data=str(small_disk / "data"))
+    root = m.path / "global"
+    acked, code = fill(root, "f")
+    assert code == errno.ENOSPC, os.strerror(code) if code else "24 files of 512 KiB fit"
+    assert len(acked) >= 4  # the disk did hold something
+    with pytest.raises(OSError) as info:
+        os.setxattr(root / "f0", "user.x", b"v" * 60_000)
+    assert info.value.errno == errno.ENOSPC
+    # fsync of what was acknowledged succeeds: it had its room.
+    fd = os.open(root / "f0", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    # Deleting works on a full disk, and makes room.
+    for name in list(acked)[: len(acked) // 2]:
+        os.unlink(root / name)
+        del acked[name]
+    more, code = fill(root, "g", limit=2)
+    assert code == 0 and len(more) == 2 and all(len(v) == 8 * CHUNK - 28 for v in more.values())
+    acked.update(more)
+    m.umount()
+    assert not is_mounted(m.path)
+    log = m.log()
+    assert "cannot commit" not in log and "not saved" not in log
+    m.remount()
+    for name, data in acked.items():
+        assert (root / name).read_bytes() == data, name
