@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from drekifs.cluster.keyring import KeyRing, KeyRingError
 from drekifs.daemon import control_socket_path
 from drekifs.datadir import DataDirError, private_dir, tighten
 
-from .conftest import drekifs, force_unmount, is_mounted
+from .conftest import drekifs, force_unmount, free_port, is_mounted, wait_for
+from .worlds import Zone
 
 WORLD = "inf.random.sh"  # the bundled demo world
 
@@ -45,6 +47,11 @@ def unmount_if_mounted(path: Path) -> None:
     if is_mounted(path):
         drekifs("umount", path, check=False)
         force_unmount(path)
+
+
+def one_node_zone(zone_file) -> Path:
+    zone = Zone().region("@", ["dc"]).region("dc", ["a"]).node("a", port=free_port())
+    return zone_file(zone)
 
 
 # -- one daemon per data directory ---------------------------------------------------------------
@@ -121,6 +128,91 @@ def test_tighten_touches_only_a_locked_data_dir(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="not a locked data directory"):
             tighten(wrong)
     assert stat.S_IMODE(os.stat(tmp_path / "f").st_mode) == 0o644
+
+
+# -- the key ring --------------------------------------------------------------------------------
+
+
+def test_a_key_ring_readable_by_others_is_refused(tmp_path: Path) -> None:
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    assert stat.S_IMODE(os.stat(ring).st_mode) == 0o600
+    for mode in (0o644, 0o640, 0o604):
+        os.chmod(ring, mode)
+        with pytest.raises(KeyRingError) as info:
+            KeyRing.load(ring)
+        message = str(info.value)
+        assert str(ring) in message and oct(mode)[2:] in message, message
+        assert f"chmod 600 {ring}" in message, message
+        r = drekifs("keyring", ring, "list", check=False)
+        assert r.returncode != 0 and f"chmod 600 {ring}" in r.stderr, r.stderr
+    os.chmod(ring, 0o400)  # read-only for its owner is fine
+    assert len(KeyRing.load(ring).keys) == 1
+
+
+@pytest.mark.mounted
+def test_mount_refuses_a_key_ring_readable_by_others(tmp_path: Path, zone_file) -> None:
+    zone = one_node_zone(zone_file)
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    os.chmod(ring, 0o644)
+    mnt = tmp_path / "m"
+    r = drekifs(
+        "mount", "--zone", zone, "--node", "a", "--keyring", ring,
+        "--data-dir", tmp_path / "d", mnt, check=False,
+    )  # fmt: skip
+    try:
+        assert r.returncode == 1 and f"chmod 600 {ring}" in r.stderr, r.stderr
+        assert not is_mounted(mnt)
+    finally:
+        unmount_if_mounted(mnt)
+
+
+@pytest.mark.mounted
+def test_a_running_daemon_does_not_reload_a_key_ring_made_readable(
+    mount_world, tmp_path: Path, zone_file
+) -> None:
+    zone = one_node_zone(zone_file)
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    m = mount_world("--zone", zone, "--node", "a", "--keyring", ring)
+    os.chmod(ring, 0o644)
+    wait_for(lambda: f"chmod 600 {ring}" in m.log(), timeout=10, what="the refusal logged")
+    assert "key ring not reloaded" in m.log()
+    assert os.listdir(m.path / "global") is not None  # still serving
+
+
+def test_a_leftover_temp_file_never_leaves_the_ring_readable(tmp_path: Path) -> None:
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    tmp = tmp_path / "ring.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)
+    os.fchmod(fd, 0o666)  # whatever the umask: made by someone who wanted to read the next ring
+    os.close(fd)
+    drekifs("keyring", ring, "add")
+    assert stat.S_IMODE(os.stat(ring).st_mode) == 0o600
+    assert len(KeyRing.load(ring).keys) == 2
+    assert not tmp.exists()
+
+
+def test_a_temp_file_symlink_is_not_followed(tmp_path: Path) -> None:
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    before = ring.read_bytes()
+    precious = tmp_path / "precious"
+    precious.write_text("not a key ring\n")
+    os.chmod(precious, 0o644)
+    tmp = tmp_path / "ring.tmp"
+    for target in (precious, tmp_path / "would-be-created"):
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        r = drekifs("keyring", ring, "add", check=False)
+        assert r.returncode != 0 and "symbolic link" in r.stderr and str(tmp) in r.stderr, r
+        assert ring.read_bytes() == before
+        assert stat.S_IMODE(os.stat(ring).st_mode) == 0o600
+    assert precious.read_text() == "not a key ring\n"
+    assert stat.S_IMODE(os.stat(precious).st_mode) == 0o644
+    assert not (tmp_path / "would-be-created").exists()
 
 
 # -- the control socket's directory --------------------------------------------------------------
