@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import control
+from . import control, datadir
 from .fs.inodes import StoreSlots
 from .fs.namespace import MAX_PATHS
 from .fs.requestloop import POLL_US
@@ -161,13 +161,17 @@ def unmount(mountpoint: Path, timeout: float = 60.0) -> str:
 
 
 def control_socket_path(data_dir: Path) -> Path:
-    """``<data-dir>/control.sock``, or a short path when that one is too long for a socket."""
+    """``<data-dir>/control.sock``, or, when that is too long for a socket, ``<pid>.sock`` in
+    ``$TMPDIR/drekifs-UID`` (``/tmp`` without TMPDIR, or when that too is too long): a directory
+    this uid alone controls, checked (datadir.private_dir). Raises DataDirError."""
     path = data_dir / "control.sock"
     if len(os.fsencode(path)) < 100:
         return path
-    short = Path(f"/tmp/drekifs-{os.getuid()}")
-    short.mkdir(mode=0o700, exist_ok=True)
-    return short / f"{os.getpid()}.sock"
+    name = f"drekifs-{os.getuid()}"
+    short = Path(os.environ.get("TMPDIR") or "/tmp") / name
+    if len(os.fsencode(short)) > 80:
+        short = Path("/tmp") / name
+    return datadir.private_dir(short) / f"{os.getpid()}.sock"
 
 
 class Daemon:
@@ -179,7 +183,10 @@ class Daemon:
         self.stores: dict[str, LmdbStore] = {}
         self.watcher = None
         self.external_unmount = False
-        self.control_path = control_socket_path(config.data_dir)
+        try:
+            self.control_path = control_socket_path(config.data_dir)
+        except datadir.DataDirError as e:
+            raise MountError(f"control socket: {e}") from None
         self.peer = None  # cluster.peer.Peer, with a key ring
         self.peer_error = False
         self._stores_seen: dict[str, tuple[str, ...]] = {}  # other nodes' stores, as announced
@@ -500,6 +507,28 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
 
 
+def claim_data_dir(data_dir: Path) -> int:
+    """Before any store or log file is opened: this process's files private from now on, and the
+    data directory locked for its life. Returns the lock's descriptor (kept open until exit)."""
+    os.umask(datadir.UMASK)
+    try:
+        return datadir.lock(data_dir)
+    except datadir.DataDirError as e:
+        raise MountError(str(e)) from None
+
+
+def tighten_data_dir(data_dir: Path) -> None:
+    """Modes made looser while the daemon was down (or by an older version): tightened, logged."""
+    changed = datadir.tighten(data_dir)
+    if changed:
+        shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if changed[10:] else "")
+        log.warning(
+            "data directory %s: tightened to 0700/0600 what others could open: %s",
+            data_dir,
+            shown,
+        )
+
+
 def run_daemon(config: MountConfig, ready: Callable[[], None]) -> None:
     import trio
 
@@ -511,7 +540,7 @@ def mount(config: MountConfig) -> int:
     config.mountpoint = Path(os.path.abspath(config.mountpoint))
     try:
         prepare_mountpoint(config.mountpoint)
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        datadir.make(config.data_dir)
     except MountError as e:
         print(f"drekifs: {e}", file=sys.stderr)
         return 1
@@ -519,8 +548,14 @@ def mount(config: MountConfig) -> int:
         print(f"drekifs: data directory {config.data_dir}: {e}", file=sys.stderr)
         return 1
     if config.foreground:
+        try:
+            claim_data_dir(config.data_dir)
+        except MountError as e:
+            print(f"drekifs: {e}", file=sys.stderr)
+            return 1
         setup_logging(config.log_level, config.log_file)
         try:
+            tighten_data_dir(config.data_dir)
             run_daemon(config, lambda: _notify_ready(config))
         except MountError as e:
             log.error("%s", e)
@@ -556,7 +591,13 @@ def _mount_in_background(config: MountConfig) -> int:
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1):
                 os.dup2(devnull, fd)
+            try:  # the daemon that serves holds the lock, and a refused one writes no log line
+                claim_data_dir(config.data_dir)
+            except MountError as e:
+                os.write(write_fd, f"error {e}\n".encode())
+                os._exit(1)
             setup_logging(config.log_level, log_file)
+            tighten_data_dir(config.data_dir)
 
             def ready() -> None:
                 os.write(write_fd, b"ready\n")

@@ -61,6 +61,7 @@ def test_bad_files(tmp_path: Path) -> None:
         ("# c\nAAAA\n", ":2: a key is 32 bytes, this one 3"),
     ]:
         p.write_text(text)
+        os.chmod(p, 0o600)  # a ring open to others is refused before it is read
         with pytest.raises(KeyRingError, match=expected):
             KeyRing.load(p)
     with pytest.raises(KeyRingError, match="No such file"):

@@ -1,6 +1,7 @@
 """The cluster key ring: every frame and datagram sealed with XChaCha20-Poly1305.
 
-A key ring is a text file (mode 0600) of base64 keys, one a line, the *primary* first: the
+A key ring is a text file (mode 0600, or 0400: any bit for group or others and it is refused, as
+ssh refuses such a private key) of base64 keys, one a line, the *primary* first: the
 primary seals, every key opens, so keys rotate without downtime — install a new key everywhere,
 make it primary everywhere, then remove the old one (docs/operations.md).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,42 @@ OVERHEAD = HEADER_BYTES + TAG_BYTES
 
 
 class KeyRingError(Exception):
-    """The key ring file is missing, unreadable or malformed; the message says where."""
+    """The key ring file is missing, unreadable, open to others or malformed; says where."""
+
+
+_EXCL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _create_private(tmp: Path) -> int:
+    """A new file, 0600, never an existing one nor through a symbolic link: a file made there
+    beforehand (0666, say) must not become the ring. A leftover regular file (an interrupted
+    save) is removed; a symbolic link or anything else is refused, as nothing of ours."""
+    try:
+        return os.open(tmp, _EXCL, 0o600)
+    except FileExistsError:
+        pass
+    st = os.lstat(tmp)
+    if stat.S_ISLNK(st.st_mode):
+        raise KeyRingError(
+            f"{tmp} is a symbolic link (to {os.readlink(tmp)}): not following it; remove it,"
+            " and find out who made it"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyRingError(f"{tmp} exists and is not a regular file: remove it")
+    os.unlink(tmp)
+    try:
+        return os.open(tmp, _EXCL, 0o600)
+    except FileExistsError:  # made again between the unlink and the open: someone races us
+        raise KeyRingError(f"{tmp} keeps being created by someone else: refused") from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    """The rename on disk too: a crash leaves the old ring or the new one."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Unsealable(Exception):
@@ -112,7 +149,14 @@ class KeyRing:
     def load(cls, path: str | os.PathLike) -> KeyRing:
         p = Path(path)
         try:
-            text = p.read_text()
+            with open(p, "rb") as f:  # the mode of what was opened (a symlink's target), as ssh
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                if mode & 0o077:
+                    raise KeyRingError(
+                        f"key ring {p} is mode {mode:04o}, open to group or others: refused"
+                        f" (anyone who reads it joins the cluster); run: chmod 600 {p}"
+                    )
+                text = f.read().decode("utf-8", errors="replace")
         except OSError as e:
             raise KeyRingError(f"key ring {p}: {e.strerror}") from None
         keys = []
@@ -139,12 +183,20 @@ class KeyRing:
             role = "primary" if i == 0 else "accepted"
             lines.append(f"{base64.b64encode(k).decode()}  # {key_id(k).hex()} {role}")
         tmp = p.with_name(p.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        try:
+            fd = _create_private(tmp)
+        except OSError as e:
+            raise KeyRingError(f"cannot write {tmp}: {e.strerror}") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise KeyRingError(f"cannot write {p}: {e.strerror}") from None
+        _fsync_dir(p.parent)
 
     @classmethod
     def generate(cls) -> KeyRing:

@@ -364,9 +364,11 @@ def _stores_in(meta: Any) -> tuple[str, ...] | None:
     return tuple(sorted(good))
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the ring does, or when its mode does (a ring made readable by others
+    is refused, and said so, at the next look)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_mtime_ns, st.st_size, st.st_mode)

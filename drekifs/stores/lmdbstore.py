@@ -153,7 +153,13 @@ class LmdbStore:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=8, sync=True, metasync=True, readahead=True
+            str(path),
+            map_size=map_size,
+            max_dbs=8,
+            sync=True,
+            metasync=True,
+            readahead=True,
+            mode=0o600,  # data.mdb and lock.mdb: the daemon's alone (py-lmdb's default is 0755)
         )
         self._entries = self.env.open_db(b"entries")
         self._values = self.env.open_db(b"values")
