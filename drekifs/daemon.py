@@ -154,6 +154,11 @@ def unmount(mountpoint: Path, timeout: float = 60.0) -> str:
                 f"{mountpoint} unmounted, but daemon {pid} still runs after {timeout}s"
             )
         time.sleep(0.02)
+    report = read_exit_report(pid)
+    if report:
+        raise MountError(
+            f"{mountpoint} unmounted, but daemon {pid} could not save everything:\n{report}"
+        )
     return f"{mountpoint} unmounted; daemon {pid} exited"
 
 
@@ -183,6 +188,7 @@ class Daemon:
         self.stores: dict[str, LmdbStore] = {}
         self.watcher = None
         self.external_unmount = False
+        self.unsaved: list[str] = []  # what could not be saved at exit: the exit report
         try:
             self.control_path = control_socket_path(config.data_dir)
         except datadir.DataDirError as e:
@@ -264,10 +270,30 @@ class Daemon:
             pyfuse3.close(unmount=not self.external_unmount)
             log.info("unmounted %s", config.mountpoint)
             with trio.CancelScope(shield=True):
-                # Whatever the kernel handed us is on disk before the daemon exits.
-                await ops.commit_open_files()
-                for store in stores.values():
-                    await store.close()
+                # Whatever the kernel handed us is on disk before the daemon exits, or kept
+                # where the next start takes it up, and said (exit_report).
+                try:
+                    await ops.commit_open_files()
+                except Exception:
+                    log.exception("committing the open files at exit failed")
+                for name, store in stores.items():
+                    await self._close_store(name, store)
+
+    async def _close_store(self, name: str, store: LmdbStore) -> None:
+        waiting = store.changes - store.committed
+        try:
+            where = await store.close()
+        except Exception as e:
+            self.unsaved.append(
+                f"store {name}: {waiting} changes could not be saved, nor kept anywhere: {e}"
+            )
+            log.error("%s", self.unsaved[-1])
+            return
+        if where is not None:
+            self.unsaved.append(
+                f"store {name}: {waiting} changes could not be saved; kept in {where}, "
+                "taken up at the next mount"
+            )
 
     def _open_stores(self, world: World) -> dict[str, LmdbStore]:
         config = self.config
@@ -529,10 +555,40 @@ def tighten_data_dir(data_dir: Path) -> None:
         )
 
 
-def run_daemon(config: MountConfig, ready: Callable[[], None]) -> None:
+def exit_report_paths(pid: int) -> list[Path]:
+    """Where a daemon that could not save everything says so, for ``drekifs umount``."""
+    dirs = dict.fromkeys([Path(os.environ.get("TMPDIR") or "/tmp"), Path("/tmp")])
+    return [d / f"drekifs-{os.getuid()}" / f"exit-{pid}" for d in dirs]
+
+
+def read_exit_report(pid: int) -> str | None:
+    for path in exit_report_paths(pid):
+        with contextlib.suppress(OSError):
+            text = path.read_text()
+            path.unlink()
+            return text.strip()
+    return None
+
+
+def run_daemon(config: MountConfig, ready: Callable[[], None]) -> int:
+    """Serve until unmounted; 0, or 1 when changes could not be saved at exit (then said in
+    the log and in an exit report that ``drekifs umount`` prints)."""
     import trio
 
-    trio.run(Daemon(config).run, ready)
+    daemon = Daemon(config)
+    trio.run(daemon.run, ready)
+    if not daemon.unsaved:
+        return 0
+    report = "\n".join(daemon.unsaved)
+    log.error("exiting with changes not saved:\n%s", report)
+    for path in exit_report_paths(os.getpid()):
+        try:
+            datadir.private_dir(path.parent)
+            path.write_text(report + "\n")
+            break
+        except (OSError, datadir.DataDirError) as e:
+            log.error("cannot write the exit report %s: %s", path, e)
+    return 1
 
 
 def mount(config: MountConfig) -> int:
@@ -556,7 +612,7 @@ def mount(config: MountConfig) -> int:
         setup_logging(config.log_level, config.log_file)
         try:
             tighten_data_dir(config.data_dir)
-            run_daemon(config, lambda: _notify_ready(config))
+            return run_daemon(config, lambda: _notify_ready(config))
         except MountError as e:
             log.error("%s", e)
             return 1
@@ -603,8 +659,7 @@ def _mount_in_background(config: MountConfig) -> int:
                 os.write(write_fd, b"ready\n")
                 os.dup2(devnull, 2)  # from now on, only the log file
 
-            run_daemon(config, ready)
-            status = 0
+            status = run_daemon(config, ready)
         except MountError as e:
             log.error("%s", e)
             os.write(write_fd, f"error {e}\n".encode())

@@ -4,6 +4,7 @@ fsync; everything acknowledged is there after a remount; deleting frees room aga
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import is_mounted
+from .conftest import drekifs, is_mounted, wait_for
 
 pytestmark = pytest.mark.mounted
 
@@ -85,3 +86,33 @@ def test_a_full_disk_is_enospc_at_the_request_and_loses_nothing(mount_world, sma
     m.remount()
     for name, data in acked.items():
         assert (root / name).read_bytes() == data, name
+
+
+def test_changes_that_cannot_be_saved_at_exit_are_kept_and_said(mount_world, small_disk) -> None:
+    from drekifs.stores import unsaved
+
+    m = mount_world(data=str(small_disk / "data"))
+    root = m.path / "global"
+    (root / "before").write_text("on disk\n")
+    held = bytes(range(256)) * 4096  # 1 MiB: room reserved at the first write
+    fd = os.open(root / "held", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, held)
+    # Another process fills the disk meanwhile: the store's commit cannot happen now.
+    with open(small_disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+        for _ in range(64):
+            filler.write(b"\0" * (1 << 20))
+            filler.flush()
+    os.close(fd)  # acknowledged: the bytes are the store's now
+    result = drekifs("umount", m.path, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "store global:" in result.stderr and "could not be saved; kept in" in result.stderr
+    kept = Path(result.stderr.split("kept in ", 1)[1].split(",", 1)[0])
+    assert kept.exists() and kept.stat().st_mode & 0o077 == 0
+    assert not is_mounted(m.path)
+    os.unlink(small_disk / "filler")
+    m.remount()
+    assert (root / "held").read_bytes() == held
+    assert (root / "before").read_text() == "on disk\n"
+    wait_for(lambda: not kept.exists(), timeout=5, what="the kept changes committed")
+    assert "taken up from" in m.log()
+    assert not unsaved.find(small_disk / "data" / "stores" / "global")

@@ -67,6 +67,7 @@ from .keys import (
 )
 
 __all__ = ["LmdbStore", "children_prefix", "eid_key", "entry_key", "split_key"]
+from . import unsaved
 from .record import DIR, FILE, NO_XATTRS, SYMLINK, TOMBSTONE, Record, StoreError
 from .version import LOGICAL_BITS, HybridClock, Version, first_version, version_digest
 
@@ -202,6 +203,65 @@ class LmdbStore:
         self._where: dict[int, bytes | None] = {}
         self._mapped = 0  # bytes reads may have mapped since the last trim (an estimate)
         self._map_ranges: list[tuple[int, int]] | None = None
+        self._kept: list[Path] = []  # files of unsaved changes taken up: gone once committed
+        self._take_up_unsaved()
+
+    # -- what a stop could not commit (unsaved.py) -------------------------------------------
+
+    def _take_up_unsaved(self) -> None:
+        """Changes an earlier run kept in a file when it could not commit them at exit:
+        applied as changes not yet on disk (the writer commits them first)."""
+        for path in unsaved.find(self.path):
+            try:
+                kept = unsaved.load(path)
+            except ValueError as e:
+                log.error("store %s: %s; left in place", self.name, e)
+                continue
+            p = self._pending
+            for key, raw in kept.entries:
+                rec = Record.unpack(raw) if raw is not None else None
+                p.entries[key] = rec
+                self._records.pop(key, None)
+                if key.count(b"\0") == 2:
+                    prefix, _, name = key.rpartition(b"\0")
+                    p.children.setdefault(prefix + b"\0", set()).add(name)
+            for eid, value in kept.values:
+                p.values[eid] = value
+                p.held += len(value or b"")
+            for eid, key in kept.eids:
+                p.eids[eid] = key
+            if kept.next_eid is not None and kept.next_eid > self._next_eid:
+                self._next_eid = p.next_eid = kept.next_eid
+            if kept.value_bytes is not None:
+                self.value_bytes = p.value_bytes = kept.value_bytes
+            p.last_write_ns = time.time_ns()
+            self.changes += kept.changes
+            self._kept.append(path)
+            self._dirty.set()
+            log.warning(
+                "store %s: %d changes an earlier run could not save taken up from %s",
+                self.name,
+                kept.changes,
+                path,
+            )
+
+    def _keep_unsaved(self) -> Path:
+        """Everything not on disk, to a file the next open takes up (OSError: nowhere)."""
+        layer = _merge(self._inflight, self._pending)
+        return unsaved.dump(
+            self.name,
+            self.path,
+            {
+                "changes": self.changes - self.committed,
+                "entries": [
+                    [k, r.pack() if r is not None else None] for k, r in layer.entries.items()
+                ],
+                "values": [[e, v] for e, v in layer.values.items()],
+                "eids": [[e, k] for e, k in layer.eids.items()],
+                "next_eid": layer.next_eid,
+                "value_bytes": layer.value_bytes,
+            },
+        )
 
     def _upgrade_from_1(self, txn: lmdb.Transaction) -> None:
         """Schema 1 kept every key whole: those with a head over INLINE_HEAD bytes move to
@@ -999,6 +1059,9 @@ class LmdbStore:
                 log.error("store %s: cannot commit %d changes: %s", self.name, len(batch), e)
                 raise StoreError(errno.ENOSPC if "MAP_FULL" in str(e) else errno.EIO, str(e)) from e
             self._inflight = _Layer()
+            for path in self._kept:  # taken up, and now on disk
+                path.unlink(missing_ok=True)
+            self._kept = []
             for key, why in batch.refused:
                 loc, parts = split_key(key)
                 log.error("store %s: %s not saved: %s", self.name, self._label(loc, parts), why)
@@ -1087,9 +1150,30 @@ class LmdbStore:
         with self.env.begin(write=True, db=self._meta) as txn:
             txn.put(b"x." + name.encode(), _U64.pack(value))
 
-    async def close(self) -> None:
-        await self.sync()
-        self.env.close()
+    async def close(self, attempts: int = 3) -> Path | None:
+        """Commit everything and close. When the commit keeps failing, what it could not
+        save is kept in a file (unsaved.py) and its path returned: the caller must say so;
+        OSError when even that was impossible (then the log has the changes' count)."""
+        try:
+            for attempt in range(attempts):
+                try:
+                    await self.sync()
+                    return None
+                except StoreError as e:
+                    log.error(
+                        "store %s: cannot save at exit (try %d): %s", self.name, attempt + 1, e
+                    )
+                    await trio.sleep(0.2 * (attempt + 1))
+            where = self._keep_unsaved()
+            log.error(
+                "store %s: %d changes could not be saved; kept in %s for the next start",
+                self.name,
+                self.changes - self.committed,
+                where,
+            )
+            return where
+        finally:
+            self.env.close()
 
     def stats(self) -> StoreStats:
         with self.env.begin() as txn:
