@@ -27,6 +27,7 @@ import trio
 from ..stores.base import Store
 from ..stores.lmdbstore import LmdbStore
 from ..stores.record import TOMBSTONE_GRACE
+from ..supervise import Health, supervise
 from ..urn import is_valid_store_name
 from ..world.model import World
 from .keyring import KeyRing, KeyRingError
@@ -135,6 +136,7 @@ class Peer:
         self._addrs: dict[str, PeerAddr] = {}
         self._world_moved = trio.Event()
         self._clients: dict[tuple[str, str], StoreClient] = {}
+        self.health = {n: Health(n) for n in ("keyring", "world", "notifier", "replication")}
 
     # -- the world -------------------------------------------------------------------------
 
@@ -208,11 +210,11 @@ class Peer:
             await nursery.start(self.transport.serve)
             await self.set_world(self.world)
             await nursery.start(self.membership.run)
-            nursery.start_soon(self._follow_keyring)
-            nursery.start_soon(self._follow_world)
-            nursery.start_soon(self.service.run_notifier, self.transport)
+            # The parts around the transport and the membership are restarted with backoff
+            # when they fail (supervise.py): one bad message or bug never takes the peer down.
+            for health, part in self._supervised():
+                nursery.start_soon(supervise, health, part)
             if self.replication is not None:
-                await nursery.start(self.replication.run)
                 nursery.start_soon(self._follow_members)
             log.info(
                 "peer %s listening on port %d (key %s)",
@@ -221,6 +223,16 @@ class Peer:
                 self.keyring.ids()[0],
             )
             task_status.started()
+
+    def _supervised(self) -> list[tuple[Health, Callable[[], Any]]]:
+        parts: list[tuple[Health, Callable[[], Any]]] = [
+            (self.health["keyring"], self._follow_keyring),
+            (self.health["world"], self._follow_world),
+            (self.health["notifier"], lambda: self.service.run_notifier(self.transport)),
+        ]
+        if self.replication is not None:
+            parts.append((self.health["replication"], self.replication.run))
+        return parts
 
     async def leave(self) -> None:
         with trio.move_on_after(2.5):
@@ -324,7 +336,8 @@ class Peer:
             counters.update((f"antientropy.{k}", v) for k, v in r.antientropy.counters.items())
             counters["replication.merged"] = r.replica.merged
             counters["replication.refused"] = r.replica.refused
-        return "".join(f"{k} {v}\n" for k, v in sorted(counters.items()))
+        text = "".join(f"{k} {v}\n" for k, v in sorted(counters.items()))
+        return text + "".join(h.lines() for h in self.health.values())
 
 
 class DatagramMux:
