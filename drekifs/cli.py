@@ -240,8 +240,17 @@ def mount_config(args: argparse.Namespace):
     if args.data_dir is None:
         args.data_dir = default_data_dir(config.domain, config.zone, args.node)
     from .stores.keys import MAX_GLOBAL_VALUE
+    from .stores.record import MIN_TOMBSTONE_GRACE
 
     options = [o for opt in args.o or [] for o in opt.split(",") if o]
+    if args.tombstone_grace < MIN_TOMBSTONE_GRACE:
+        raise SystemExit(
+            _usage(
+                f"--tombstone-grace {args.tombstone_grace:g}s: at least {MIN_TOMBSTONE_GRACE:g}s "
+                "(three anti-entropy intervals: a shorter one drops entries of every peer "
+                "that misses a few exchanges)"
+            )
+        )
     if args.max_global_value > MAX_GLOBAL_VALUE:
         # A global entry travels whole in one 4 MiB frame, with up to 256 KiB of path, xattrs
         # and version besides its value (stores/keys.py ENTRY_OVERHEAD).

@@ -266,11 +266,25 @@ def test_seconds_are_durations_in_the_file_as_on_the_command_line(tmp_path: Path
     assert values["tombstone_grace"] == 1.5
 
 
-def test_a_global_value_limit_past_one_message_is_refused(
-    tmp_path: Path, mounted: list[MountConfig], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--max-global-value", "4MiB"], "--max-global-value 4194304: at most 3932160"),
+        (["--tombstone-grace", "5s"], "--tombstone-grace 5s: at least 60s"),
+    ],
+)
+def test_limits_past_what_replication_takes_are_refused(
+    tmp_path: Path,
+    mounted: list[MountConfig],
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    said: str,
 ) -> None:
     with pytest.raises(SystemExit) as e:
-        mount("--max-global-value", "4MiB", tmp_path)
+        mount(*argv, tmp_path)
     assert e.value.code == 2 and not mounted
-    assert "--max-global-value 4194304: at most 3932160" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
+
+
+def test_the_largest_global_value_is_taken(tmp_path: Path, mounted: list[MountConfig]) -> None:
     assert mount("--max-global-value", "3932160", tmp_path) == 0

@@ -154,6 +154,8 @@ class Peer:
             addrs[name] = (ip, node.address.port)
         self._addrs = addrs
         self.membership.set_seeds({n: a for n, a in addrs.items() if n != self.node})
+        if self.replication is not None:
+            self.replication.note_members((), world.nodes)
 
     def _log_state(self, info: Any) -> None:
         """One line per change of a member's state: what an operator looks for first."""
@@ -182,6 +184,9 @@ class Peer:
             self._members_moved = trio.Event()
             alive = self.alive()
             self.replication.set_members(alive)
+            # Every member heard of may hold a replica: tombstones wait for it (replication.py).
+            heard = (m.name for m in self.membership.members() if m.state != "unknown")
+            self.replication.note_members(heard)
             if not caught_up and len(alive) > 1:
                 caught_up = await self.replication.catch_up(alive)
             elif caught_up and (back := came_back(self.node, before, alive)):

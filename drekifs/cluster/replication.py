@@ -20,8 +20,10 @@ import hashlib
 import logging
 import struct
 import time
+from collections.abc import Iterable
 from typing import Any
 
+import msgpack
 import trio
 
 from ..stores.keys import HASHED
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 
 ORIGIN = "replication"
 _HLC = struct.Struct(">Q")
-COLLECT_EVERY = 3600.0
+COLLECT_EVERY = 3600.0  # at the most: a grace under 4 hours is collected every quarter of it
+SAVE_EVERY = 60.0  # seconds between saves of the peers' confirmations (and at a clean stop)
 SEND_EVERY = 0.02  # seconds local writes gather before they are broadcast
 BUILD_CHUNK = 5_000  # keys hashed into the tree per step at start, between other work
 
@@ -203,12 +206,17 @@ class Replication:
         self.store = store
         self.tombstone_grace = tombstone_grace
         self.collected = 0
+        # Members heard of (alive once, or dead, or left: they may hold a replica) -> the wall
+        # time at which the last exchange this peer completed with them started (0: none yet).
+        # A tombstone goes only once every one of them has exchanged since its delete.
+        self.confirmed: dict[str, float] = self._load_confirmed()
+        self._confirmed_saved = 0.0
         self.dropped_stale = self._drop_if_stale()
         self.replica = GlobalReplica(store)
         self.tree = HashTree(ready=False, digest_of=store.digest)
         self.broadcast = Broadcast(name, net, PlumtreeConfig(), self.replica)
         self.antientropy = AntiEntropy(name, net, self.tree, self.replica)
-        self.antientropy.on_sync = lambda result: self._contact()
+        self.antientropy.on_sync = self._synced
         # Local writes waiting to be broadcast: a burst on one key (create, write, chown,
         # utimes) goes out once, as its last version, off the request path.
         self._outgoing: dict[bytes, None] = {}
@@ -225,6 +233,55 @@ class Replication:
             return 0
         cutoff_ms = int((time.time() - self.tombstone_grace) * 1000)
         return self.store.forget_stale(cutoff_ms)
+
+    # -- who has seen the deletes ----------------------------------------------------------
+
+    def _load_confirmed(self) -> dict[str, float]:
+        raw = self.store.meta_bytes("confirmed")
+        try:
+            return {str(k): float(v) for k, v in msgpack.unpackb(raw).items()} if raw else {}
+        except (ValueError, TypeError, AttributeError):
+            log.error("replication: the saved peer confirmations are unreadable; starting over")
+            return {}
+
+    def save_confirmed(self) -> None:
+        self._confirmed_saved = time.time()
+        self.store.set_meta_bytes("confirmed", msgpack.packb(self.confirmed))
+
+    def note_members(self, heard: Iterable[str], world: Iterable[str] | None = None) -> None:
+        """Members heard of join the peers every tombstone waits for; with ``world``, those
+        no longer in it leave (a node removed from DNS can no longer bring anything back)."""
+        changed = False
+        for name in heard:
+            if name != self.name and name not in self.confirmed:
+                self.confirmed[name] = 0.0
+                changed = True
+        if world is not None:
+            keep = set(world)
+            for name in [n for n in self.confirmed if n not in keep]:
+                del self.confirmed[name]
+                changed = True
+        if changed:
+            self.save_confirmed()
+
+    def _synced(self, result: Any) -> None:
+        """An exchange completed (anti-entropy's on_sync): the peer holds every tombstone
+        this one held when it started (the exchange pushes what the peer lacks)."""
+        started = time.time() - result.seconds
+        name = result.peer
+        if name != self.name and started > self.confirmed.get(name, 0.0):
+            self.confirmed[name] = started
+            if time.time() - self._confirmed_saved >= SAVE_EVERY:
+                self.save_confirmed()
+        self._contact()
+
+    def collect_horizon(self, now: float | None = None) -> tuple[float, list[str]]:
+        """Deletes before this wall time may be forgotten, and the members holding it back
+        (those that have not exchanged since the grace period began)."""
+        now = time.time() if now is None else now
+        horizon = now - self.tombstone_grace
+        waiting = sorted(n for n, t in self.confirmed.items() if t < horizon)
+        return min([horizon, *(self.confirmed[n] for n in waiting)]), waiting
 
     def _contact(self) -> None:
         """An exchange with a peer completed (anti-entropy's on_sync): remember when, at most
@@ -275,18 +332,33 @@ class Replication:
             nursery.start_soon(self._collect_loop)
 
     async def _collect_loop(self) -> None:
-        """Tombstones older than the grace period go, a batch at a time, every hour."""
-        while True:
-            await trio.sleep(COLLECT_EVERY)
-            cutoff_ms = int((time.time() - self.tombstone_grace) * 1000)
+        """Tombstones older than the grace period that every member heard of has since
+        exchanged past go, a batch at a time, every quarter of the grace (at most hourly)."""
+        try:
             while True:
-                gone = self.store.collect_tombstones(cutoff_ms)
-                self.collected += gone
-                if gone:
-                    log.info("replication: %d tombstones collected", gone)
-                await trio.sleep(0)
-                if gone < 10_000:
-                    break
+                await trio.sleep(min(COLLECT_EVERY, self.tombstone_grace / 4))
+                await self.collect()
+        finally:
+            self.save_confirmed()  # at a clean stop too
+
+    async def collect(self) -> int:
+        horizon, waiting = self.collect_horizon()
+        if waiting:
+            log.info("replication: tombstones before %s kept for %s, not exchanged with since",
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(horizon)),
+                     ", ".join(waiting[:5]) + (" ..." if len(waiting) > 5 else ""))  # fmt: skip
+        cutoff_ms = int(horizon * 1000)
+        total = 0
+        while True:
+            gone = self.store.collect_tombstones(cutoff_ms)
+            self.collected += gone
+            total += gone
+            if gone:
+                log.info("replication: %d tombstones collected", gone)
+            await trio.sleep(0)
+            if gone < 10_000:
+                break
+        return total
 
     async def _build_tree(self) -> None:
         """The tree from what is on disk, a chunk at a time (reads go on meanwhile); changes
@@ -342,4 +414,5 @@ class Replication:
             "tombstones_collected": self.collected,
             "stale_entries_dropped_at_start": self.dropped_stale,
             "tombstone_grace_s": self.tombstone_grace,
+            "tombstones_wait_for": self.collect_horizon()[1],
         }

@@ -1147,8 +1147,17 @@ class LmdbStore:
 
     def set_meta_int(self, name: str, value: int) -> None:
         """Set it, durably, before returning (one small synchronous transaction)."""
+        self.set_meta_bytes(name, _U64.pack(value))
+
+    def meta_bytes(self, name: str) -> bytes | None:
+        """Bytes kept beside the entries by other parts (replication's peers), or None."""
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(b"x." + name.encode())
+        return bytes(raw) if raw is not None else None
+
+    def set_meta_bytes(self, name: str, value: bytes) -> None:
         with self.env.begin(write=True, db=self._meta) as txn:
-            txn.put(b"x." + name.encode(), _U64.pack(value))
+            txn.put(b"x." + name.encode(), value)
 
     async def close(self, attempts: int = 3) -> Path | None:
         """Commit everything and close. When the commit keeps failing, what it could not

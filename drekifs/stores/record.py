@@ -28,6 +28,9 @@ import msgpack
 from .version import Version
 
 TOMBSTONE_GRACE = 7 * 86400.0  # seconds a delete of a global key is remembered (DESIGN §4)
+# The shortest grace taken: three anti-entropy intervals (20 s), so that every peer in contact
+# has exchanged since a delete before its tombstone may go (docs/design.md, "A delete stays").
+MIN_TOMBSTONE_GRACE = 60.0
 
 FILE, DIR, SYMLINK, TOMBSTONE = 0, 1, 2, 3
 KIND_NAMES = {FILE: "file", DIR: "dir", SYMLINK: "symlink", TOMBSTONE: "tombstone"}

@@ -4,7 +4,7 @@ The resolver is a generator, so the same logic runs over a zone file (answered a
 real DNS servers (answered concurrently by a trio driver): it yields a batch of queries, one
 breadth-first level of the graph at a time, and is sent back the answers. No I/O happens here.
 
-Records read, for the world root ``W`` and every member ``M`` found (DESIGN.md §2)::
+Records read, for the world root ``W`` and every member ``M`` found (docs/design.md §2)::
 
     _dreki.M              SRV   members of region M (target = member DNS name, port ignored)
     _dreki.M              TXT   friendly name of region M

@@ -1,0 +1,120 @@
+"""A delete stays deleted: a tombstone goes only once every member heard of has exchanged
+since its delete, and the peer's confirmations survive a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from drekifs.cluster.replication import Replication
+from drekifs.cluster.sim import SimWorld
+from drekifs.stores.lmdbstore import LmdbStore, entry_key
+from drekifs.stores.record import FILE, TOMBSTONE
+
+from .conftest import drekifs, wait_for
+from .test_cluster import NODES, members, three_nodes
+
+GRACE = 60.0
+
+
+def replication(path: Path) -> tuple[LmdbStore, Replication]:
+    store = LmdbStore("global", path, peer="a", replicated=True, max_value=1 << 20)
+    return store, Replication("a", SimWorld().network(("10.0.0.1", 1)), store, GRACE)
+
+
+def synced(repl: Replication, peer: str, started: float) -> None:
+    repl._synced(SimpleNamespace(peer=peer, seconds=time.time() - started))
+
+
+async def test_tombstones_wait_for_every_member_heard_of(tmp_path: Path) -> None:
+    store, repl = replication(tmp_path / "g")
+    store.create("loc", (b"k",), FILE, 0o644, 0, 0)
+    store.remove("loc", (b"k",), is_dir=False)
+    key = entry_key("loc", (b"k",))
+    now = time.time()
+    repl.note_members(["a", "b", "c"])  # this peer itself never waits
+    assert repl.collect_horizon(now)[1] == ["b", "c"]
+    # Well past the grace, but b and c never exchanged since the delete: kept.
+    assert repl.collect_horizon(now + 10 * GRACE)[0] == 0.0
+    assert await repl.collect() == 0 and store._record(key).kind == TOMBSTONE  # type: ignore[union-attr]
+    # b exchanged after the delete; c still has not: kept.
+    synced(repl, "b", now + 1)
+    assert repl.collect_horizon(now + 10 * GRACE)[0] == 0.0
+    # c too: deletes before the older of their exchanges may go, once past the grace.
+    synced(repl, "c", now + 2)
+    horizon, waiting = repl.collect_horizon(now + 10 * GRACE)
+    assert horizon == pytest.approx(now + 1, abs=0.01) and waiting == ["b", "c"]
+    assert repl.collect_horizon(now + 2)[0] == pytest.approx(now + 2 - GRACE, abs=0.01)
+    # A member removed from the world no longer holds anything back.
+    repl.note_members(["d"])
+    assert repl.collect_horizon(now + 10 * GRACE)[0] == 0.0
+    repl.note_members((), world=["a", "b", "c"])
+    assert repl.collect_horizon(now + 10 * GRACE)[0] == pytest.approx(now + 1, abs=0.01)
+
+
+async def test_confirmations_survive_a_restart(tmp_path: Path) -> None:
+    store, repl = replication(tmp_path / "g")
+    repl.note_members(["b", "c"])
+    synced(repl, "b", 1_000.0)
+    repl.save_confirmed()
+    store.env.close()
+    store, repl = replication(tmp_path / "g")
+    assert repl.confirmed == {"b": pytest.approx(1_000.0, abs=0.01), "c": 0.0}
+    store.env.close()
+
+
+@pytest.mark.mounted
+def test_deleted_keys_stay_deleted_past_a_pause_and_a_restart(
+    tmp_path: Path, zone_file, mount_world
+) -> None:
+    """The issue's case: c paused (SIGSTOP) until the others call it dead, b unmounted; 100
+    keys deleted on a; well past the grace, c resumes and b comes back: no key returns, and
+    the tombstones go once both have exchanged since."""
+    zone, _ = three_nodes()
+    path = zone_file(zone)
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    flags = ("--zone", path, "--keyring", ring, "--tombstone-grace", "60")
+    m = {n: mount_world(*flags, "--node", n, name=f"m{n}") for n in NODES}
+    a, b, c = (m[n].path for n in NODES)
+    for n in NODES:
+        wait_for(lambda n=n: set(members(m[n].path).values()) == {"alive"}, timeout=20)
+    (a / "global" / "del").mkdir()
+    for i in range(100):
+        (a / "global" / "del" / f"k{i}").write_text(f"{i}\n")
+    for p in (b, c):
+        wait_for(lambda p=p: len(os.listdir(p / "global" / "del")) == 100, timeout=20)
+    m["b"].umount()  # b restarts past the grace
+    pid = m["c"].pid
+    os.kill(pid, signal.SIGSTOP)  # c pauses past it
+    try:
+        wait_for(lambda: members(a)["c"] == "dead", timeout=30, what="c dead for a")
+        for i in range(100):
+            os.unlink(a / "global" / "del" / f"k{i}")
+        deleted = time.monotonic()
+        # Past the grace and a collection round: a keeps the tombstones for b and c.
+        wait_for(lambda: time.monotonic() - deleted > 60 + 15 + 2, timeout=90, interval=1)
+        stats = json.loads((a / ".dreki" / "replication").read_text())
+        assert stats["tombstones_collected"] == 0
+        assert {"b", "c"} <= {n.split(".")[0] for n in stats["tombstones_wait_for"]}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    m["b"].remount()
+    for n in NODES:
+        wait_for(lambda n=n: set(members(m[n].path).values()) == {"alive"}, timeout=30)
+
+    # No key comes back, anywhere, while they all exchange; then the tombstones go on a.
+    def collected() -> bool:
+        for p in (a, b, c):
+            assert os.listdir(p / "global" / "del") == [], f"keys came back on {p}"
+        return json.loads((a / ".dreki" / "replication").read_text())["tombstones_collected"] >= 100
+
+    wait_for(collected, timeout=120, interval=1, what="a's tombstones collected")
+    for p in (a, b, c):
+        assert os.listdir(p / "global" / "del") == []
