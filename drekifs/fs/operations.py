@@ -159,6 +159,7 @@ class Operations(pyfuse3.Operations):
         self.remote = remote
         if remote is not None:
             remote.invalidator = self.invalidator
+            remote.domain = namespace.world.domain
             remote.roots_of = lambda node, store: [
                 e.ino for e in self.ns.store_roots.get((node, store), ())
             ]
@@ -775,6 +776,17 @@ class Operations(pyfuse3.Operations):
         if handle.file is not None:
             self._commit(handle.file)
             await handle.file.store.sync()
+
+    @request
+    async def flush(self, fh: int) -> None:
+        # close(2): only another node's file can have bytes to send (and an error to return);
+        # answered at once for all others. Without other nodes' stores (no key ring), ENOSYS:
+        # the kernel then never sends FLUSH again, which saves a request per close.
+        if self.remote is None:
+            raise FUSEError(errno.ENOSYS)
+        handle = self._handles.get(fh)
+        if isinstance(handle, RemoteFileHandle):
+            await self.remote.flush(handle)
 
     @request
     async def release(self, fh: int) -> None:
