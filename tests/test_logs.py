@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 
 import pytest
 import trio
 
 from drekifs import logs
+
+from .test_operations import CTX, errno_of, lookup_path, make_ops
 
 
 class Clock:
@@ -123,3 +127,23 @@ def test_summarize_writes_ended_intervals(lines) -> None:
 
     trio.run(main)
     assert got == ["INFO down", "INFO down (and 1 more like it in 0.0 s)"]
+
+
+async def test_request_failures_name_urns_and_repeats_are_counted(tmp_path, caplog) -> None:
+    """Through Operations (no kernel): an open file's log lines name its URN (not
+    ``global@('w.test', (b'x',))``), and a failure repeated by a program is one line."""
+    ops = make_ops(tmp_path)
+    root = await lookup_path(ops, "global")
+    info, attr = await ops.create(root.st_ino, b"x", 0o644, os.O_WRONLY, CTX)
+    assert ops.describe("write", (info.fh,)) == "w.test::global::x"
+    assert ops.describe("getattr", (attr.st_ino,)) == "w.test::global::x"
+    caplog.set_level(logging.INFO, logger="drekifs.fs.operations")
+    for _ in range(20):
+        assert await errno_of(ops.setxattr(attr.st_ino, b"user.dreki.urn", b"", CTX)) == (
+            errno.EPERM
+        )
+    said = [r.getMessage() for r in caplog.records if "setxattr" in r.getMessage()]
+    assert said == ["setxattr w.test::global::x: Operation not permitted"]
+    ops.failures.flush(math.inf)
+    said = [r.getMessage() for r in caplog.records if "setxattr" in r.getMessage()]
+    assert said[1].startswith("setxattr w.test::global::x: Operation not permitted (and 19 more")

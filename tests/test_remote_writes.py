@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import threading
 
 import pytest
+
+from drekifs import logs
 
 from .conftest import Mount, wait_for
 from .test_cluster import cluster, members  # noqa: F401 (cluster: the fixture)
@@ -21,6 +24,8 @@ from .test_cluster import cluster, members  # noqa: F401 (cluster: the fixture)
 pytestmark = pytest.mark.mounted
 
 URN_OF_B = "w.test:dc:b::local"
+# What a request to B says once B is killed: its address as host:port, no Python tuples.
+NOT_ANSWERING = "b.w.test does not answer (127.0.0.1:"
 
 
 def requests(m: Mount, op: str) -> int:
@@ -159,3 +164,36 @@ def test_owner_killed_during_writes_loses_nothing_acknowledged(cluster) -> None:
     wait_for(lambda: members(a.path)["b"] == "alive", timeout=15, what="b back")
     for name, data in acknowledged.items():
         assert (on_b / "run" / name).read_bytes() == data, name
+
+
+def test_a_down_owner_is_logged_once_per_interval(cluster) -> None:  # noqa: F811
+    """A down owner polled 20 times a second: one line, then a count, not a line a request;
+    and no Python reprs of keys or addresses in what is logged."""
+    mounts, _, _, _ = cluster
+    a, b = mounts["a"], mounts["b"]
+    polled = a.path / "dc" / "b" / "local" / "polled"
+    polled.write_text("here\n")
+    os.kill(b.pid, signal.SIGKILL)
+    failures = 0
+    for _ in range(60):
+        try:
+            os.stat(a.path / "dc" / "b" / "local" / "polled-not-cached")
+        except OSError as e:
+            assert e.errno in (errno.EHOSTDOWN, errno.ENOENT)
+            failures += 1
+    assert failures == 60
+    lines = [line for line in a.log().splitlines() if "polled-not-cached" in line]
+    assert 1 <= len(lines) <= 2, lines
+    assert f"lookup {URN_OF_B}::polled-not-cached: {NOT_ANSWERING}" in lines[0], lines[0]
+    # When the interval ends: one line with the count (the first failure was logged alone).
+    summary = re.compile(r"polled-not-cached: .* \(and (\d+) more like it in [\d.]+ s\)$")
+
+    def summarized() -> int:
+        found = [summary.search(line) for line in a.log().splitlines()]
+        return max((int(m.group(1)) for m in found if m), default=0)
+
+    assert wait_for(summarized, timeout=logs.INTERVAL + 5, what="the summary") >= 59
+    # Python reprs: tuples of bytes or addresses, b'...' literals.
+    reprs = re.compile(r"\(b'|b'[^']*'|\('\d+\.\d+\.\d+\.\d+', \d+\)|@\('")
+    bad = [line for line in a.log().splitlines() if reprs.search(line)]
+    assert not bad, bad
