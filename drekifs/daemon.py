@@ -201,6 +201,7 @@ class Daemon:
         import pyfuse3
         import trio
 
+        from . import logs
         from .fs import requestloop
         from .fs.namespace import Namespace
         from .fs.operations import Operations
@@ -257,6 +258,7 @@ class Daemon:
                 nursery.start_soon(self._serve, nursery)
                 nursery.start_soon(watcher.run)
                 nursery.start_soon(ops.invalidator.run)
+                nursery.start_soon(logs.summarize)  # counts of repeated failures' log lines
                 nursery.start_soon(self._on_signals, nursery)
                 nursery.start_soon(self._log_level_signals)
                 nursery.start_soon(self._announce_ready, ready)

@@ -78,6 +78,17 @@ async def test_errnos_as_locally(remote) -> None:
     assert await code_of(dead.stat(())) == errno.EHOSTDOWN
 
 
+async def test_a_durable_put_is_on_disk_when_answered(remote) -> None:
+    """What a close() of another node's file waits for: the bytes in a committed LMDB
+    transaction on the owner, with the create before them."""
+    store, _, client = remote
+    rec = await client.create((b"f",), FILE, 0o644, 0, 0)
+    await client.put((b"f",), rec.eid, b"in memory")
+    assert store.committed < store.changes  # the group commit would take it later
+    await client.put((b"f",), rec.eid, b"on disk", durable=True)
+    assert store.committed == store.changes  # (a SIGKILL of the owner: test_remote_writes)
+
+
 async def test_paged_listing_and_staged_value(remote) -> None:
     store, _, client = remote
     for i in range(PAGE * 2 + 5):

@@ -14,7 +14,7 @@ import trio
 from . import frames
 from .frames import FrameDecoder, Keys, Malformed
 from .limits import Limits
-from .net import PeerAddr
+from .net import PeerAddr, addr_text
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Endpoint:
             log.warning("%s from %s dropped: %s (more of it counted in .dreki/cluster)",
                         proto, host, reason)  # fmt: skip
         else:
-            log.debug("%s from %s dropped: %s", proto, peer, reason)
+            log.debug("%s from %s dropped: %s", proto, addr_text(peer), reason)
 
 
 async def next_frame(stream: trio.SocketStream, decoder: FrameDecoder) -> bytes | None:

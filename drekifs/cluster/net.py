@@ -15,6 +15,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 PeerAddr = tuple[str, int]  # (IP address, port): where a peer's transport listens
+
+
+def addr_text(addr: object) -> str:
+    """A peer address as logs and messages write it: ``10.0.0.1:4000``, ``[::1]:4000``."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
 DatagramHandler = Callable[[PeerAddr, Any], None]
 CallHandler = Callable[[PeerAddr, Any], Awaitable[Any]]
 

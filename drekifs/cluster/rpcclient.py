@@ -17,6 +17,7 @@ that task wakes about once a timeout, not once a call.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import trio
 from . import frames
 from .endpoint import BROKEN, Endpoint, next_frame, read_exact
 from .frames import FrameDecoder, Malformed, Session
-from .net import PeerAddr, PeerUnreachable, RemoteError
+from .net import PeerAddr, PeerUnreachable, RemoteError, addr_text
 from .outbox import STALLED, Outbox
 
 
@@ -99,7 +100,7 @@ class Caller:
                 ready = await self._ready_connection(to)
             if ready is None:
                 counters["call.timeout"] += 1
-                raise PeerUnreachable(f"{to}: no reply to {method} within {timeout} s")
+                raise PeerUnreachable(f"{addr_text(to)}: no reply to {method} within {timeout} s")
             conn = ready
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -117,7 +118,9 @@ class Caller:
             # The write failed and ended the connection there and then: registered before,
             # this call would have been woken while still running.
             counters["call.unreachable"] += 1
-            raise PeerUnreachable(f"{to}: connection lost ({conn.ended}) during {method}")
+            raise PeerUnreachable(
+                f"{addr_text(to)}: connection lost ({conn.ended}) during {method}"
+            )
         # Registered once the request is out, and parked right after: nothing can answer or
         # end it in between (no checkpoint), so every wake-up finds the caller parked.
         slot = conn.pending[rid] = _Slot(trio.lowlevel.current_task(), deadline)
@@ -131,13 +134,15 @@ class Caller:
         await trio.lowlevel.wait_task_rescheduled(abort)
         if slot.timed_out:
             counters["call.timeout"] += 1
-            raise PeerUnreachable(f"{to}: no reply to {method} within {timeout} s")
+            raise PeerUnreachable(f"{addr_text(to)}: no reply to {method} within {timeout} s")
         if slot.ok:
             counters["call.ok"] += 1
             return slot.value
         if slot.value is None:
             counters["call.unreachable"] += 1
-            raise PeerUnreachable(f"{to}: connection lost ({conn.ended}) during {method}")
+            raise PeerUnreachable(
+                f"{addr_text(to)}: connection lost ({conn.ended}) during {method}"
+            )
         counters["call.remote-error"] += 1
         raise RemoteError(*slot.value)
 
@@ -192,7 +197,7 @@ class Caller:
                 return conn
             if not conn.established:
                 break
-        raise PeerUnreachable(f"{to}: {conn.ended}")
+        raise PeerUnreachable(f"{addr_text(to)}: {conn.ended}")
 
     def _end(self, conn: _Connection, why: str) -> None:
         """Take the connection out of the pool, fail its calls, stop its task. Synchronous, so
@@ -321,6 +326,8 @@ def _describe(e: BaseException) -> str:
         return f"not a drekifs transport ({e.reason})"
     if isinstance(e, trio.TooSlowError):
         return "timed out"
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)  # trio's text repeats the address, as a tuple
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return repr(e)

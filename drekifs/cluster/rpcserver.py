@@ -22,7 +22,7 @@ from . import frames
 from .endpoint import BROKEN, Endpoint, next_frame, read_exact
 from .frames import FrameDecoder, Malformed, Session
 from .keyring import OVERHEAD
-from .net import CallHandler, PeerAddr, RemoteError
+from .net import CallHandler, PeerAddr, RemoteError, addr_text
 from .outbox import STALLED, Outbox
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,9 @@ class Server:
                     result = await handler(peer, args)
                 if scope.cancelled_caught:
                     counters["rpc.timeout"] += 1
-                    log.warning("%s from %s: no answer within %s s", method, peer, timeout)
+                    log.warning(
+                        "%s from %s: no answer within %s s", method, addr_text(peer), timeout
+                    )
                     return False, _error(errno.ETIMEDOUT, f"{method}: timed out")
             packed = frames.pack(result)
         except RemoteError as e:
@@ -250,11 +252,13 @@ class Server:
             return False, _error(errno.ETIMEDOUT, f"{method}: timed out")
         except Exception as e:
             counters["rpc.eio"] += 1
-            log.exception("%s from %s failed", method, peer)
+            log.exception("%s from %s failed", method, addr_text(peer))
             return False, _error(errno.EIO, f"{method}: internal error ({type(e).__name__})")
         if frames.PAYLOAD_SLACK + len(packed) + OVERHEAD > self.ep.max_frame:
             counters["rpc.reply-too-large"] += 1
-            log.warning("%s from %s: a reply of %d bytes is too large", method, peer, len(packed))
+            log.warning(
+                "%s from %s: a reply of %d bytes is too large", method, addr_text(peer), len(packed)
+            )
             return False, _error(errno.EMSGSIZE, f"{method}: reply too large")
         counters["rpc.served"] += 1
         return True, packed

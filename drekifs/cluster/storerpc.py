@@ -15,7 +15,8 @@ Methods (args are msgpack maps; ``s`` store name, ``k`` key parts, ``e`` eid)::
     store.open     {s, e, n}                -> [k, rec, first n bytes]   (stat and read at once)
     store.create   {s, k, kind, perm, uid, gid, target}  -> rec
     store.stage    {s, id, o, data}         -> None   (a part of a large value, kept 60 s)
-    store.put      {s, k, e, v | stage, size, f}         -> rec | None   (one new version)
+    store.put      {s, k, e, v | stage, size, f, sync}   -> rec | None   (one new version;
+                   with ``sync`` true, answered once it is on the owner's disk, as after sync)
     store.update   {s, k, f}                -> rec    (perm, uid, gid, mtime_ns, atime_ns...)
     store.remove   {s, k, dir}              -> None
     store.rename   {s, src, dst, noreplace} -> None
@@ -293,6 +294,8 @@ class StoreService:
         fields = _fields(a.get("f") or {})
         parts = self._where(store, a)
         rec = store.write_value(self.node, parts, _int(a["e"], "e"), value, ORIGIN, **fields)
+        if a.get("sync"):
+            await store.sync()  # a close() on the caller's side: on disk before it returns
         return rec.pack() if rec is not None else None
 
     async def _update(self, store: Store, src: PeerAddr, a: dict) -> bytes:
@@ -479,8 +482,14 @@ class StoreClient:
             args["target"] = target
         return _record(await self._call("create", args))
 
-    async def put(self, parts: Key, eid: int, value: bytes, **fields: int) -> Record | None:
+    async def put(
+        self, parts: Key, eid: int, value: bytes, *, durable: bool = False, **fields: int
+    ) -> Record | None:
+        """One new version of the file ``eid``; ``durable``: on the owner's disk when this
+        returns (one round trip for the bytes and the sync)."""
         args: dict[str, Any] = {"k": list(parts), "e": eid, "f": fields}
+        if durable:
+            args["sync"] = True
         if len(value) <= CHUNK:
             args["v"] = value
         else:
@@ -489,7 +498,8 @@ class StoreClient:
             for off in range(0, len(value), CHUNK):
                 await self._call("stage", {"id": sid, "o": off, "data": value[off : off + CHUNK]})
             args["stage"] = sid
-        raw = await self._call("put", args)
+        # A sync waits for a disk: a slow answer is not a dead owner (as in sync()).
+        raw = await self._call("put", args, SYNC_TIMEOUT if durable else None)
         return _record(raw) if raw is not None else None
 
     async def update(self, parts: Key, eid: int | None = None, **fields: int) -> Record:

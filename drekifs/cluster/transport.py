@@ -44,7 +44,7 @@ from .endpoint import Endpoint
 from .frames import Keys, Malformed
 from .keyring import OVERHEAD, KeyRing
 from .limits import Limits
-from .net import MAX_DATAGRAM, CallHandler, DatagramHandler, PeerAddr, PeerUnreachable
+from .net import MAX_DATAGRAM, CallHandler, DatagramHandler, PeerAddr, PeerUnreachable, addr_text
 from .replay import ReplayGuard
 from .rpcclient import Caller
 from .rpcserver import Server
@@ -257,4 +257,4 @@ class Transport:
             handler(source, msg)
         except Exception:
             self.counters["udp.handler-error"] += 1
-            log.exception("the datagram handler failed on a datagram from %s", source)
+            log.exception("the datagram handler failed on a datagram from %s", addr_text(source))

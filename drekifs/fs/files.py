@@ -4,9 +4,10 @@ A file's bytes are read from the store until somebody writes; then the whole val
 a buffer here, changed in place by each WRITE, and handed to the store (one new version) on
 fsync and at the latest on release. Metadata changed while the bytes wait (``cp -a``'s utimes
 and chmod after its write, a ``chown`` during a long write) waits with them and goes out in the
-same version: one close, one version. FLUSH is not implemented (ENOSYS): the kernel then skips it
-for every close, which saves one request per file; limits are checked at WRITE time, so the
-error that matters (EFBIG) reaches the writer, and fsync reports the rest.
+same version: one close, one version. FLUSH commits nothing here (answered ENOSYS without a key
+ring: the kernel then skips it for every close, which saves one request per file); limits are
+checked at WRITE time, so the error that matters (EFBIG) reaches the writer, and fsync reports
+the rest. (Other nodes' files, remote.py, are sent at FLUSH.)
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ import logging
 import pyfuse3
 import trio
 
+from ..urn import escape_key_part
+
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +80,11 @@ class Invalidator:
         except OSError as e:
             # ENOENT: the kernel had nothing cached. Anything else is worth a line.
             if e.errno != errno.ENOENT:
-                log.warning("%s%r: %s", fn.__name__, args, e)
+                log.warning("%s %s: %s", fn.__name__, _text(args), e)
         except Exception:  # never let a failed invalidation end the mount
-            log.exception("%s%r failed", fn.__name__, args)
+            log.exception("%s %s failed", fn.__name__, _text(args))
+
+
+def _text(args: tuple) -> str:
+    """Inode numbers and names as a log line writes them (no b'...' reprs)."""
+    return " ".join(escape_key_part(a) if isinstance(a, bytes) else str(a) for a in args)

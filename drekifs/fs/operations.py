@@ -5,7 +5,8 @@ Two kinds of inodes: the world's directories (regions, nodes, store roots, ``.dr
 namespace; and store entries, whose numbers carry the store and entry id (inodes.py). Every
 handler goes through :func:`request`, which counts it and turns an unexpected exception into EIO
 with a log line naming the URN: pyfuse3 ends the whole mount on any exception that is not a
-FUSEError, and no request may do that.
+FUSEError, and no request may do that. A failure that repeats (a down owner polled by a
+program) is logged once per interval with a count (drekifs/logs.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from ..logs import LogLimiter
 from ..stores.base import Key, Store
 from ..stores.lmdbstore import split_key
 from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
@@ -75,16 +77,16 @@ def request(fn: F) -> F:
             return await requestloop.run(fn(self, *args))
         except FUSEError as e:
             if e.errno not in QUIET_ERRNOS and not isinstance(e, QuietError):
-                log.info("%s %s: %s", op, self.describe(op, args), os.strerror(e.errno))
+                self.failed(op, args, e.errno, os.strerror(e.errno))
             elif log.isEnabledFor(logging.DEBUG):  # everyday answers, for SIGUSR1 sessions
                 log.debug("%s %s: %s", op, self.describe(op, args), os.strerror(e.errno))
             raise
         except StoreError as e:
             if e.errno not in QUIET_ERRNOS:
-                log.info("%s %s: %s", op, self.describe(op, args), e)
+                self.failed(op, args, e.errno, str(e))
             raise FUSEError(e.errno) from None
-        except Exception:
-            log.exception("%s %s failed unexpectedly; answered EIO", op, self.describe(op, args))
+        except Exception as e:
+            self.failed(op, args, type(e), None)
             raise FUSEError(errno.EIO) from None
 
     return handler  # type: ignore[return-value]
@@ -153,12 +155,14 @@ class Operations(pyfuse3.Operations):
         self.by_slot = {self.slots.slot(name): s for name, s in self.stores.items()}
         self.invalidator = Invalidator()
         self.counts: Counter[str] = Counter()
+        self.failures = LogLimiter(log)  # per-request failures: a line per errno, URN, interval
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.files = OpenFiles()
         self.remote = remote
         if remote is not None:
             remote.invalidator = self.invalidator
+            remote.domain = namespace.world.domain
             remote.roots_of = lambda node, store: [
                 e.ino for e in self.ns.store_roots.get((node, store), ())
             ]
@@ -230,18 +234,36 @@ class Operations(pyfuse3.Operations):
 
     # -- resolving inodes ------------------------------------------------------------------
 
+    def failed(self, op: str, args: tuple, kind: object, detail: str | None) -> None:
+        """A request's failure, logged: once per interval for the same kind of failure of the
+        same URN (of the same store, when its owner is down), the repeats counted. No
+        ``detail``: an unexpected exception (being handled), logged with its traceback."""
+        level = logging.INFO if detail is not None else logging.ERROR
+        if not log.isEnabledFor(level):
+            return
+        where = self.describe(op, args)
+        # Everything of a down owner fails alike: one line for all of its store.
+        about = "::".join(where.split("::", 2)[:2]) if kind == errno.EHOSTDOWN else where
+        if detail is None:
+            msg = "%s %s failed unexpectedly; answered EIO"
+            self.failures.log(level, (kind, about), msg, op, where, exc_info=True)
+        else:
+            self.failures.log(level, (kind, about), "%s %s: %s", op, where, detail)
+
     def describe(self, op: str, args: tuple) -> str:
         """The URN a request is about, for log lines."""
         try:
             if op in ("read", "write", "release", "flush", "fsync", "readdir", "releasedir"):
                 handle = self._handles.get(args[0])
                 if isinstance(handle, FileHandle) and handle.file is not None:
-                    f = handle.file
-                    where = f.store.locate(f.eid)
-                    return f"{f.store.name}@{where}" if where else f"{f.store.name} eid {f.eid}"
+                    return self._file_urn(handle.file)
                 if isinstance(handle, DirHandle):
                     return str(self._urn_of(handle.node))
-                return f"fh {args[0]}"
+                if self.remote and isinstance(handle, RemoteFileHandle):
+                    return self.remote.file_urn(handle.file)
+                if self.remote and isinstance(handle, RemoteDirHandle):
+                    return self.remote.dir_urn(handle)
+                return f"file handle {args[0]}"
             if op == "statfs":
                 return self.ns.world.domain
             node = self._node(args[0]) if args else None
@@ -253,7 +275,16 @@ class Operations(pyfuse3.Operations):
                 return f"{urn.child(args[1])} -> {new_parent.child(args[3])}"
             return str(urn)
         except Exception:  # a log line must never fail the request
-            return repr(args[:2])
+            return f"inode {args[0]}" if args and isinstance(args[0], int) else "?"
+
+    def _file_urn(self, f: OpenFile) -> str:
+        """An open file's URN, wherever it is now (renamed while open or not)."""
+        where = f.store.locate(f.eid)
+        roots = self.ns.store_roots.get((where[0], f.store.name)) if where else None
+        if not where or not roots:
+            return f"{f.store.name} entry {f.eid} (no path: unlinked)"
+        root = roots[0].urn
+        return str(URN(root.world, root.segments, root.store, where[1]))
 
     def _urn_of(self, node: Entry | StoreNode | None) -> URN:
         if node is None:
@@ -775,6 +806,17 @@ class Operations(pyfuse3.Operations):
         if handle.file is not None:
             self._commit(handle.file)
             await handle.file.store.sync()
+
+    @request
+    async def flush(self, fh: int) -> None:
+        # close(2): only another node's file can have bytes to send (and an error to return);
+        # answered at once for all others. Without other nodes' stores (no key ring), ENOSYS:
+        # the kernel then never sends FLUSH again, which saves a request per close.
+        if self.remote is None:
+            raise FUSEError(errno.ENOSYS)
+        handle = self._handles.get(fh)
+        if isinstance(handle, RemoteFileHandle):
+            await self.remote.flush(handle)
 
     @request
     async def release(self, fh: int) -> None:

@@ -10,7 +10,11 @@ Nothing is cached for long: the kernel keeps remote entries, attributes and page
 they changed (store.changed). An open within that time asks nothing and reads the kernel's
 pages; a later one asks the owner (stat and the first 128 KiB in one round trip) and drops
 them. A file's bytes are buffered while it is written, shared by the handles of this mount,
-and sent to the owner as one new version on fsync and at release, as locally.
+and sent to the owner as one new version at every close(2) (FLUSH) and fsync that finds them
+unsaved: close returns once they are on the owner's disk (close-to-open, as NFS), or fails
+when the owner did not take them. Those bytes are then dropped, never sent later into a file
+the application was told was not written, and every handle open on the file gets the error
+once, at its next close or fsync (as Linux reports a lost writeback to each open file).
 An owner that is down or does not answer gives EHOSTDOWN within the call timeout.
 """
 
@@ -32,6 +36,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..cluster.storerpc import StoreClient
+from ..logs import LogLimiter
 from ..stores.base import Key
 from ..stores.record import FILE, SYMLINK, Record, StoreError
 from ..urn import URN
@@ -66,8 +71,12 @@ class RemoteFile(Unsaved):
     parts: Key
     eid: int
     ino: int
+    segments: tuple[str, ...] = ()  # the owner's path in the world, as this file was opened
     handles: int = 0
     changes: int = 0  # changes so far: a commit clears ``dirty`` only if none came meanwhile
+    lost: int = 0  # times unsaved bytes were dropped, the owner not taking them
+    gone: bool = False  # unlinked or replaced through this mount: its bytes go nowhere
+    lost_errno: int = 0  # why, the last time
     # One load or commit at a time: the owner may serve two requests of one connection in
     # either order, and an older buffer must never land last.
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -87,6 +96,12 @@ class RemoteFileHandle:
     file: RemoteFile
     data: bytes | None = None  # the whole value as the open found it, when small
     keep_cache: bool = False  # the kernel's pages of it are known current
+    writable: bool = False  # opened for writing: its closes send and report (as NFS's)
+    lost_seen: int = -1  # file.lost when this handle last reported (or opened)
+
+    def __post_init__(self) -> None:
+        if self.lost_seen < 0:
+            self.lost_seen = self.file.lost  # bytes lost before it opened are not its own
 
 
 PREFETCH = 128 << 10  # bytes fetched with an open: a small file costs one round trip
@@ -96,6 +111,7 @@ SMALL = 4096  # values this small come with their lookup: ``cat`` of a new key, 
 @dataclass(slots=True)
 class RemoteDirHandle:
     ref: RemoteRef
+    parts: Key = ()
     listing: list[tuple[int, bytes, Record]] = field(default_factory=list)
 
 
@@ -128,6 +144,8 @@ class RemoteStores:
         self.invalidator: Any = None
         self.roots_of: Callable[[str, str], list[int]] = lambda node, store: []
         self._files: dict[tuple[str, str, int], RemoteFile] = {}
+        self.domain = ""  # the world's, for URNs in log lines (set by Operations)
+        self.limited = LogLimiter(log)  # bytes not taken, again and again: a line an interval
         self._fh = itertools.count(1 << 40)  # apart from local handles
 
     # -- resolving -------------------------------------------------------------------------
@@ -192,7 +210,7 @@ class RemoteStores:
         No keys: too many changed, forget everything of that store."""
         inv = self.invalidator
         for f in self._files.values():
-            if (f.client.node, f.client.name) == (node, store) and not f.dirty:
+            if (f.client.node, f.client.name) == (node, store) and not f.dirty and not f.gone:
                 f.buffer = None  # changed there: read it again
         if inv is None:
             return
@@ -238,6 +256,12 @@ class RemoteStores:
 
     def urn(self, domain: str, ref: RemoteRef, parts: Key) -> URN:
         return URN(domain, ref.segments, ref.client.name, parts)
+
+    def file_urn(self, f: RemoteFile) -> str:
+        return str(URN(self.domain, f.segments, f.client.name, f.parts))
+
+    def dir_urn(self, handle: RemoteDirHandle) -> str:
+        return str(self.urn(self.domain, handle.ref, handle.parts))
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -317,21 +341,25 @@ class RemoteStores:
     ) -> tuple[int, RemoteFileHandle, pyfuse3.EntryAttributes]:
         attr = await self.make(parent, name, FILE, mode, ctx)
         parts = (*await self._dir(parent), name)
-        f = self._open_file(parent.client, parts, attr.st_ino & inodes.EID_MASK, attr.st_ino)
-        return next(self._fh), RemoteFileHandle(f), attr
+        eid = attr.st_ino & inodes.EID_MASK
+        f = self._open_file(parent.client, parent.segments, parts, eid, attr.st_ino)
+        return next(self._fh), RemoteFileHandle(f, writable=True), attr
 
     async def remove(self, parent: RemoteRef, name: bytes, is_dir: bool) -> None:
         parts = (*await self._dir(parent), name)
-        if not is_dir:
-            await self._keep_open_content(parent.client, parts)
+        kept = [] if is_dir else await self._keep_open_content(parent.client, parts)
         await parent.client.remove(parts, is_dir=is_dir)
+        _gone(kept)
 
-    async def _keep_open_content(self, client: StoreClient, parts: Key) -> None:
+    async def _keep_open_content(self, client: StoreClient, parts: Key) -> list[RemoteFile]:
         """An entry about to go: handles open on it here keep reading what it held."""
+        kept = []
         for f in list(self._files.values()):
             if f.client is client and f.parts == parts:
                 with contextlib.suppress(StoreError, FUSEError):
                     await self._load(f)
+                kept.append(f)
+        return kept
 
     async def rename(
         self, old: RemoteRef, name_old: bytes, new: RemoteRef, name_new: bytes, noreplace: bool
@@ -340,8 +368,9 @@ class RemoteStores:
             raise FUSEError(errno.EXDEV)
         src = (*await self._dir(old), name_old)
         dst = (*await self._dir(new), name_new)
-        await self._keep_open_content(old.client, dst)
+        replaced = await self._keep_open_content(old.client, dst) if src != dst else []
         await old.client.rename(src, dst, noreplace=noreplace)
+        _gone(replaced)
         # Paths below src moved: what is remembered by path is wrong now (1 s of it at most).
         self._forget_all()
         for f in self._files.values():
@@ -350,7 +379,7 @@ class RemoteStores:
 
     async def opendir(self, ref: RemoteRef) -> tuple[int, RemoteDirHandle]:
         parts = await self._dir(ref)
-        handle = RemoteDirHandle(ref)
+        handle = RemoteDirHandle(ref, parts)
         for name, rec in await ref.client.children(parts):
             ino = self.child_ino(ref, rec.eid)
             self._remember(ino, (*parts, name), rec)
@@ -371,11 +400,13 @@ class RemoteStores:
         if size > self.max_value:
             raise FUSEError(errno.EFBIG)
 
-    def _open_file(self, client: StoreClient, parts: Key, eid: int, ino: int) -> RemoteFile:
+    def _open_file(
+        self, client: StoreClient, segments: tuple[str, ...], parts: Key, eid: int, ino: int
+    ) -> RemoteFile:
         key = _file_key(client, eid)
         f = self._files.get(key)
         if f is None:
-            f = self._files[key] = RemoteFile(client, parts, eid, ino)
+            f = self._files[key] = RemoteFile(client, parts, eid, ino, segments)
         f.parts = parts
         f.handles += 1
         return f
@@ -391,7 +422,8 @@ class RemoteStores:
             handle = RemoteFileHandle(f)
         else:
             handle = await self._open_anew(ref, flags)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        handle.writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if flags & os.O_TRUNC and handle.writable:
             handle.file.buffer = bytearray()
             handle.file.changed()
         return next(self._fh), handle
@@ -418,7 +450,7 @@ class RemoteStores:
             raise FUSEError(errno.EISDIR)
         if rec.kind != FILE:
             raise FUSEError(errno.ELOOP)
-        f = self._open_file(ref.client, parts, rec.eid, ref.ino)
+        f = self._open_file(ref.client, ref.segments, parts, rec.eid, ref.ino)
         return RemoteFileHandle(f, data, keep)
 
     async def _load(self, f: RemoteFile) -> bytearray:
@@ -456,16 +488,24 @@ class RemoteStores:
         return len(data)
 
     async def _commit(self, f: RemoteFile) -> None:
-        """Send the bytes; ``dirty`` (and so the size getattr reports from the buffer) stays
-        until the owner has them, and stays if another write came meanwhile."""
-        if not f.dirty:
-            return  # nothing to send, nor being sent: no lock (taking one yields)
+        """Send the bytes, on the owner's disk when this returns (what close and fsync
+        promise); ``dirty`` (and so the size getattr reports from the buffer) stays until the
+        owner has them, and stays if another write came meanwhile. Raises what the owner said
+        (StoreError), the bytes kept: the caller decides whether they are lost."""
+        if not f.dirty or f.gone:
+            # Nothing to send, nor being sent: no lock (taking one yields). Or unlinked here:
+            # nowhere to go, as locally; the open handles keep the bytes.
+            return
         async with f.lock:
             if not f.dirty:
                 return
             upto = f.changes
             value = bytes(f.buffer or b"")
-            rec = await f.client.put(f.parts, f.eid, value, mtime_ns=f.mtime_ns, **f.metadata)
+            # ESTALE, the owner not knowing the file (removed by another node, or lost in a
+            # crash of the owner) is an error: the bytes were not taken.
+            rec = await f.client.put(
+                f.parts, f.eid, value, durable=True, mtime_ns=f.mtime_ns, **f.metadata
+            )
             if rec is not None:
                 self._remember(f.ino, f.parts, rec)
             if f.changes == upto:
@@ -475,23 +515,88 @@ class RemoteStores:
                 f.buffer = None
                 f.metadata = {}
 
+    def _drop(self, f: RemoteFile, e: StoreError | FUSEError, when: str) -> None:
+        """The owner did not take the unsaved bytes: drop them (never sent later, into a file
+        the application was told was not written) and count the loss, which every handle
+        open on the file reports once (_report_lost)."""
+        code = e.errno or errno.EIO
+        size = len(f.buffer or b"")
+        f.lost += 1
+        f.lost_errno = code
+        f.dirty = False
+        f.buffer = None
+        f.metadata = {}
+        f.changes += 1  # a commit of the dropped bytes still under way must not count
+        inos = self._inos.get((f.client.node, f.client.name, f.parts)) or {f.ino}
+        for ino in inos | {f.ino}:
+            self._forget(ino)
+            if self.invalidator is not None:
+                self.invalidator.inode(ino)  # the kernel's pages hold the dropped bytes
+        urn = self.file_urn(f)
+        why = str(e) if isinstance(e, StoreError) else os.strerror(code)
+        self.limited.log(
+            logging.WARNING,
+            ("not taken", urn),
+            "%s: %d bytes written here not taken by the owner %s (%s): dropped; %s",
+            urn,
+            size,
+            f.client.node,
+            why,
+            when,
+        )
+
+    @staticmethod
+    def _report_lost(h: RemoteFileHandle) -> None:
+        """Bytes of the file were dropped since this handle last heard: say so, once."""
+        f = h.file
+        if h.lost_seen != f.lost:
+            h.lost_seen = f.lost
+            raise FUSEError(f.lost_errno)
+
     async def commit_all(self) -> None:
         """At unmount: send what is still buffered, each owner bounded by the call timeout."""
         for f in list(self._files.values()):
             try:
                 await self._commit(f)
             except (StoreError, FUSEError) as e:
-                log.error("%s@%s entry %d: %d bytes not sent: %s", f.client.name,
-                          f.client.node, f.eid, len(f.buffer or b""), e)  # fmt: skip
+                self._drop(f, e, "at unmount")
+
+    async def flush(self, h: RemoteFileHandle) -> None:
+        """close(2) of a descriptor (every one, dup()'d ones too): the file's unsaved bytes
+        go to the owner now; the close fails if it does not take them (they are dropped).
+        Nothing unsaved: no call at all. A reader's close sends nothing and fails for
+        nothing (as NFS): it is no writer's word that the bytes were taken."""
+        if not h.writable:
+            return
+        f = h.file
+        if f.dirty:
+            try:
+                await self._commit(f)
+            except (StoreError, FUSEError) as e:
+                errname = errno.errorcode.get(e.errno or errno.EIO, "EIO")
+                self._drop(f, e, f"close() returns {errname}")
+        self._report_lost(h)
 
     async def fsync(self, h: RemoteFileHandle) -> None:
-        await self._commit(h.file)
-        await h.file.client.sync()
+        """A failure keeps the bytes: fsync may be tried again, and close reports it."""
+        f = h.file
+        if f.dirty:
+            await self._commit(f)  # durable: the owner synced with the bytes
+        else:
+            await f.client.sync()
+        self._report_lost(h)
 
     async def release(self, h: RemoteFileHandle) -> None:
+        """The last close of a handle (its FLUSH came before). Unsaved bytes here came after
+        the last FLUSH of every handle (written through a shared mapping): sent, or dropped
+        with a WARNING, as nobody is left to tell (the kernel ignores RELEASE's answer)."""
         f = h.file
         try:
-            await self._commit(f)
+            if f.handles <= 1 and f.dirty:
+                try:
+                    await self._commit(f)
+                except (StoreError, FUSEError) as e:
+                    self._drop(f, e, "written after the last close: nobody left to tell")
         finally:
             f.handles -= 1
             key = _file_key(f.client, f.eid)
@@ -526,6 +631,12 @@ class RemoteStores:
     async def removexattr(self, ref: RemoteRef, name: bytes) -> None:
         parts, rec = await self.resolve(ref)
         self._remember(ref.ino, parts, await ref.client.remove_xattr(parts, rec.eid, name))
+
+
+def _gone(files: list[RemoteFile]) -> None:
+    """Unlinked or replaced through this mount: what the open handles write goes nowhere."""
+    for f in files:
+        f.gone = True
 
 
 def _file_key(client: StoreClient, eid: int) -> tuple[str, str, int]:

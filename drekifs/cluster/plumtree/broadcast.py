@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from drekifs.cluster.net import Network, PeerAddr, PeerUnreachable, RemoteError
+from drekifs.cluster.net import Network, PeerAddr, PeerUnreachable, RemoteError, addr_text
 from drekifs.cluster.plumtree.config import PlumtreeConfig
 from drekifs.cluster.plumtree.messages import (
     GOSSIP_METHOD,
@@ -170,7 +170,7 @@ class Broadcast:
         except Exception:
             # A bug must not take the transport down; tests assert this stays 0.
             self.counters["internal_errors"] += 1
-            log.exception("plumtree failed on a datagram from %s", source)
+            log.exception("plumtree failed on a datagram from %s", addr_text(source))
         return True
 
     def stats(self) -> dict[str, Any]:
@@ -213,7 +213,7 @@ class Broadcast:
             self._receive(source, gossip.mid, gossip.hops + 1, gossip.payload)
         except Exception:
             self.counters["internal_errors"] += 1
-            log.exception("plumtree failed on a push from %s", source)
+            log.exception("plumtree failed on a push from %s", addr_text(source))
         return None
 
     def _receive(self, source: PeerAddr, mid: bytes, hops: int, payload: Any) -> None:
@@ -231,7 +231,7 @@ class Broadcast:
             new = self.store.deliver(mid, payload)
         except Exception:
             self.counters["store_errors"] += 1
-            log.exception("the store failed to deliver a message from %s", source)
+            log.exception("the store failed to deliver a message from %s", addr_text(source))
             return
         self._seen.add(mid, hops, source, now)
         if not new:
@@ -291,7 +291,7 @@ class Broadcast:
                 payload = self.store.get(mid)
             except Exception:
                 self.counters["store_errors"] += 1
-                log.exception("the store failed to read a message for %s", source)
+                log.exception("the store failed to read a message for %s", addr_text(source))
                 continue
             if payload is None:
                 self.counters["graft_unknown"] += 1

@@ -38,7 +38,7 @@ from typing import Any
 import msgpack
 import trio
 
-from drekifs.cluster.net import Network, PeerAddr, PeerUnreachable, RemoteError
+from drekifs.cluster.net import Network, PeerAddr, PeerUnreachable, RemoteError, addr_text
 from drekifs.cluster.swim.awareness import Awareness
 from drekifs.cluster.swim.broadcasts import BroadcastQueue
 from drekifs.cluster.swim.config import SwimConfig
@@ -574,7 +574,7 @@ class Membership:
         except Exception:
             # A bug must not take the transport down; tests assert this stays 0.
             self.counters["internal_errors"] += 1
-            log.exception("membership failed on a datagram from %s", source)
+            log.exception("membership failed on a datagram from %s", addr_text(source))
 
     def _answer(self, source: PeerAddr, datagram: Datagram) -> None:
         kind = datagram.kind
