@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from drekifs import control
+
 from .conftest import drekifs, free_port, wait_for
 from .worlds import Zone
 
@@ -302,3 +304,63 @@ def test_concurrent_writes_converge_with_a_conflict_copy(cluster) -> None:
         assert sorted(texts) == ["written by a\n", "written by b alone\n"]
         expected = expected or (names, texts)
         assert (names, texts) == expected  # the same winner and the same copy on both
+
+
+@pytest.fixture
+def two_peers(tmp_path, zone_file, mount_world):
+    """Peers a and b replicating ``global``, each mounted."""
+    ports = {n: free_port() for n in ("a", "b")}
+    zone = Zone().region("@", ["dc"]).region("dc", ["a", "b"])
+    for n in ("a", "b"):
+        zone.node(n, port=ports[n], host="localhost.")
+    path = zone_file(zone)
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    mounts = {
+        n: mount_world("--zone", path, "--node", n, "--keyring", ring, name=f"m{n}")
+        for n in ("a", "b")
+    }
+    for n in ("a", "b"):
+        wait_for(
+            lambda n=n: set(members(mounts[n].path).values()) == {"alive"},
+            timeout=15,
+            what=f"{n} sees everyone alive",
+        )
+    return mounts
+
+
+def store_has(mount, urn: str) -> bytes | None:
+    """A key's value in a peer's store, asked over its control socket: not through its
+    kernel, so the kernel's cached entries stay as they are."""
+    sock = (mount.path / ".dreki" / "control").read_text().strip()
+    try:
+        return control.call(sock, {"op": "get", "urn": urn}, timeout=5)["value"]
+    except control.ControlError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def test_an_open_file_another_peer_removes_keeps_working(two_peers) -> None:
+    """B deletes, or renames away, a global file A has open: A's handles keep its bytes, and
+    its inode says st_nlink 0 once A's kernel is told."""
+    a, b = two_peers["a"], two_peers["b"]
+    ga, gb = a.path / "global", b.path / "global"
+    for how in ("unlink", "rename"):
+        (gb / how).write_text(f"from b, to {how}\n")
+        wait_for(lambda h=how: store_has(a, f"w.test::global::{h}"), what="replicated")
+        fd = os.open(ga / how, os.O_RDONLY)
+        try:
+            assert os.fstat(fd).st_nlink == 1
+            if how == "unlink":
+                (gb / how).unlink()
+            else:
+                os.rename(gb / how, gb / "elsewhere")
+            wait_for(lambda fd=fd: os.fstat(fd).st_nlink == 0, timeout=5, what="st_nlink 0")
+            assert os.fstat(fd).st_size == len(f"from b, to {how}\n")
+            assert os.pread(fd, 100, 0) == f"from b, to {how}\n".encode()
+        finally:
+            os.close(fd)
+        assert not (ga / how).exists()
+    wait_for(lambda: (ga / "elsewhere").exists(), what="the renamed file")
+    assert (ga / "elsewhere").read_text() == "from b, to rename\n"

@@ -4,9 +4,13 @@ A file's bytes are read from the store until somebody writes; then the whole val
 a buffer here, changed in place by each WRITE, and handed to the store (one new version) on
 fsync and at the latest on release. Metadata changed while the bytes wait (``cp -a``'s utimes
 and chmod after its write, a ``chown`` during a long write) waits with them and goes out in the
-same version: one close, one version. FLUSH is not implemented (ENOSYS): the kernel then skips it
-for every close, which saves one request per file; limits are checked at WRITE time, so the
+same version: one close, one version. FLUSH is not implemented (ENOSYS): the kernel then skips
+it for every close, which saves one request per file; limits are checked at WRITE time, so the
 error that matters (EFBIG) reaches the writer, and fsync reports the rest.
+
+A file whose entry goes while it is open (unlink, a rename or a peer's version over it) stays
+here for its handles, with st_nlink 0, until the last close: its bytes are taken from the store
+just before they go (Store.before_drop).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from ..stores.base import Store
+from ..stores.base import Key, Store
 from ..stores.record import Record
 from .attrs import record_attrs
 
@@ -32,6 +36,22 @@ class Unsaved:
     mtime_ns: int = 0  # of the last write (or the time set since, the epoch included)
     ctime_ns: int = 0  # of the last change
     metadata: dict[str, int] = field(default_factory=dict)  # set since: perm, uid, atime_ns...
+    # Once its entry went (unlinked, or replaced by a rename or by a peer): its last record.
+    # Its handles keep its bytes, and what they write and set, to themselves until the last
+    # close, as POSIX keeps an unlinked file (st_nlink 0); nothing reaches a store.
+    gone: Record | None = None
+
+    def went(self, rec: Record) -> None:
+        """Its entry went, its bytes in the buffer: from now on it answers for itself."""
+        if not self.dirty:  # its times are the record's
+            self.mtime_ns, self.ctime_ns = rec.mtime_ns, rec.ctime_ns
+        self.gone = rec
+
+    def orphan_attrs(self, ino: int, timeout: float) -> pyfuse3.EntryAttributes:
+        assert self.gone is not None
+        attrs = self.attrs(ino, self.gone, timeout)
+        attrs.st_nlink = 0
+        return attrs
 
     def wrote(self) -> None:
         self.mtime_ns = self.ctime_ns = time.time_ns()
@@ -65,6 +85,18 @@ class OpenFile(Unsaved):
     loc: str
     eid: int
     handles: int = 0
+    parts: Key = ()  # its key when it went (for log lines)
+
+    def orphan(self, rec: Record, parts: Key) -> None:
+        """Its entry is about to go: take its bytes while the store still has them."""
+        self.load()
+        self.went(rec)
+        self.parts = parts
+
+    def set_xattrs(self, xattrs: dict[bytes, bytes]) -> None:
+        assert self.gone is not None
+        self.gone = self.gone.but(xattrs=xattrs)
+        self.ctime_ns = time.time_ns()
 
     def load(self) -> bytearray:
         if self.buffer is None:
@@ -103,7 +135,7 @@ class OpenFile(Unsaved):
         while open or not). When it is gone, the bytes are kept for the handles still open,
         and go nowhere. Returns the new record, if any.
         """
-        if not self.dirty:
+        if not self.dirty or self.gone is not None:
             return None
         self.dirty = False
         metadata, self.metadata = self.metadata, {}

@@ -105,6 +105,7 @@ class StoreNode:
     # Its attributes, once asked for: valid as long as the node (its store unchanged), unless a
     # file being written here overrides size and mtime (then never kept).
     attrs: pyfuse3.EntryAttributes | None = None
+    orphan: OpenFile | None = None  # a file whose entry went, still open here
 
     @property
     def is_dir(self) -> bool:
@@ -181,6 +182,7 @@ class Operations(pyfuse3.Operations):
         self._nodes: dict[int, tuple[StoreNode, int]] = {}
         for store in self.stores.values():
             store.watchers.append(functools.partial(self._store_changed, store))
+            store.before_drop.append(functools.partial(self._dropping, store))
 
     # -- namespace and store changes -------------------------------------------------------
 
@@ -228,6 +230,19 @@ class Operations(pyfuse3.Operations):
                 else:
                     self.invalidator.inode(ino)
 
+    def _dropping(self, store: Store, rec: Record) -> None:
+        """A file's entry is about to go (unlinked or replaced, here or by a peer): if it is
+        open here, its handles keep it (files.OpenFile.orphan), and the kernel's attributes
+        of it go (st_nlink is 0 now)."""
+        f = self.files.get(store, rec.eid)
+        if f is None:
+            return
+        where = store.locate(rec.eid)  # still known for a moment: its key, for log lines
+        f.orphan(rec, where[1] if where is not None else ())
+        slot = self.slots.slot(store.name)
+        for root in self.ns.store_roots.get((f.loc, store.name), ()):
+            self.invalidator.attributes(inodes.pack(root.alias, slot, rec.eid))
+
     # -- resolving inodes ------------------------------------------------------------------
 
     def describe(self, op: str, args: tuple) -> str:
@@ -265,7 +280,8 @@ class Operations(pyfuse3.Operations):
         return URN(self.ns.world.domain, node.segments, node.store.name, node.parts)
 
     def _node(self, ino: int) -> Entry | StoreNode:
-        """What an inode is now; ENOENT when it is gone."""
+        """What an inode is now; ENOENT when it is gone, unless it is a file still open here
+        (an orphan, StoreNode.orphan: the kernel asks GETATTR of it by inode)."""
         cached = self._nodes.get(ino)  # store inodes only
         if cached is not None:
             node, seen = cached
@@ -296,6 +312,13 @@ class Operations(pyfuse3.Operations):
                         node = StoreNode(ino, store, loc, segments, si.alias, parts, rec)
                         self._remember(node)
                         return node
+                f = self.files.get(store, si.eid)
+                if f is not None and f.gone is not None:
+                    segments = self.ns.alias_paths.get((f.loc, si.alias))
+                    if segments is not None:
+                        return StoreNode(
+                            ino, store, f.loc, segments, si.alias, f.parts, f.gone, orphan=f
+                        )
             raise FUSEError(errno.ENOENT)
         e = self.ns.get(ino)
         if e is None:
@@ -365,6 +388,8 @@ class Operations(pyfuse3.Operations):
         return attr
 
     def _store_attrs(self, node: StoreNode) -> pyfuse3.EntryAttributes:
+        if node.orphan is not None:
+            return node.orphan.orphan_attrs(node.ino, self.cache_timeout)
         rec = node.rec
         if self.files.by_key and rec.kind != DIR:  # a file written here: its buffer's size
             f = self.files.by_key.get((node.store.name, rec.eid))
@@ -443,6 +468,8 @@ class Operations(pyfuse3.Operations):
         if self.remote and (r := self.remote.ref(self.ns, inode)):
             return await self.remote.setattr(r, attr, fields)
         node = self._store_node(inode)
+        if node.orphan is not None:  # held for its handles: its key may be another's now
+            return self._set_orphan(node.orphan, inode, attr, fields)
         store, loc, parts = node.store, node.loc, node.parts
         rec: Record | None = node.rec
         f = self.files.get(store, node.rec.eid)
@@ -479,6 +506,16 @@ class Operations(pyfuse3.Operations):
         return self._store_attrs(
             StoreNode(inode, store, loc, node.segments, node.alias, parts, rec, node.root)
         )
+
+    def _set_orphan(
+        self, f: OpenFile, inode: int, attr: Any, fields: Any
+    ) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            f.truncate(attr.st_size)
+        changes = metadata_changes(attr, fields)
+        if changes:
+            f.set_metadata(changes)
+        return f.orphan_attrs(inode, self.cache_timeout)
 
     @request
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -545,19 +582,11 @@ class Operations(pyfuse3.Operations):
         self._handles[fh] = FileHandle(file=f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._store_attrs(node)
 
-    def _keep_open_content(self, node: StoreNode | None) -> None:
-        """An entry about to go: its open handles keep reading what it held."""
-        if node is not None and not node.is_dir:
-            f = self.files.get(node.store, node.rec.eid)
-            if f is not None:
-                f.load()
-
     @request
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
             return await self.remote.remove(r, name, is_dir=False)
         parent = self._store_node(parent_inode)
-        self._keep_open_content(self._child(parent, name))
         parent.store.remove(parent.loc, (*parent.parts, name), is_dir=False, origin=self)
 
     @request
@@ -600,7 +629,6 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EXDEV)
         if flags & RENAME_EXCHANGE:
             raise FUSEError(errno.EINVAL)
-        self._keep_open_content(self._child(new, name_new))
         old.store.rename(
             old.loc,
             (*old.parts, name_old),
@@ -702,6 +730,11 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         fh = next(self._next_fh)
         if isinstance(node, StoreNode):
+            if node.orphan is not None:
+                # Its name went (here or by a peer): a kernel still holding the name opens
+                # what it names now instead (ESTALE: it looks it up again). Reopening through
+                # /proc/PID/fd is refused the same way.
+                raise FUSEError(errno.ESTALE)
             if node.is_dir:
                 raise FUSEError(errno.EISDIR)
             if node.rec.kind != FILE:
@@ -843,6 +876,9 @@ class Operations(pyfuse3.Operations):
             raise self._refuse(node)
         if not name.startswith(b"user."):
             raise FUSEError(errno.EOPNOTSUPP)
+        if node.orphan is not None:  # held for its handles: its key may be another's now
+            node.orphan.set_xattrs({**node.rec.xattrs, name: value})
+            return
         node.store.set_xattr(node.loc, node.parts, name, value, origin=self)
 
     @request
@@ -856,6 +892,11 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, StoreNode):
             raise self._refuse(node)
+        if node.orphan is not None:
+            if name not in node.rec.xattrs:
+                raise FUSEError(errno.ENODATA)
+            node.orphan.set_xattrs({k: v for k, v in node.rec.xattrs.items() if k != name})
+            return
         node.store.remove_xattr(node.loc, node.parts, name, origin=self)
 
     # -- the filesystem --------------------------------------------------------------------
