@@ -21,7 +21,7 @@ import pytest
 
 from drekifs import control
 
-from .conftest import drekifs, free_port, wait_for
+from .conftest import Shell, drekifs, free_port, wait_for
 from .worlds import Zone
 
 pytestmark = pytest.mark.mounted
@@ -339,6 +339,45 @@ def store_has(mount, urn: str) -> bytes | None:
         if e.errno == errno.ENOENT:
             return None
         raise
+
+
+def test_echo_into_a_name_another_peer_just_changed(two_peers) -> None:
+    """The kernel may still hold a negative entry for a name B just made, or a positive one
+    for a name B just removed, when A writes it: the write succeeds all the same."""
+    a, b = two_peers["a"], two_peers["b"]
+    ga, gb = a.path / "global", b.path / "global"
+    failures: list[str] = []
+
+    def until_a_has(urn: str, present: bool) -> None:
+        what = f"A's store to {'have' if present else 'lose'} {urn}"
+        wait_for(lambda: (store_has(a, urn) is not None) == present, 5, interval=0, what=what)
+
+    sh = Shell()
+    deadline = time.monotonic() + 120
+    try:
+        for i in range(100):
+            assert time.monotonic() < deadline, f"only {i} rounds in 120 s"
+            # A caches a negative entry; B makes the name; A's store has it; A writes at once
+            # (before the kernel is told, most of the time).
+            made, urn = ga / f"made{i}", f"w.test::global::made{i}"
+            assert not made.exists()
+            (gb / made.name).write_text("from b\n")
+            until_a_has(urn, True)
+            sh.echo_x(made, failures)
+            # A caches a positive entry; B removes the name; A's store lost it; A writes.
+            gone, urn = ga / f"gone{i}", f"w.test::global::gone{i}"
+            (gb / gone.name).write_text("from b\n")
+            until_a_has(urn, True)
+            assert gone.stat().st_size == 7
+            (gb / gone.name).unlink()
+            until_a_has(urn, False)
+            sh.echo_x(gone, failures)
+    finally:
+        sh.close()
+    assert not failures, f"{len(failures)} of 200 failed: {failures[:5]}"
+    # What A wrote is what both peers end with.
+    for name in ("made99", "gone99"):
+        wait_for(lambda n=name: store_has(b, f"w.test::global::{n}") == b"x\n", what=name)
 
 
 def test_an_open_file_another_peer_removes_keeps_working(two_peers) -> None:

@@ -120,7 +120,7 @@ async def test_a_file_replaced_while_written_keeps_its_bytes_to_itself(tmp_path:
     c = await ops.lookup(glob, b"c", None)
     assert c.st_ino == b.st_ino and c.st_size == 0 and c.st_mode & 0o777 == 0o644
     assert await ops.listxattr(c.st_ino, None) == []
-    assert await errno_of(ops.getattr(info_ino, None)) == errno.ENOENT  # closed: gone
+    assert await errno_of(ops.getattr(info_ino, None)) == errno.ESTALE  # closed: gone
 
 
 class SetFields(SimpleNamespace):
@@ -133,7 +133,7 @@ class SetFields(SimpleNamespace):
 async def test_an_open_file_a_peer_deleted_answers_from_its_handles(tmp_path: Path) -> None:
     """A peer's delete merged while the file is open here: the handles keep its bytes (taken
     before the store drops them), its inode says st_nlink 0 and the kernel is told; after the
-    last release the inode is gone."""
+    last release the inode is ESTALE (the kernel looks its name up again)."""
     ops = make_ops(tmp_path)
     store = ops.stores["global"]
     peer = LmdbStore("global", tmp_path / "peer", peer="p2", replicated=True, max_value=1 << 20)
@@ -152,8 +152,23 @@ async def test_an_open_file_a_peer_deleted_answers_from_its_handles(tmp_path: Pa
     assert (attr.st_nlink, attr.st_size, attr.st_mode) == (0, 7, stat.S_IFREG | 0o640)
     assert await ops.read(info.fh, 0, 100) == b"from p2"
     await ops.release(info.fh)
-    assert await errno_of(ops.getattr(f.st_ino, None)) == errno.ENOENT
+    assert await errno_of(ops.getattr(f.st_ino, None)) == errno.ESTALE
     assert (await ops.lookup(glob, b"f", None)).st_ino == 0
+
+
+async def test_a_create_of_an_existing_name_is_looked_up_again(tmp_path: Path) -> None:
+    """CREATE of a name that exists (made since the kernel cached its absence): ESTALE, so
+    the kernel looks it up and opens it with its own permission checks; O_EXCL: EEXIST."""
+    ops = make_ops(tmp_path)
+    glob = (await lookup_path(ops, "global")).st_ino
+    info, _ = await ops.create(glob, b"f", 0o644, os.O_WRONLY | os.O_CREAT, CTX)
+    await ops.release(info.fh)
+    await ops.mkdir(glob, b"d", 0o755, CTX)
+    for name in (b"f", b"d"):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        assert await errno_of(ops.create(glob, name, 0o644, flags, CTX)) == errno.ESTALE
+        flags |= os.O_EXCL
+        assert await errno_of(ops.create(glob, name, 0o644, flags, CTX)) == errno.EEXIST
 
 
 async def test_a_directory_renamed_elsewhere_invalidates_its_names_not_its_tree(

@@ -52,7 +52,8 @@ RENAME_EXCHANGE = 2
 NODE_CACHE = 20_000
 
 # Failures that are part of normal life: not worth a log line each.
-QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.ENOSYS, errno.EEXIST})
+# ESTALE: an inode whose entry went meanwhile (the kernel then looks the name up again).
+QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.ENOSYS, errno.EEXIST, errno.ESTALE})
 
 
 class QuietError(FUSEError):
@@ -169,11 +170,9 @@ class Operations(pyfuse3.Operations):
         # A name absent from a store: inode 0 tells the kernel to keep the negative entry as
         # long as a positive one (cheaper than an ENOENT, which it keeps for no time at all:
         # cp's lookup of each new name, a shell's probing). Anything that later creates the
-        # name elsewhere than through the kernel invalidates it (_store_changed). The stakes:
-        # a missed invalidation would hide the name for the cache timeout, and a create of it
-        # would then answer EEXIST (as it does today when a name is made elsewhere between the
-        # kernel's LOOKUP and its CREATE: answering with the existing file instead would skip
-        # the kernel's permission check, which it waives for a file it believes created).
+        # name elsewhere than through the kernel invalidates it (_store_changed). Until the
+        # invalidation lands (or if it were missed), a CREATE of the name is answered ESTALE,
+        # so the kernel looks it up again (see create).
         self._absent = pyfuse3.EntryAttributes()
         self._absent.st_ino = 0
         self._absent.entry_timeout = cache_timeout
@@ -268,6 +267,11 @@ class Operations(pyfuse3.Operations):
                 return f"{urn.child(args[1])} -> {new_parent.child(args[3])}"
             return str(urn)
         except Exception:  # a log line must never fail the request
+            slot = inodes.store_slot(args[0]) if args and isinstance(args[0], int) else 0
+            if slot:  # an entry that went (ESTALE)
+                store = self.by_slot.get(slot)
+                name = store.name if store is not None else f"store slot {slot}"
+                return f"{name} entry {args[0] & inodes.EID_MASK} (gone)"
             return repr(args[:2])
 
     def _urn_of(self, node: Entry | StoreNode | None) -> URN:
@@ -280,8 +284,10 @@ class Operations(pyfuse3.Operations):
         return URN(self.ns.world.domain, node.segments, node.store.name, node.parts)
 
     def _node(self, ino: int) -> Entry | StoreNode:
-        """What an inode is now; ENOENT when it is gone, unless it is a file still open here
-        (an orphan, StoreNode.orphan: the kernel asks GETATTR of it by inode)."""
+        """What an inode is now. A store entry that went is ESTALE, unless it is a file still
+        open here (an orphan, StoreNode.orphan): the kernel asks by inode, and ESTALE makes it
+        look the name up again where that helps (open, stat, chmod... of a name whose cached
+        entry another peer removed or replaced: fs/namei.c retries with LOOKUP_REVAL)."""
         cached = self._nodes.get(ino)  # store inodes only
         if cached is not None:
             node, seen = cached
@@ -319,7 +325,7 @@ class Operations(pyfuse3.Operations):
                         return StoreNode(
                             ino, store, f.loc, segments, si.alias, f.parts, f.gone, orphan=f
                         )
-            raise FUSEError(errno.ENOENT)
+            raise FUSEError(errno.ESTALE)
         e = self.ns.get(ino)
         if e is None:
             raise FUSEError(errno.ENOENT)
@@ -568,12 +574,22 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
-        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
-            self._check_name(name)
-            rfh, rhandle, attr = await self.remote.create(r, name, mode, ctx)
-            self._handles[rfh] = rhandle
-            return pyfuse3.FileInfo(fh=rfh, keep_cache=False), attr
-        node = self._create(parent_inode, name, FILE, mode, ctx)
+        try:
+            if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+                self._check_name(name)
+                rfh, rhandle, attr = await self.remote.create(r, name, mode, ctx)
+                self._handles[rfh] = rhandle
+                return pyfuse3.FileInfo(fh=rfh, keep_cache=False), attr
+            node = self._create(parent_inode, name, FILE, mode, ctx)
+        except (StoreError, FUSEError) as e:
+            if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            # The kernel held a negative entry for a name made meanwhile (by a peer, or through
+            # another path of this node). Not opened here: the kernel checks no permission and
+            # truncates nothing for a file it believes it created. ESTALE makes it look the name
+            # up again and open what it finds, as any open, with O_TRUNC (fs/namei.c retries
+            # the whole open once with LOOKUP_REVAL, and a negative entry then always goes).
+            raise FUSEError(errno.ESTALE) from None
         self._remember(node)  # the WRITE, SETATTRs and RELEASE that follow ask about it
         f = self.files.open(node.store, node.loc, node.rec.eid)
         if f.buffer is None and f.handles == 1:
