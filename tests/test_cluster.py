@@ -403,3 +403,64 @@ def test_an_open_file_another_peer_removes_keeps_working(two_peers) -> None:
         assert not (ga / how).exists()
     wait_for(lambda: (ga / "elsewhere").exists(), what="the renamed file")
     assert (ga / "elsewhere").read_text() == "from b, to rename\n"
+
+
+def test_an_open_file_in_another_nodes_store_unlinked_from_here(two_peers) -> None:
+    """Another node's store, over RPC: a file unlinked or renamed over through this mount
+    while open here answers fstat (st_nlink 0) and reads from its handles. (Writes to it, and
+    changes the owner or a third node makes, are not kept: docs/stores.md.)"""
+    a, b = two_peers["a"], two_peers["b"]
+    remote = a.path / "dc" / "b" / "local"
+    for how in ("unlink", "rename over"):
+        f = remote / "f"
+        f.write_text("hello world")
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            if how == "unlink":
+                os.unlink(f)
+            else:
+                (remote / "tmp").write_text("new")
+                os.rename(remote / "tmp", f)
+            st = os.fstat(fd)
+            assert (st.st_nlink, st.st_size) == (0, 11), how
+            assert os.pread(fd, 100, 0) == b"hello world"
+            assert (b.path / "dc" / "b" / "local" / "f").exists() == (how != "unlink")
+        finally:
+            os.close(fd)
+        if how != "unlink":
+            assert f.read_text() == "new"
+            f.unlink()
+
+
+def test_echo_into_a_name_the_owner_just_changed(two_peers) -> None:
+    """Another node's store, over RPC: the owner removes or makes a name A has just looked
+    at (A trusts what it learned for up to a second, and hears of changes in batches), and A
+    writes it at once: the write succeeds and lands at the owner."""
+    a, b = two_peers["a"], two_peers["b"]
+    from_a, on_b = a.path / "dc" / "b" / "local", b.path / "dc" / "b" / "local"
+    sh = Shell()
+    failures = []
+    deadline = time.monotonic() + 90
+    try:
+        for i in range(20):
+            assert time.monotonic() < deadline, f"only {i} rounds in 90 s: {failures[:3]}"
+            for name, made in ((f"gone{i}", False), (f"made{i}", True)):
+                if made:
+                    assert not (from_a / name).exists()
+                    (on_b / name).write_text("from b\n")
+                else:
+                    (on_b / name).write_text("from b\n")
+                    wait_for(lambda n=name: (from_a / n).exists(), what=f"{name} seen by a")
+                    os.unlink(on_b / name)
+                ok, out = sh.run(f"echo x > {from_a / name}")
+                if not ok:
+                    failures.append(out)
+                    continue
+                p = on_b / name
+                try:
+                    wait_for(lambda p=p: p.exists() and p.read_text() == "x\n", timeout=1.5)
+                except AssertionError:
+                    failures.append(f"{name}: {p.read_text() if p.exists() else 'absent'}")
+    finally:
+        sh.close()
+    assert not failures, f"{len(failures)} of 40 failed: {failures[:5]}"
