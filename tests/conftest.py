@@ -54,6 +54,43 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+class Shell:
+    """One ``sh`` kept running: a command sent reaches the kernel within a pipe's latency,
+    not a fork's and an exec's."""
+
+    def __init__(self, **popen: object) -> None:
+        self.proc = subprocess.Popen(
+            ["sh"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **popen,
+        )
+
+    def run(self, command: str) -> tuple[bool, str]:
+        """Whether ``command`` succeeded, and what it printed."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"if {command}; then echo =ok; else echo =failed; fi\n")
+        self.proc.stdin.flush()
+        out = []
+        while (line := self.proc.stdout.readline()) not in ("=ok\n", "=failed\n", ""):
+            out.append(line)
+        return line == "=ok\n", "".join(out).strip()
+
+    def echo_x(self, path: Path, failures: list[str]) -> None:
+        """``echo x > path``: a failure is noted in ``failures``, a success must have written."""
+        ok, out = self.run(f"echo x > {path}")
+        if not ok:
+            failures.append(f"{path.name}: {out}")
+        else:
+            assert path.read_text() == "x\n", path
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 @dataclass
 class Mount:
     path: Path

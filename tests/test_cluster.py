@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import drekifs, free_port, wait_for
+from drekifs import control
+
+from .conftest import Shell, drekifs, free_port, wait_for
 from .worlds import Zone
 
 pytestmark = pytest.mark.mounted
@@ -302,3 +304,163 @@ def test_concurrent_writes_converge_with_a_conflict_copy(cluster) -> None:
         assert sorted(texts) == ["written by a\n", "written by b alone\n"]
         expected = expected or (names, texts)
         assert (names, texts) == expected  # the same winner and the same copy on both
+
+
+@pytest.fixture
+def two_peers(tmp_path, zone_file, mount_world):
+    """Peers a and b replicating ``global``, each mounted."""
+    ports = {n: free_port() for n in ("a", "b")}
+    zone = Zone().region("@", ["dc"]).region("dc", ["a", "b"])
+    for n in ("a", "b"):
+        zone.node(n, port=ports[n], host="localhost.")
+    path = zone_file(zone)
+    ring = tmp_path / "ring"
+    drekifs("keygen", ring)
+    mounts = {
+        n: mount_world("--zone", path, "--node", n, "--keyring", ring, name=f"m{n}")
+        for n in ("a", "b")
+    }
+    for n in ("a", "b"):
+        wait_for(
+            lambda n=n: set(members(mounts[n].path).values()) == {"alive"},
+            timeout=15,
+            what=f"{n} sees everyone alive",
+        )
+    return mounts
+
+
+def store_has(mount, urn: str) -> bytes | None:
+    """A key's value in a peer's store, asked over its control socket: not through its
+    kernel, so the kernel's cached entries stay as they are."""
+    sock = (mount.path / ".dreki" / "control").read_text().strip()
+    try:
+        return control.call(sock, {"op": "get", "urn": urn}, timeout=5)["value"]
+    except control.ControlError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def test_echo_into_a_name_another_peer_just_changed(two_peers) -> None:
+    """The kernel may still hold a negative entry for a name B just made, or a positive one
+    for a name B just removed, when A writes it: the write succeeds all the same."""
+    a, b = two_peers["a"], two_peers["b"]
+    ga, gb = a.path / "global", b.path / "global"
+    failures: list[str] = []
+
+    def until_a_has(urn: str, present: bool) -> None:
+        what = f"A's store to {'have' if present else 'lose'} {urn}"
+        wait_for(lambda: (store_has(a, urn) is not None) == present, 5, interval=0, what=what)
+
+    sh = Shell()
+    deadline = time.monotonic() + 120
+    try:
+        for i in range(100):
+            assert time.monotonic() < deadline, f"only {i} rounds in 120 s"
+            # A caches a negative entry; B makes the name; A's store has it; A writes at once
+            # (before the kernel is told, most of the time).
+            made, urn = ga / f"made{i}", f"w.test::global::made{i}"
+            assert not made.exists()
+            (gb / made.name).write_text("from b\n")
+            until_a_has(urn, True)
+            sh.echo_x(made, failures)
+            # A caches a positive entry; B removes the name; A's store lost it; A writes.
+            gone, urn = ga / f"gone{i}", f"w.test::global::gone{i}"
+            (gb / gone.name).write_text("from b\n")
+            until_a_has(urn, True)
+            assert gone.stat().st_size == 7
+            (gb / gone.name).unlink()
+            until_a_has(urn, False)
+            sh.echo_x(gone, failures)
+    finally:
+        sh.close()
+    assert not failures, f"{len(failures)} of 200 failed: {failures[:5]}"
+    # What A wrote is what both peers end with.
+    for name in ("made99", "gone99"):
+        wait_for(lambda n=name: store_has(b, f"w.test::global::{n}") == b"x\n", what=name)
+
+
+def test_an_open_file_another_peer_removes_keeps_working(two_peers) -> None:
+    """B deletes, or renames away, a global file A has open: A's handles keep its bytes, and
+    its inode says st_nlink 0 once A's kernel is told."""
+    a, b = two_peers["a"], two_peers["b"]
+    ga, gb = a.path / "global", b.path / "global"
+    for how in ("unlink", "rename"):
+        (gb / how).write_text(f"from b, to {how}\n")
+        wait_for(lambda h=how: store_has(a, f"w.test::global::{h}"), what="replicated")
+        fd = os.open(ga / how, os.O_RDONLY)
+        try:
+            assert os.fstat(fd).st_nlink == 1
+            if how == "unlink":
+                (gb / how).unlink()
+            else:
+                os.rename(gb / how, gb / "elsewhere")
+            wait_for(lambda fd=fd: os.fstat(fd).st_nlink == 0, timeout=5, what="st_nlink 0")
+            assert os.fstat(fd).st_size == len(f"from b, to {how}\n")
+            assert os.pread(fd, 100, 0) == f"from b, to {how}\n".encode()
+        finally:
+            os.close(fd)
+        assert not (ga / how).exists()
+    wait_for(lambda: (ga / "elsewhere").exists(), what="the renamed file")
+    assert (ga / "elsewhere").read_text() == "from b, to rename\n"
+
+
+def test_an_open_file_in_another_nodes_store_unlinked_from_here(two_peers) -> None:
+    """Another node's store, over RPC: a file unlinked or renamed over through this mount
+    while open here answers fstat (st_nlink 0) and reads from its handles. (Writes to it, and
+    changes the owner or a third node makes, are not kept: docs/stores.md.)"""
+    a, b = two_peers["a"], two_peers["b"]
+    remote = a.path / "dc" / "b" / "local"
+    for how in ("unlink", "rename over"):
+        f = remote / "f"
+        f.write_text("hello world")
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            if how == "unlink":
+                os.unlink(f)
+            else:
+                (remote / "tmp").write_text("new")
+                os.rename(remote / "tmp", f)
+            st = os.fstat(fd)
+            assert (st.st_nlink, st.st_size) == (0, 11), how
+            assert os.pread(fd, 100, 0) == b"hello world"
+            assert (b.path / "dc" / "b" / "local" / "f").exists() == (how != "unlink")
+        finally:
+            os.close(fd)
+        if how != "unlink":
+            assert f.read_text() == "new"
+            f.unlink()
+
+
+def test_echo_into_a_name_the_owner_just_changed(two_peers) -> None:
+    """Another node's store, over RPC: the owner removes or makes a name A has just looked
+    at (A trusts what it learned for up to a second, and hears of changes in batches), and A
+    writes it at once: the write succeeds and lands at the owner."""
+    a, b = two_peers["a"], two_peers["b"]
+    from_a, on_b = a.path / "dc" / "b" / "local", b.path / "dc" / "b" / "local"
+    sh = Shell()
+    failures = []
+    deadline = time.monotonic() + 90
+    try:
+        for i in range(20):
+            assert time.monotonic() < deadline, f"only {i} rounds in 90 s: {failures[:3]}"
+            for name, made in ((f"gone{i}", False), (f"made{i}", True)):
+                if made:
+                    assert not (from_a / name).exists()
+                    (on_b / name).write_text("from b\n")
+                else:
+                    (on_b / name).write_text("from b\n")
+                    wait_for(lambda n=name: (from_a / n).exists(), what=f"{name} seen by a")
+                    os.unlink(on_b / name)
+                ok, out = sh.run(f"echo x > {from_a / name}")
+                if not ok:
+                    failures.append(out)
+                    continue
+                p = on_b / name
+                try:
+                    wait_for(lambda p=p: p.exists() and p.read_text() == "x\n", timeout=1.5)
+                except AssertionError:
+                    failures.append(f"{name}: {p.read_text() if p.exists() else 'absent'}")
+    finally:
+        sh.close()
+    assert not failures, f"{len(failures)} of 40 failed: {failures[:5]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from drekifs.fs import inodes
 from drekifs.fs.namespace import ROOT_INODE, WORLD_INODE_BASE, Kind, Namespace, diff, world_inode
 from drekifs.fs.operations import Operations
 from drekifs.fs.status import StatusFiles
-from drekifs.stores.lmdbstore import LmdbStore
+from drekifs.stores.lmdbstore import LmdbStore, entry_key
 from drekifs.stores.record import FILE, Record
 from drekifs.world import snapshot
 
@@ -99,13 +100,75 @@ async def test_a_file_replaced_while_written_keeps_its_bytes_to_itself(tmp_path:
     ops = make_ops(tmp_path)
     glob = (await lookup_path(ops, "global")).st_ino
     _, b = await ops.create(glob, b"b", 0o644, os.O_WRONLY, CTX)
-    info, _ = await ops.create(glob, b"c", 0o644, os.O_WRONLY, CTX)
+    info, replaced = await ops.create(glob, b"c", 0o644, os.O_WRONLY, CTX)
     await ops.write(info.fh, 0, b"lost")
     await ops.rename(glob, b"b", glob, b"c", 0, CTX)
     assert await ops.read(info.fh, 0, 10) == b"lost"
+    # Its inode answers from the open file; what is set on it stays there, not at its old key.
+    info_ino = replaced.st_ino
+    await ops.setxattr(info_ino, b"user.k", b"v", CTX)
+    attr = SimpleNamespace(st_mode=0o600, st_size=2)
+    await ops.setattr(info_ino, attr, SetFields(update_mode=True, update_size=True), None, CTX)
+    got = await ops.getattr(info_ino, None)
+    assert (got.st_nlink, got.st_mode & 0o777, got.st_size) == (0, 0o600, 2)
+    assert await ops.getxattr(info_ino, b"user.k", None) == b"v"
+    await ops.removexattr(info_ino, b"user.k", CTX)
+    assert await errno_of(ops.removexattr(info_ino, b"user.k", CTX)) == errno.ENODATA
+    assert await errno_of(ops.open(info_ino, os.O_RDONLY, None)) == errno.ESTALE
+    await ops.fsync(info.fh, False)  # nothing to commit anywhere
     await ops.release(info.fh)
     c = await ops.lookup(glob, b"c", None)
-    assert c.st_ino == b.st_ino and c.st_size == 0
+    assert c.st_ino == b.st_ino and c.st_size == 0 and c.st_mode & 0o777 == 0o644
+    assert await ops.listxattr(c.st_ino, None) == []
+    assert await errno_of(ops.getattr(info_ino, None)) == errno.ESTALE  # closed: gone
+
+
+class SetFields(SimpleNamespace):
+    def __init__(self, **fields: bool) -> None:
+        names = ("mode", "uid", "gid", "size", "atime", "mtime", "ctime")
+        super().__init__(**{f"update_{n}": False for n in names})
+        self.__dict__.update(fields)
+
+
+async def test_an_open_file_a_peer_deleted_answers_from_its_handles(tmp_path: Path) -> None:
+    """A peer's delete merged while the file is open here: the handles keep its bytes (taken
+    before the store drops them), its inode says st_nlink 0 and the kernel is told; after the
+    last release the inode is ESTALE (the kernel looks its name up again)."""
+    ops = make_ops(tmp_path)
+    store = ops.stores["global"]
+    peer = LmdbStore("global", tmp_path / "peer", peer="p2", replicated=True, max_value=1 << 20)
+    loc, key = "w.test", entry_key("w.test", (b"f",))
+    rec = peer.create(loc, (b"f",), FILE, 0o640, 0, 0)
+    peer.write_value(loc, (b"f",), rec.eid, b"from p2")
+    store.merge(key, *peer.export(key))  # type: ignore[misc]
+    glob = (await lookup_path(ops, "global")).st_ino
+    f = await ops.lookup(glob, b"f", None)
+    info = await ops.open(f.st_ino, os.O_RDONLY, None)
+    ops.invalidator._attrs.clear()
+    peer.remove(loc, (b"f",), is_dir=False)
+    assert store.merge(key, *peer.export(key))  # type: ignore[misc]
+    assert store.get(loc, (b"f",)) is None and f.st_ino in ops.invalidator._attrs
+    attr = await ops.getattr(f.st_ino, None)
+    assert (attr.st_nlink, attr.st_size, attr.st_mode) == (0, 7, stat.S_IFREG | 0o640)
+    assert await ops.read(info.fh, 0, 100) == b"from p2"
+    await ops.release(info.fh)
+    assert await errno_of(ops.getattr(f.st_ino, None)) == errno.ESTALE
+    assert (await ops.lookup(glob, b"f", None)).st_ino == 0
+
+
+async def test_a_create_of_an_existing_name_is_looked_up_again(tmp_path: Path) -> None:
+    """CREATE of a name that exists (made since the kernel cached its absence): ESTALE, so
+    the kernel looks it up and opens it with its own permission checks; O_EXCL: EEXIST."""
+    ops = make_ops(tmp_path)
+    glob = (await lookup_path(ops, "global")).st_ino
+    info, _ = await ops.create(glob, b"f", 0o644, os.O_WRONLY | os.O_CREAT, CTX)
+    await ops.release(info.fh)
+    await ops.mkdir(glob, b"d", 0o755, CTX)
+    for name in (b"f", b"d"):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        assert await errno_of(ops.create(glob, name, 0o644, flags, CTX)) == errno.ESTALE
+        flags |= os.O_EXCL
+        assert await errno_of(ops.create(glob, name, 0o644, flags, CTX)) == errno.EEXIST
 
 
 async def test_a_directory_renamed_elsewhere_invalidates_its_names_not_its_tree(

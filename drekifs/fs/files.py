@@ -8,6 +8,10 @@ same version: one close, one version. FLUSH commits nothing here (answered ENOSY
 ring: the kernel then skips it for every close, which saves one request per file); limits are
 checked at WRITE time, so the error that matters (EFBIG) reaches the writer, and fsync reports
 the rest. (Other nodes' files, remote.py, are sent at FLUSH.)
+
+A file whose entry goes while it is open (unlink, a rename or a peer's version over it) stays
+here for its handles, with st_nlink 0, until the last close: its bytes are taken from the store
+just before they go (Store.before_drop).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from ..stores.base import Store
+from ..stores.base import Key, Store
 from ..stores.record import Record
 from .attrs import record_attrs
 
@@ -33,6 +37,22 @@ class Unsaved:
     mtime_ns: int = 0  # of the last write (or the time set since, the epoch included)
     ctime_ns: int = 0  # of the last change
     metadata: dict[str, int] = field(default_factory=dict)  # set since: perm, uid, atime_ns...
+    # Once its entry went (unlinked, or replaced by a rename or by a peer): its last record.
+    # Its handles keep its bytes, and what they write and set, to themselves until the last
+    # close, as POSIX keeps an unlinked file (st_nlink 0); nothing reaches a store.
+    gone: Record | None = None
+
+    def went(self, rec: Record) -> None:
+        """Its entry went, its bytes in the buffer: from now on it answers for itself."""
+        if not self.dirty:  # its times are the record's
+            self.mtime_ns, self.ctime_ns = rec.mtime_ns, rec.ctime_ns
+        self.gone = rec
+
+    def orphan_attrs(self, ino: int, timeout: float) -> pyfuse3.EntryAttributes:
+        assert self.gone is not None
+        attrs = self.attrs(ino, self.gone, timeout)
+        attrs.st_nlink = 0
+        return attrs
 
     def wrote(self) -> None:
         self.mtime_ns = self.ctime_ns = time.time_ns()
@@ -67,6 +87,18 @@ class OpenFile(Unsaved):
     eid: int
     handles: int = 0
     reserved: int = 0  # disk room held in the store for the buffer's commit (ENOSPC early)
+    parts: Key = ()  # its key when it went (for log lines)
+
+    def orphan(self, rec: Record, parts: Key) -> None:
+        """Its entry is about to go: take its bytes while the store still has them."""
+        self.load()
+        self.went(rec)
+        self.parts = parts
+
+    def set_xattrs(self, xattrs: dict[bytes, bytes]) -> None:
+        assert self.gone is not None
+        self.gone = self.gone.but(xattrs=xattrs)
+        self.ctime_ns = time.time_ns()
 
     def load(self) -> bytearray:
         if self.buffer is None:
@@ -118,7 +150,7 @@ class OpenFile(Unsaved):
         while open or not). When it is gone, the bytes are kept for the handles still open,
         and go nowhere. Returns the new record, if any.
         """
-        if not self.dirty:
+        if not self.dirty or self.gone is not None:
             return None
         self.dirty = False
         metadata, self.metadata = self.metadata, {}

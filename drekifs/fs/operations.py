@@ -54,7 +54,8 @@ RENAME_EXCHANGE = 2
 NODE_CACHE = 20_000
 
 # Failures that are part of normal life: not worth a log line each.
-QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.ENOSYS, errno.EEXIST})
+# ESTALE: an inode whose entry went meanwhile (the kernel then looks the name up again).
+QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.ENOSYS, errno.EEXIST, errno.ESTALE})
 
 
 class QuietError(FUSEError):
@@ -107,6 +108,7 @@ class StoreNode:
     # Its attributes, once asked for: valid as long as the node (its store unchanged), unless a
     # file being written here overrides size and mtime (then never kept).
     attrs: pyfuse3.EntryAttributes | None = None
+    orphan: OpenFile | None = None  # a file whose entry went, still open here
 
     @property
     def is_dir(self) -> bool:
@@ -172,11 +174,9 @@ class Operations(pyfuse3.Operations):
         # A name absent from a store: inode 0 tells the kernel to keep the negative entry as
         # long as a positive one (cheaper than an ENOENT, which it keeps for no time at all:
         # cp's lookup of each new name, a shell's probing). Anything that later creates the
-        # name elsewhere than through the kernel invalidates it (_store_changed). The stakes:
-        # a missed invalidation would hide the name for the cache timeout, and a create of it
-        # would then answer EEXIST (as it does today when a name is made elsewhere between the
-        # kernel's LOOKUP and its CREATE: answering with the existing file instead would skip
-        # the kernel's permission check, which it waives for a file it believes created).
+        # name elsewhere than through the kernel invalidates it (_store_changed). Until the
+        # invalidation lands (or if it were missed), a CREATE of the name is answered ESTALE,
+        # so the kernel looks it up again (see create).
         self._absent = pyfuse3.EntryAttributes()
         self._absent.st_ino = 0
         self._absent.entry_timeout = cache_timeout
@@ -185,6 +185,7 @@ class Operations(pyfuse3.Operations):
         self._nodes: dict[int, tuple[StoreNode, int]] = {}
         for store in self.stores.values():
             store.watchers.append(functools.partial(self._store_changed, store))
+            store.before_drop.append(functools.partial(self._dropping, store))
 
     # -- namespace and store changes -------------------------------------------------------
 
@@ -232,6 +233,19 @@ class Operations(pyfuse3.Operations):
                 else:
                     self.invalidator.inode(ino)
 
+    def _dropping(self, store: Store, rec: Record) -> None:
+        """A file's entry is about to go (unlinked or replaced, here or by a peer): if it is
+        open here, its handles keep it (files.OpenFile.orphan), and the kernel's attributes
+        of it go (st_nlink is 0 now)."""
+        f = self.files.get(store, rec.eid)
+        if f is None:
+            return
+        where = store.locate(rec.eid)  # still known for a moment: its key, for log lines
+        f.orphan(rec, where[1] if where is not None else ())
+        slot = self.slots.slot(store.name)
+        for root in self.ns.store_roots.get((f.loc, store.name), ()):
+            self.invalidator.attributes(inodes.pack(root.alias, slot, rec.eid))
+
     # -- resolving inodes ------------------------------------------------------------------
 
     def failed(self, op: str, args: tuple, kind: object, detail: str | None) -> None:
@@ -275,6 +289,11 @@ class Operations(pyfuse3.Operations):
                 return f"{urn.child(args[1])} -> {new_parent.child(args[3])}"
             return str(urn)
         except Exception:  # a log line must never fail the request
+            slot = inodes.store_slot(args[0]) if args and isinstance(args[0], int) else 0
+            if slot:  # an entry that went (ESTALE)
+                store = self.by_slot.get(slot)
+                name = store.name if store is not None else f"store slot {slot}"
+                return f"{name} entry {args[0] & inodes.EID_MASK} (gone)"
             return f"inode {args[0]}" if args and isinstance(args[0], int) else "?"
 
     def _file_urn(self, f: OpenFile) -> str:
@@ -296,7 +315,10 @@ class Operations(pyfuse3.Operations):
         return URN(self.ns.world.domain, node.segments, node.store.name, node.parts)
 
     def _node(self, ino: int) -> Entry | StoreNode:
-        """What an inode is now; ENOENT when it is gone."""
+        """What an inode is now. A store entry that went is ESTALE, unless it is a file still
+        open here (an orphan, StoreNode.orphan): the kernel asks by inode, and ESTALE makes it
+        look the name up again where that helps (open, stat, chmod... of a name whose cached
+        entry another peer removed or replaced: fs/namei.c retries with LOOKUP_REVAL)."""
         cached = self._nodes.get(ino)  # store inodes only
         if cached is not None:
             node, seen = cached
@@ -327,7 +349,14 @@ class Operations(pyfuse3.Operations):
                         node = StoreNode(ino, store, loc, segments, si.alias, parts, rec)
                         self._remember(node)
                         return node
-            raise FUSEError(errno.ENOENT)
+                f = self.files.get(store, si.eid)
+                if f is not None and f.gone is not None:
+                    segments = self.ns.alias_paths.get((f.loc, si.alias))
+                    if segments is not None:
+                        return StoreNode(
+                            ino, store, f.loc, segments, si.alias, f.parts, f.gone, orphan=f
+                        )
+            raise FUSEError(errno.ESTALE)
         e = self.ns.get(ino)
         if e is None:
             raise FUSEError(errno.ENOENT)
@@ -396,6 +425,8 @@ class Operations(pyfuse3.Operations):
         return attr
 
     def _store_attrs(self, node: StoreNode) -> pyfuse3.EntryAttributes:
+        if node.orphan is not None:
+            return node.orphan.orphan_attrs(node.ino, self.cache_timeout)
         rec = node.rec
         if self.files.by_key and rec.kind != DIR:  # a file written here: its buffer's size
             f = self.files.by_key.get((node.store.name, rec.eid))
@@ -474,6 +505,8 @@ class Operations(pyfuse3.Operations):
         if self.remote and (r := self.remote.ref(self.ns, inode)):
             return await self.remote.setattr(r, attr, fields)
         node = self._store_node(inode)
+        if node.orphan is not None:  # held for its handles: its key may be another's now
+            return self._set_orphan(node.orphan, inode, attr, fields)
         store, loc, parts = node.store, node.loc, node.parts
         rec: Record | None = node.rec
         f = self.files.get(store, node.rec.eid)
@@ -510,6 +543,16 @@ class Operations(pyfuse3.Operations):
         return self._store_attrs(
             StoreNode(inode, store, loc, node.segments, node.alias, parts, rec, node.root)
         )
+
+    def _set_orphan(
+        self, f: OpenFile, inode: int, attr: Any, fields: Any
+    ) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            f.truncate(attr.st_size)
+        changes = metadata_changes(attr, fields)
+        if changes:
+            f.set_metadata(changes)
+        return f.orphan_attrs(inode, self.cache_timeout)
 
     @request
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -562,12 +605,22 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
-        if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
-            self._check_name(name)
-            rfh, rhandle, attr = await self.remote.create(r, name, mode, ctx)
-            self._handles[rfh] = rhandle
-            return pyfuse3.FileInfo(fh=rfh, keep_cache=False), attr
-        node = self._create(parent_inode, name, FILE, mode, ctx)
+        try:
+            if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
+                self._check_name(name)
+                rfh, rhandle, attr = await self.remote.create(r, name, mode, ctx)
+                self._handles[rfh] = rhandle
+                return pyfuse3.FileInfo(fh=rfh, keep_cache=False), attr
+            node = self._create(parent_inode, name, FILE, mode, ctx)
+        except (StoreError, FUSEError) as e:
+            if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            # The kernel held a negative entry for a name made meanwhile (by a peer, or through
+            # another path of this node). Not opened here: the kernel checks no permission and
+            # truncates nothing for a file it believes it created. ESTALE makes it look the name
+            # up again and open what it finds, as any open, with O_TRUNC (fs/namei.c retries
+            # the whole open once with LOOKUP_REVAL, and a negative entry then always goes).
+            raise FUSEError(errno.ESTALE) from None
         self._remember(node)  # the WRITE, SETATTRs and RELEASE that follow ask about it
         f = self.files.open(node.store, node.loc, node.rec.eid)
         if f.buffer is None and f.handles == 1:
@@ -576,19 +629,11 @@ class Operations(pyfuse3.Operations):
         self._handles[fh] = FileHandle(file=f)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._store_attrs(node)
 
-    def _keep_open_content(self, node: StoreNode | None) -> None:
-        """An entry about to go: its open handles keep reading what it held."""
-        if node is not None and not node.is_dir:
-            f = self.files.get(node.store, node.rec.eid)
-            if f is not None:
-                f.load()
-
     @request
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         if self.remote and (r := self.remote.ref(self.ns, parent_inode)):
             return await self.remote.remove(r, name, is_dir=False)
         parent = self._store_node(parent_inode)
-        self._keep_open_content(self._child(parent, name))
         parent.store.remove(parent.loc, (*parent.parts, name), is_dir=False, origin=self)
 
     @request
@@ -631,7 +676,6 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EXDEV)
         if flags & RENAME_EXCHANGE:
             raise FUSEError(errno.EINVAL)
-        self._keep_open_content(self._child(new, name_new))
         old.store.rename(
             old.loc,
             (*old.parts, name_old),
@@ -733,6 +777,11 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         fh = next(self._next_fh)
         if isinstance(node, StoreNode):
+            if node.orphan is not None:
+                # Its name went (here or by a peer): a kernel still holding the name opens
+                # what it names now instead (ESTALE: it looks it up again). Reopening through
+                # /proc/PID/fd is refused the same way.
+                raise FUSEError(errno.ESTALE)
             if node.is_dir:
                 raise FUSEError(errno.EISDIR)
             if node.rec.kind != FILE:
@@ -885,6 +934,9 @@ class Operations(pyfuse3.Operations):
             raise self._refuse(node)
         if not name.startswith(b"user."):
             raise FUSEError(errno.EOPNOTSUPP)
+        if node.orphan is not None:  # held for its handles: its key may be another's now
+            node.orphan.set_xattrs({**node.rec.xattrs, name: value})
+            return
         node.store.set_xattr(node.loc, node.parts, name, value, origin=self)
 
     @request
@@ -898,6 +950,11 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, StoreNode):
             raise self._refuse(node)
+        if node.orphan is not None:
+            if name not in node.rec.xattrs:
+                raise FUSEError(errno.ENODATA)
+            node.orphan.set_xattrs({k: v for k, v in node.rec.xattrs.items() if k != name})
+            return
         node.store.remove_xattr(node.loc, node.parts, name, origin=self)
 
     # -- the filesystem --------------------------------------------------------------------

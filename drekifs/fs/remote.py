@@ -27,7 +27,7 @@ import logging
 import os
 import stat
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +75,6 @@ class RemoteFile(Unsaved):
     handles: int = 0
     changes: int = 0  # changes so far: a commit clears ``dirty`` only if none came meanwhile
     lost: int = 0  # times unsaved bytes were dropped, the owner not taking them
-    gone: bool = False  # unlinked or replaced through this mount: its bytes go nowhere
     lost_errno: int = 0  # why, the last time
     # One load or commit at a time: the owner may serve two requests of one connection in
     # either order, and an older buffer must never land last.
@@ -210,8 +209,9 @@ class RemoteStores:
         No keys: too many changed, forget everything of that store."""
         inv = self.invalidator
         for f in self._files.values():
-            if (f.client.node, f.client.name) == (node, store) and not f.dirty and not f.gone:
-                f.buffer = None  # changed there: read it again
+            same_store = (f.client.node, f.client.name) == (node, store)
+            if same_store and not f.dirty and f.gone is None:
+                f.buffer = None  # changed there: read it again (an unlinked one cannot be)
         if inv is None:
             return
         if not keys:
@@ -244,7 +244,8 @@ class RemoteStores:
             parts: Key = ()
             rec = await ref.client.stat(())
         else:
-            parts, rec = await ref.client.locate(ref.ino & inodes.EID_MASK)
+            with _gone_is_stale():
+                parts, rec = await ref.client.locate(ref.ino & inodes.EID_MASK)
         self._remember(ref.ino, parts, rec)
         return parts, rec
 
@@ -288,6 +289,10 @@ class RemoteStores:
         return attr
 
     async def getattr(self, ref: RemoteRef) -> pyfuse3.EntryAttributes:
+        eid = ref.ino & inodes.EID_MASK
+        f = None if ref.root is not None else self._files.get(_file_key(ref.client, eid))
+        if f is not None and f.gone is not None:  # unlinked here while open: its handles' own
+            return f.orphan_attrs(ref.ino, REMOTE_TIMEOUT)
         _, rec = await self.resolve(ref)
         return self.attrs(ref.ino, ref.client, rec)
 
@@ -349,16 +354,21 @@ class RemoteStores:
         parts = (*await self._dir(parent), name)
         kept = [] if is_dir else await self._keep_open_content(parent.client, parts)
         await parent.client.remove(parts, is_dir=is_dir)
-        _gone(kept)
+        _went(kept)
 
-    async def _keep_open_content(self, client: StoreClient, parts: Key) -> list[RemoteFile]:
-        """An entry about to go: handles open on it here keep reading what it held."""
+    async def _keep_open_content(
+        self, client: StoreClient, parts: Key
+    ) -> list[tuple[RemoteFile, Record, bytearray]]:
+        """An entry about to go: handles open on it here keep what it held (its bytes and
+        record, for _went once it is gone). Only what goes through this mount: the owner
+        drops the bytes of what it or another node removes."""
         kept = []
         for f in list(self._files.values()):
             if f.client is client and f.parts == parts:
                 with contextlib.suppress(StoreError, FUSEError):
-                    await self._load(f)
-                kept.append(f)
+                    rec = await client.stat(parts)
+                    if rec.eid == f.eid:
+                        kept.append((f, rec, await self._load(f)))
         return kept
 
     async def rename(
@@ -368,9 +378,9 @@ class RemoteStores:
             raise FUSEError(errno.EXDEV)
         src = (*await self._dir(old), name_old)
         dst = (*await self._dir(new), name_new)
-        replaced = await self._keep_open_content(old.client, dst) if src != dst else []
+        kept = await self._keep_open_content(old.client, dst) if src != dst else []
         await old.client.rename(src, dst, noreplace=noreplace)
-        _gone(replaced)
+        _went(kept)
         # Paths below src moved: what is remembered by path is wrong now (1 s of it at most).
         self._forget_all()
         for f in self._files.values():
@@ -416,6 +426,8 @@ class RemoteStores:
         if ref.root is None:
             f = self._files.get(_file_key(ref.client, ref.ino & inodes.EID_MASK))
         if f is not None:
+            if f.gone is not None:  # its name went: the kernel looks it up again (ESTALE)
+                raise FUSEError(errno.ESTALE)
             # Open here already, its bytes maybe still on their way to the owner: they are
             # the truth on this mount (an answer of the owner could predate them).
             f.handles += 1
@@ -433,6 +445,12 @@ class RemoteStores:
         data: bytes | None = None
         seen = self._seen.get(ref.ino)
         keep = seen is not None and seen[0] > trio.current_time()
+        if keep and flags & os.O_ACCMODE != os.O_RDONLY:
+            # Written: asked again (one round trip), as the owner tells of changes in batches
+            # (storerpc.NOTIFY_EVERY): bytes written into an entry it removed meanwhile would
+            # be dropped at release. Gone: ESTALE, and the kernel looks the name up again.
+            self._forget(ref.ino)
+            keep = False
         if keep:
             # Known current (learned < 1 s ago, and the owner would have said otherwise): the
             # kernel's pages of it are good too; a change would have invalidated them.
@@ -440,7 +458,8 @@ class RemoteStores:
             data = self._small.get(ref.ino)
         elif ref.root is None and flags & os.O_ACCMODE == os.O_RDONLY:
             # Close-to-open, as NFS: a reader sees the value as it was when it opened.
-            parts, rec, data = await ref.client.open(ref.ino & inodes.EID_MASK, PREFETCH)
+            with _gone_is_stale():
+                parts, rec, data = await ref.client.open(ref.ino & inodes.EID_MASK, PREFETCH)
             self._remember(ref.ino, parts, rec)
             if len(data) != rec.size:
                 data = None  # larger than the prefetch: read as asked
@@ -492,7 +511,7 @@ class RemoteStores:
         promise); ``dirty`` (and so the size getattr reports from the buffer) stays until the
         owner has them, and stays if another write came meanwhile. Raises what the owner said
         (StoreError), the bytes kept: the caller decides whether they are lost."""
-        if not f.dirty or f.gone:
+        if not f.dirty or f.gone is not None:
             # Nothing to send, nor being sent: no lock (taking one yields). Or unlinked here:
             # nowhere to go, as locally; the open handles keep the bytes.
             return
@@ -512,7 +531,8 @@ class RemoteStores:
                 # The owner has it all: later opens read from there again, so a change made
                 # elsewhere meanwhile is seen (and a later write starts from it).
                 f.dirty = False
-                f.buffer = None
+                if f.gone is None:  # unlinked here meanwhile: its handles read the buffer
+                    f.buffer = None
                 f.metadata = {}
 
     def _drop(self, f: RemoteFile, e: StoreError | FUSEError, when: str) -> None:
@@ -633,11 +653,26 @@ class RemoteStores:
         self._remember(ref.ino, parts, await ref.client.remove_xattr(parts, rec.eid, name))
 
 
-def _gone(files: list[RemoteFile]) -> None:
-    """Unlinked or replaced through this mount: what the open handles write goes nowhere."""
-    for f in files:
-        f.gone = True
-
-
 def _file_key(client: StoreClient, eid: int) -> tuple[str, str, int]:
     return (client.node, client.name, eid)
+
+
+def _went(kept: list[tuple[RemoteFile, Record, bytearray]]) -> None:
+    """Their entries went: from now on they answer for themselves (files.Unsaved.went), with
+    the bytes loaded before (the owner's notice of the change may have dropped them since)."""
+    for f, rec, buffer in kept:
+        if f.buffer is None:
+            f.buffer = buffer
+        f.went(rec)
+
+
+@contextlib.contextmanager
+def _gone_is_stale() -> Iterator[None]:
+    """An entry asked for by its id is gone: ESTALE, so the kernel looks its name up again
+    (as for local stores, Operations._node)."""
+    try:
+        yield
+    except StoreError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        raise FUSEError(errno.ESTALE) from None

@@ -32,6 +32,9 @@ class Store(Protocol):
     name: str
     max_value: int
     watchers: list[Watcher]
+    # Called with a file's record just before its value goes (unlink, replaced by a rename or
+    # by a peer's version, forgotten): its bytes can still be read by its entry id.
+    before_drop: list[Callable[[Record], None]]
     changes: int  # changes made so far: anything read before is stale once it moves
 
     # -- stat, get, list -------------------------------------------------------------------

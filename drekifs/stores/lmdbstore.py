@@ -37,7 +37,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +192,7 @@ class LmdbStore:
         self.committed = 0  # changes on disk
         self.commit_error: str | None = None
         self.watchers: list[Watcher] = []
+        self.before_drop: list[Callable[[Record], None]] = []  # see _dropping
         self.conflicts = 0  # concurrent versions settled since the start (replication)
         # Disk room (check_room): bytes open files hold for their commit, and the last statvfs.
         self.reserved = 0
@@ -504,6 +505,17 @@ class LmdbStore:
         self._pending.next_eid = self._next_eid
         return eid
 
+    def _dropping(self, rec: Record) -> None:
+        """A file's value is about to go (unlinked, replaced, deleted by a peer, forgotten):
+        whoever still needs its bytes (a file open on the mount) takes them now."""
+        for hook in self.before_drop:
+            try:
+                hook(rec)
+            except Exception:
+                where = self.locate(rec.eid)
+                what = self._label(*where) if where else f"{self.name} entry {rec.eid}"
+                log.exception("keeping the bytes of %s for its open handles failed", what)
+
     def _notify(self, key: bytes, origin: object, carried: bool = False) -> None:
         for watcher in self.watchers:
             try:
@@ -709,6 +721,8 @@ class LmdbStore:
             self._put(key, Record(TOMBSTONE, 0, 0, 0, 0, now, now, version=self._version(rec)))
         else:
             self._put(key, None)
+        if rec.kind == FILE:
+            self._dropping(rec)
         if rec.eid:
             self._pending.values[rec.eid] = None
             self._set_eid(rec.eid, None)
@@ -1012,6 +1026,7 @@ class LmdbStore:
 
     def _drop_value(self, rec: Record) -> None:
         if rec.kind == FILE:
+            self._dropping(rec)
             self._pending.values[rec.eid] = None
             self._count(-rec.size)
 
