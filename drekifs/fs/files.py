@@ -39,8 +39,9 @@ class Unsaved:
     metadata: dict[str, int] = field(default_factory=dict)  # set since: perm, uid, atime_ns...
     # Once its entry went (unlinked, or replaced by a rename or by a peer): its last record.
     # Its handles keep its bytes, and what they write and set, to themselves until the last
-    # close, as POSIX keeps an unlinked file (st_nlink 0); nothing reaches a store.
-    gone: Record | None = None
+    # close, as POSIX keeps an unlinked file (st_nlink 0); nothing reaches a store. (A class
+    # default, not an __init__ argument: one cost each file of a cold tar ~900 instructions.)
+    gone: Record | None = field(default=None, init=False)
 
     def went(self, rec: Record) -> None:
         """Its entry went, its bytes in the buffer: from now on it answers for itself."""
@@ -87,7 +88,7 @@ class OpenFile(Unsaved):
     eid: int
     handles: int = 0
     reserved: int = 0  # disk room held in the store for the buffer's commit (ENOSPC early)
-    parts: Key = ()  # its key when it went (for log lines)
+    parts: Key = field(default=(), init=False)  # its key when it went (for log lines)
 
     def orphan(self, rec: Record, parts: Key) -> None:
         """Its entry is about to go: take its bytes while the store still has them."""

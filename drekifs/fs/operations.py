@@ -108,7 +108,6 @@ class StoreNode:
     # Its attributes, once asked for: valid as long as the node (its store unchanged), unless a
     # file being written here overrides size and mtime (then never kept).
     attrs: pyfuse3.EntryAttributes | None = None
-    orphan: OpenFile | None = None  # a file whose entry went, still open here
 
     @property
     def is_dir(self) -> bool:
@@ -316,7 +315,7 @@ class Operations(pyfuse3.Operations):
 
     def _node(self, ino: int) -> Entry | StoreNode:
         """What an inode is now. A store entry that went is ESTALE, unless it is a file still
-        open here (an orphan, StoreNode.orphan): the kernel asks by inode, and ESTALE makes it
+        open here (an orphan, _orphan): the kernel asks by inode, and ESTALE makes it
         look the name up again where that helps (open, stat, chmod... of a name whose cached
         entry another peer removed or replaced: fs/namei.c retries with LOOKUP_REVAL)."""
         cached = self._nodes.get(ino)  # store inodes only
@@ -353,9 +352,7 @@ class Operations(pyfuse3.Operations):
                 if f is not None and f.gone is not None:
                     segments = self.ns.alias_paths.get((f.loc, si.alias))
                     if segments is not None:
-                        return StoreNode(
-                            ino, store, f.loc, segments, si.alias, f.parts, f.gone, orphan=f
-                        )
+                        return StoreNode(ino, store, f.loc, segments, si.alias, f.parts, f.gone)
             raise FUSEError(errno.ESTALE)
         e = self.ns.get(ino)
         if e is None:
@@ -379,6 +376,12 @@ class Operations(pyfuse3.Operations):
         if name == "global" or e.location == self.node:
             return self.stores.get(name)
         return None
+
+    def _orphan(self, node: StoreNode) -> OpenFile | None:
+        """The open file a store inode answers from once its entry went (OpenFile.orphan):
+        whatever changes it stays there, as its old key may be another entry's now."""
+        f = self.files.by_key.get((node.store.name, node.rec.eid)) if self.files.by_key else None
+        return f if f is not None and f.gone is not None else None
 
     def _store_node(self, ino: int) -> StoreNode:
         node = self._node(ino)
@@ -425,13 +428,14 @@ class Operations(pyfuse3.Operations):
         return attr
 
     def _store_attrs(self, node: StoreNode) -> pyfuse3.EntryAttributes:
-        if node.orphan is not None:
-            return node.orphan.orphan_attrs(node.ino, self.cache_timeout)
         rec = node.rec
         if self.files.by_key and rec.kind != DIR:  # a file written here: its buffer's size
             f = self.files.by_key.get((node.store.name, rec.eid))
-            if f is not None and f.dirty:
-                return f.attrs(node.ino, rec, self.cache_timeout)
+            if f is not None:
+                if f.gone is not None:  # its entry went: its handles' own (st_nlink 0)
+                    return f.orphan_attrs(node.ino, self.cache_timeout)
+                if f.dirty:
+                    return f.attrs(node.ino, rec, self.cache_timeout)
         attrs = node.attrs
         if attrs is None:
             mtime = None
@@ -505,11 +509,11 @@ class Operations(pyfuse3.Operations):
         if self.remote and (r := self.remote.ref(self.ns, inode)):
             return await self.remote.setattr(r, attr, fields)
         node = self._store_node(inode)
-        if node.orphan is not None:  # held for its handles: its key may be another's now
-            return self._set_orphan(node.orphan, inode, attr, fields)
         store, loc, parts = node.store, node.loc, node.parts
         rec: Record | None = node.rec
         f = self.files.get(store, node.rec.eid)
+        if f is not None and f.gone is not None:
+            return self._set_orphan(f, inode, attr, fields)
         held = False  # a change kept with the file's unsaved bytes, not in the store
         if fields.update_size:
             if node.is_dir:
@@ -777,7 +781,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         fh = next(self._next_fh)
         if isinstance(node, StoreNode):
-            if node.orphan is not None:
+            if self.files.by_key and self._orphan(node):
                 # Its name went (here or by a peer): a kernel still holding the name opens
                 # what it names now instead (ESTALE: it looks it up again). Reopening through
                 # /proc/PID/fd is refused the same way.
@@ -934,8 +938,8 @@ class Operations(pyfuse3.Operations):
             raise self._refuse(node)
         if not name.startswith(b"user."):
             raise FUSEError(errno.EOPNOTSUPP)
-        if node.orphan is not None:  # held for its handles: its key may be another's now
-            node.orphan.set_xattrs({**node.rec.xattrs, name: value})
+        if orphan := self._orphan(node):
+            orphan.set_xattrs({**node.rec.xattrs, name: value})
             return
         node.store.set_xattr(node.loc, node.parts, name, value, origin=self)
 
@@ -950,10 +954,10 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, StoreNode):
             raise self._refuse(node)
-        if node.orphan is not None:
+        if orphan := self._orphan(node):
             if name not in node.rec.xattrs:
                 raise FUSEError(errno.ENODATA)
-            node.orphan.set_xattrs({k: v for k, v in node.rec.xattrs.items() if k != name})
+            orphan.set_xattrs({k: v for k, v in node.rec.xattrs.items() if k != name})
             return
         node.store.remove_xattr(node.loc, node.parts, name, origin=self)
 
