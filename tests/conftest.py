@@ -42,6 +42,16 @@ def force_unmount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def exited(pid: int) -> bool:
+    """The process is gone, or a zombie: what init here may never reap has exited all the
+    same (its files, locks and mount are released)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value; bounded in time."""
     deadline = time.monotonic() + timeout
