@@ -88,8 +88,13 @@ def test_deleted_keys_stay_deleted_past_a_pause_and_a_restart(
     (a / "global" / "del").mkdir()
     for i in range(100):
         (a / "global" / "del" / f"k{i}").write_text(f"{i}\n")
+
+    def count(p: Path) -> int:
+        d = p / "global" / "del"
+        return len(os.listdir(d)) if d.is_dir() else -1
+
     for p in (b, c):
-        wait_for(lambda p=p: len(os.listdir(p / "global" / "del")) == 100, timeout=20)
+        wait_for(lambda p=p: count(p) == 100, timeout=20, what=f"the keys on {p.name}")
     m["b"].umount()  # b restarts past the grace
     pid = m["c"].pid
     os.kill(pid, signal.SIGSTOP)  # c pauses past it
