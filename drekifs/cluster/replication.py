@@ -91,12 +91,14 @@ def _entry(raw: Any) -> tuple[Record, bytes | None]:
     return rec, value
 
 
-def entry_payload(key: bytes, rec: Record, value: bytes | None) -> list:
-    """An entry as Plumtree carries it: its key too when the message id has only a digest."""
+def entry_message(key: bytes, rec: Record, value: bytes | None) -> tuple[bytes, list]:
+    """An entry as Plumtree carries it, and its id: the key too when the id has only its
+    digest (an id that names the key ends with it; a digest-named key is longer than it)."""
     assert rec.version is not None
-    if is_digest(split_message_id(message_id(key, rec.version))[0]):
-        return [rec.pack(), value, key]
-    return [rec.pack(), value]
+    mid = message_id(key, rec.version)
+    if mid.endswith(key):
+        return mid, [rec.pack(), value]
+    return mid, [rec.pack(), value, key]
 
 
 class GlobalReplica:
@@ -134,7 +136,7 @@ class GlobalReplica:
         if current is None or not version.same_write(current):
             return None  # superseded: the newer version travels on its own
         rec, value = exported
-        return entry_payload(key, rec, value)
+        return entry_message(key, rec, value)[1]
 
     def deliver(self, mid: bytes, payload: Any) -> bool:
         part, version = split_message_id(mid)
@@ -309,11 +311,11 @@ class Replication:
                 if exported is None or exported[0].version is None:
                     continue
                 rec, value = exported
-                mid = message_id(key, rec.version)
-                if is_digest(split_message_id(mid)[0]):
+                mid, payload = entry_message(key, rec, value)
+                if len(payload) == 3:
                     self.replica.remember_long(key)
                 try:
-                    self.broadcast.broadcast(mid, entry_payload(key, rec, value))
+                    self.broadcast.broadcast(mid, payload)
                 except ValueError as e:  # a bug: anti-entropy carries it all the same
                     log.error("replication: not broadcast: %s", e)
 

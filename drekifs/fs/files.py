@@ -110,7 +110,8 @@ class OpenFile(Unsaved):
         buf = self.load()
         end = offset + len(data)
         self.store.check_size(end)
-        self._reserve(max(end, len(buf)))
+        if end > self.reserved:
+            self._reserve(max(end, len(buf)))
         if offset > len(buf):
             buf.extend(bytes(offset - len(buf)))
         buf[offset:end] = data
@@ -137,8 +138,9 @@ class OpenFile(Unsaved):
             self.reserved = size
 
     def unreserve(self) -> None:
-        self.store.unreserve(self.reserved)
-        self.reserved = 0
+        if self.reserved:
+            self.store.unreserve(self.reserved)
+            self.reserved = 0
 
     def read(self, offset: int, size: int) -> bytes:
         if self.buffer is not None:
@@ -155,19 +157,17 @@ class OpenFile(Unsaved):
             return None
         self.dirty = False
         metadata, self.metadata = self.metadata, {}
-        try:
-            return self.store.write_value(
-                self.loc,
-                None,
-                self.eid,
-                bytes(self.buffer or b""),
-                origin,
-                self.mtime_ns,
-                reserved=self.reserved,
-                **metadata,
-            )
-        finally:
-            self.unreserve()  # the bytes are the store's to count now
+        reserved, self.reserved = self.reserved, 0  # write_value spends it
+        return self.store.write_value(
+            self.loc,
+            None,
+            self.eid,
+            bytes(self.buffer or b""),
+            origin,
+            self.mtime_ns,
+            reserved=reserved,
+            **metadata,
+        )
 
 
 @dataclass

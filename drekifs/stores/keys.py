@@ -25,6 +25,7 @@ from .record import StoreError
 Parts = tuple[bytes, ...]  # a path below the store's root, one name per part
 
 MAX_NAME = 255  # bytes of one name (NAME_MAX)
+PATH_CHECK = 255  # a key whose path is shorter than this needs no path check (no long name)
 MAX_PATH = 4095  # bytes of a path below the store's root ("/"-joined): PATH_MAX less its NUL
 # A conflict copy (conflicts.py) renames an entry to a name of up to MAX_NAME bytes beside it:
 # so a key from a peer may be up to MAX_NAME longer than any path a request may create.

@@ -50,6 +50,7 @@ from .keys import (
     HASHED_HEAD,
     INLINE_HEAD,
     MAX_PATH,
+    PATH_CHECK,
     Parts,
     check_entry_key,
     check_path,
@@ -88,7 +89,6 @@ GROUP_BYTES = 16 << 20
 # truncates may use, so that a full store can always be emptied.
 SPACE_PER_CHANGE = 8 << 10
 SPACE_RESERVE = 1 << 20
-SPACE_RECHECK = 1.0  # seconds a statvfs answer is trusted while it says there is room
 # Trim the map once reads may have mapped this much (each miss counts a fault-around window).
 TRIM_AFTER_BYTES = 16 << 20
 _FAULT_AROUND = 64 << 10
@@ -134,13 +134,12 @@ class _Slots:
     # cost +8,000 instructions per file of bench/handlers.py --cp, 1.5%). The ones read
     # least per request live here; the dict holds 25.
     __slots__ = (
-        "_free",
-        "_free_at",
         "_head_of",
         "_heads",
         "_kept",
         "_map_ranges",
         "_mapped",
+        "_room",
         "before_drop",
         "commit_error",
         "conflicts",
@@ -219,8 +218,7 @@ class LmdbStore(_Slots):
         # Disk room (check_room): bytes open files hold for their commit, and the last statvfs.
         self.reserved = 0
         self.refused = 0  # changes LMDB would not take at commit (logged; none expected)
-        self._free = 0
-        self._free_at = -SPACE_RECHECK
+        self._room = 0  # bytes of changes check_room may admit before it asks statvfs again
         # Bounded caches of LMDB reads, kept current by every change (_put, _set_eid).
         self._records: dict[bytes, Record | None] = {}
         self._where: dict[int, bytes | None] = {}
@@ -340,7 +338,7 @@ class LmdbStore(_Slots):
         if rec is not _MISSING:
             return rec  # type: ignore[return-value]
         with self.env.begin(db=self._entries) as txn:
-            raw = txn.get(db_key(key))
+            raw = txn.get(key if len(key) <= INLINE_HEAD else db_key(key))
         rec = Record.unpack(raw) if raw is not None else None
         self._remember(self._records, key, rec)
         self._touched(_FAULT_AROUND)
@@ -586,15 +584,22 @@ class LmdbStore(_Slots):
     ) -> Record:
         """A new file, directory or symlink. EEXIST if the name is taken; ENAMETOOLONG past
         the path limits (keys.py)."""
-        check_path(self.name, loc, parts)
+        key = entry_key(loc, parts)
+        # The key's length bounds the path's: the full checks only for a long one. (Names
+        # are checked where they come in: the kernel, the store RPC, the URN parser.)
+        if len(key) > len(loc) + 2 + PATH_CHECK:
+            check_path(self.name, loc, parts)
         if target:
             check_target(target)
         parent = self._parent_dir(loc, parts)
-        key = entry_key(loc, parts)
         previous = self._record(key)
         if previous is not None and previous.alive:
             raise StoreError(errno.EEXIST, f"{self._label(loc, parts)} exists")
-        self.check_room(len(target))
+        budget = self._room - SPACE_PER_CHANGE - 2 * len(target)
+        if budget >= 0:  # check_room's fast path, inline: every create
+            self._room = budget
+        else:
+            self.check_room(len(target))
         now = self._now()
         eid = self._alloc()
         rec = Record(
@@ -619,29 +624,39 @@ class LmdbStore(_Slots):
 
     def check_room(self, nbytes: int = 0, *, freeing: bool = False) -> None:
         """ENOSPC unless the disk holds ``nbytes`` more beside everything waiting to be
-        committed: a full disk is refused at the request, never discovered at the commit."""
-        waiting = self._pending.held + self._inflight.held + self.reserved + nbytes
-        changes = len(self._pending) + len(self._inflight) + 1
-        need = 2 * waiting + SPACE_PER_CHANGE * changes + (0 if freeing else SPACE_RESERVE)
-        now = time.monotonic()
-        if need > self._free or now - self._free_at >= SPACE_RECHECK:
-            try:
-                st = os.statvfs(self.path)
-            except OSError:
-                return  # no answer: the commit will tell
-            self._free, self._free_at = st.f_bavail * st.f_frsize, now
-        if need > self._free:
+        committed: a full disk is refused at the request, never discovered at the commit.
+        Each change spends a budget worked out at the last statvfs (one per commit, or when
+        the budget runs out): a comparison per request, not a system call."""
+        budget = self._room - 2 * nbytes - SPACE_PER_CHANGE
+        if budget >= (-SPACE_RESERVE if freeing else 0):
+            self._room = budget
+            return
+        waiting = self._pending.held + self._inflight.held + self.reserved
+        changes = len(self._pending) + len(self._inflight)
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return  # no answer: the commit will tell
+        free = st.f_bavail * st.f_frsize
+        # What the disk can take beyond the changes waiting and the deletes' reserve.
+        self._room = free - 2 * waiting - SPACE_PER_CHANGE * changes - SPACE_RESERVE
+        budget = self._room - 2 * nbytes - SPACE_PER_CHANGE
+        if budget < (-SPACE_RESERVE if freeing else 0):
             raise StoreError(
                 errno.ENOSPC,
-                f"store {self.name}: {self._free} bytes free in {self.path}, "
-                f"{need} needed for this change and the {waiting} bytes waiting",
+                f"store {self.name}: {free} bytes free in {self.path}, not enough for "
+                f"{nbytes} bytes more beside the {waiting} bytes waiting for the disk",
             )
+        self._room = budget
 
     def reserve(self, nbytes: int) -> None:
         """Hold room for bytes an open file will commit (check_room, then counted in it)."""
-        if nbytes > 0:
+        budget = self._room - 2 * nbytes - SPACE_PER_CHANGE
+        if budget >= 0:  # check_room's fast path, inline: one write of every cp'd file
+            self._room = budget
+        else:
             self.check_room(nbytes)
-            self.reserved += nbytes
+        self.reserved += nbytes
 
     def unreserve(self, nbytes: int) -> None:
         self.reserved = max(0, self.reserved - nbytes)
@@ -669,6 +684,8 @@ class LmdbStore(_Slots):
         written while open may have been renamed meanwhile). ``reserved``: bytes the caller
         holds room for already (reserve); ENOSPC if the rest does not fit."""
         self.check_size(len(value))
+        if reserved:
+            self.reserved = max(0, self.reserved - reserved)  # spent here, whatever follows
         if len(value) > reserved:
             self.check_room(len(value) - reserved)
         if parts is None:
@@ -1103,7 +1120,7 @@ class LmdbStore(_Slots):
                 loc, parts = split_key(key)
                 log.error("store %s: %s not saved: %s", self.name, self._label(loc, parts), why)
             self.refused += len(batch.refused)
-            self._free_at = -SPACE_RECHECK  # what it took shows in the next statvfs
+            self._room = min(self._room, 0)  # what it took shows in the next statvfs
             self._touched(_FAULT_AROUND + 4096 * len(batch))  # the writer read the map
             self.commit_error = None
             self.committed = max(self.committed, upto)
