@@ -658,7 +658,10 @@ def _mount_in_background(config: MountConfig) -> int:
             tighten_data_dir(config.data_dir)
 
             def ready() -> None:
-                os.write(write_fd, b"ready\n")
+                try:
+                    os.write(write_fd, b"ready\n")
+                except OSError as e:  # the mount command went away (killed): serve all the same
+                    log.warning("the mount command did not hear it is served: %s", e)
                 os.dup2(devnull, 2)  # from now on, only the log file
 
             status = run_daemon(config, ready)

@@ -18,10 +18,11 @@ import contextlib
 import errno
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -102,6 +103,9 @@ class MountMachine(RuleBasedStateMachine):
     def start(self) -> None:
         self.m = MOUNT
         self.root = self.m.path / "global"
+        if not is_mounted(self.m.path):  # the last example failed between umount and mount
+            force_unmount(self.m.path)
+            self.m.remount()
         self.wipe()  # a fresh tree for each example: the last one's is removed
 
     def wipe(self) -> None:
@@ -348,6 +352,7 @@ class MountMachine(RuleBasedStateMachine):
 
     @invariant()
     def nothing_wedged(self) -> None:
+        STEPS_RUN[0] += 1  # the invariant runs after every step (and once after start)
         if hasattr(self, "m"):
             assert "cannot commit" not in self.m.log()[-4000:]
 
@@ -369,9 +374,13 @@ def drekifs_rm_tree(root: Path, parts: Parts) -> None:
 
 
 MOUNT: Mount
+STEPS_RUN = [0]
 
 
 @settings(
+    phases=[Phase.explicit, Phase.reuse, Phase.generate]
+    if os.environ.get("DREKIFS_STATEFUL_NO_SHRINK")
+    else list(Phase),
     max_examples=EXAMPLES,
     stateful_step_count=STEPS,
     deadline=None,
@@ -391,3 +400,4 @@ def test_acknowledged_operations_survive_remounts(mount_world) -> None:
             force_unmount(MOUNT.path)
     assert drekifs("umount", MOUNT.path).returncode == 0
     assert "Traceback" not in MOUNT.log()
+    print(f"\nstateful mount test: {STEPS_RUN[0]} steps and starts", file=sys.stderr)
