@@ -149,3 +149,22 @@ def test_a_name_gone_elsewhere_is_looked_up_again(twice) -> None:
         with pytest.raises(OSError) as info:
             os.chmod(b / p, 0o600)
         assert info.value.errno == errno.ENOENT
+
+
+def test_an_open_file_whose_name_went_keeps_the_xattr_caps(m) -> None:
+    """Its xattrs live in this daemon's memory until the last close: capped as a store's."""
+    from drekifs.stores.keys import MAX_XATTR_NAMES
+
+    f = m.path / "global" / "f"
+    f.write_bytes(b"x")
+    fd = os.open(f, os.O_RDWR)
+    try:
+        os.unlink(f)
+        for i in range(MAX_XATTR_NAMES):
+            os.setxattr(fd, f"user.{i}", b"v")
+        with pytest.raises(OSError) as info:
+            os.setxattr(fd, "user.one-more", b"v")
+        assert info.value.errno == errno.ENOSPC
+        assert len(os.listxattr(fd)) == MAX_XATTR_NAMES
+    finally:
+        os.close(fd)

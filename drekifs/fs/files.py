@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 
 from ..stores.base import Key, Store
+from ..stores.keys import check_xattrs
 from ..stores.record import Record
 from .attrs import record_attrs
 
@@ -97,7 +98,10 @@ class OpenFile(Unsaved):
         self.parts = parts
 
     def set_xattrs(self, xattrs: dict[bytes, bytes]) -> None:
+        """An orphan's xattrs: held to the caps a store's entry is (ENOSPC), as they are
+        in this daemon's memory until the last close."""
         assert self.gone is not None
+        check_xattrs(xattrs)
         self.gone = self.gone.but(xattrs=xattrs)
         self.ctime_ns = time.time_ns()
 
