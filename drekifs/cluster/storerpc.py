@@ -47,7 +47,7 @@ from typing import Any
 import trio
 
 from ..stores.base import Key, Store
-from ..stores.lmdbstore import split_key
+from ..stores.keys import split_key
 from ..stores.record import DIR, FILE, NO_XATTRS, SYMLINK, Record, StoreError
 from .net import Network, PeerAddr, PeerUnreachable, RemoteError
 

@@ -30,7 +30,7 @@ from pyfuse3 import FUSEError
 
 from ..logs import LogLimiter
 from ..stores.base import Key, Store
-from ..stores.lmdbstore import split_key
+from ..stores.keys import split_key
 from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from ..urn import URN
 from . import inodes, requestloop

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import struct
+from collections.abc import Mapping
 
 from .record import StoreError
 
@@ -27,8 +28,6 @@ Parts = tuple[bytes, ...]  # a path below the store's root, one name per part
 MAX_NAME = 255  # bytes of one name (NAME_MAX)
 PATH_CHECK = 255  # a key whose path is shorter than this needs no path check (no long name)
 MAX_PATH = 4095  # bytes of a path below the store's root ("/"-joined): PATH_MAX less its NUL
-# A conflict copy (conflicts.py) renames an entry to a name of up to MAX_NAME bytes beside it:
-# so a key from a peer may be up to MAX_NAME longer than any path a request may create.
 MAX_TARGET = 4095  # bytes of a symlink's target (the kernel's own limit)
 MAX_LOCATION = 253  # bytes of a location: a DNS name
 INLINE_HEAD = 256  # a head longer than this is stored hashed: 256 + 255 < 511
@@ -39,8 +38,7 @@ HASHED_HEAD = 1 + _DIGEST
 # Extended attributes, per entry (as ext4 and XFS cap theirs): an entry with its xattrs, its
 # path and its metadata always fits one replication message whatever a user sets.
 MAX_XATTR_NAMES = 128
-MAX_XATTR_BYTES = 64 << 10  # names and values together
-MAX_XATTR_VALUE = 64 << 10  # XATTR_SIZE_MAX
+MAX_XATTR_BYTES = 64 << 10  # names and values together (one value: the kernel's 64 KiB)
 # What an entry may weigh besides its value, as replication packs it: path, xattrs, target,
 # metadata, and the version's context (about 40 bytes per peer that ever wrote the key).
 ENTRY_OVERHEAD = 256 << 10
@@ -146,17 +144,13 @@ def check_target(target: bytes) -> None:
         )
 
 
-def xattr_bytes(xattrs: dict[bytes, bytes] | object) -> int:
-    return sum(len(k) + len(v) for k, v in xattrs.items())  # type: ignore[attr-defined]
-
-
-def check_xattrs(xattrs: dict[bytes, bytes]) -> None:
+def check_xattrs(xattrs: Mapping[bytes, bytes]) -> None:
     """ENOSPC when an entry's xattrs exceed the caps (as ext4 says when they fill its block)."""
     if len(xattrs) > MAX_XATTR_NAMES:
         raise StoreError(
             errno.ENOSPC, f"{len(xattrs)} xattrs on one entry: at most {MAX_XATTR_NAMES}"
         )
-    total = xattr_bytes(xattrs)
+    total = sum(len(k) + len(v) for k, v in xattrs.items())
     if total > MAX_XATTR_BYTES:
         raise StoreError(
             errno.ENOSPC,
@@ -183,6 +177,8 @@ def check_entry_key(key: object) -> tuple[str, Parts]:
             check_name(p)
     except StoreError as e:
         raise ValueError(f"entry key: {e}") from None
+    # A conflict copy (conflicts.py) renames an entry to a name of up to MAX_NAME bytes beside
+    # it: a key from a peer may be that much longer than any path a request may create.
     if path_bytes(parts) > MAX_PATH + MAX_NAME:
         raise ValueError(f"entry key: a path of {path_bytes(parts)} bytes")
     return loc, parts

@@ -44,6 +44,7 @@ from pathlib import Path
 import lmdb
 import trio
 
+from . import unsaved
 from .base import Watcher
 from .conflicts import conflict_name, decide
 from .keys import (
@@ -66,9 +67,6 @@ from .keys import (
     path_bytes,
     split_key,
 )
-
-__all__ = ["LmdbStore", "children_prefix", "eid_key", "entry_key", "split_key"]
-from . import unsaved
 from .record import DIR, FILE, NO_XATTRS, SYMLINK, TOMBSTONE, Record, StoreError
 from .version import LOGICAL_BITS, HybridClock, Version, first_version, version_digest
 
@@ -111,7 +109,6 @@ class _Layer:
     last_write_ns: int | None = None
     value_bytes: int | None = None
     held: int = 0  # bytes of the values in ``values`` (GROUP_BYTES)
-    refused: list[tuple[bytes, str]] = field(default_factory=list)  # set by _write: see there
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.values or self.eids)
@@ -144,7 +141,6 @@ class _Slots:
         "commit_error",
         "conflicts",
         "path",
-        "refused",
         "reserved",
     )
 
@@ -217,7 +213,6 @@ class LmdbStore(_Slots):
         self.conflicts = 0  # concurrent versions settled since the start (replication)
         # Disk room (check_room): bytes open files hold for their commit, and the last statvfs.
         self.reserved = 0
-        self.refused = 0  # changes LMDB would not take at commit (logged; none expected)
         self._room = 0  # bytes of changes check_room may admit before it asks statvfs again
         # Bounded caches of LMDB reads, kept current by every change (_put, _set_eid).
         self._records: dict[bytes, Record | None] = {}
@@ -238,27 +233,20 @@ class LmdbStore(_Slots):
             except ValueError as e:
                 log.error("store %s: %s; left in place", self.name, e)
                 continue
-            p = self._pending
             for key, raw in kept.entries:
-                rec = Record.unpack(raw) if raw is not None else None
-                p.entries[key] = rec
-                self._records.pop(key, None)
-                if key.count(b"\0") == 2:
-                    prefix, _, name = key.rpartition(b"\0")
-                    p.children.setdefault(prefix + b"\0", set()).add(name)
+                self._put(key, Record.unpack(raw) if raw is not None else None)
             for eid, value in kept.values:
-                p.values[eid] = value
-                p.held += len(value or b"")
+                if value is None:
+                    self._pending.values[eid] = None
+                else:
+                    self._hold_value(eid, value)
             for eid, key in kept.eids:
-                p.eids[eid] = key
+                self._set_eid(eid, key)
             if kept.next_eid is not None and kept.next_eid > self._next_eid:
-                self._next_eid = p.next_eid = kept.next_eid
+                self._next_eid = self._pending.next_eid = kept.next_eid
             if kept.value_bytes is not None:
-                self.value_bytes = p.value_bytes = kept.value_bytes
-            p.last_write_ns = time.time_ns()
-            self.changes += kept.changes
+                self.value_bytes = self._pending.value_bytes = kept.value_bytes
             self._kept.append(path)
-            self._dirty.set()
             log.warning(
                 "store %s: %d changes an earlier run could not save taken up from %s",
                 self.name,
@@ -595,11 +583,7 @@ class LmdbStore(_Slots):
         previous = self._record(key)
         if previous is not None and previous.alive:
             raise StoreError(errno.EEXIST, f"{self._label(loc, parts)} exists")
-        budget = self._room - SPACE_PER_CHANGE - 2 * len(target)
-        if budget >= 0:  # check_room's fast path, inline: every create
-            self._room = budget
-        else:
-            self.check_room(len(target))
+        self.check_room(len(target))
         now = self._now()
         eid = self._alloc()
         rec = Record(
@@ -848,9 +832,11 @@ class LmdbStore(_Slots):
     ) -> None:
         """ENAMETOOLONG before anything moves when an entry below ``src`` would end up
         with a path over the limit under ``dst``."""
-        longest = max(moved, key=lambda pr: path_bytes(pr[0]))[0]
         grow = path_bytes(dst) - path_bytes(src)
-        if grow > 0 and path_bytes(longest) + grow > MAX_PATH:
+        if grow <= 0:
+            return
+        longest = max((parts for parts, _ in moved), key=path_bytes)
+        if path_bytes(longest) + grow > MAX_PATH:
             check_path(self.name, loc, dst + longest[len(src) :])
 
     def set_xattr(
@@ -922,7 +908,7 @@ class LmdbStore(_Slots):
         if not parts:
             return False  # store roots are not entries
         if rec.alive:
-            check_xattrs(dict(rec.xattrs))
+            check_xattrs(rec.xattrs)
             check_target(rec.target)
             self.check_room(len(value or b""))
         else:
@@ -1116,10 +1102,6 @@ class LmdbStore(_Slots):
             for path in self._kept:  # taken up, and now on disk
                 path.unlink(missing_ok=True)
             self._kept = []
-            for key, why in batch.refused:
-                loc, parts = split_key(key)
-                log.error("store %s: %s not saved: %s", self.name, self._label(loc, parts), why)
-            self.refused += len(batch.refused)
             self._room = min(self._room, 0)  # what it took shows in the next statvfs
             self._touched(_FAULT_AROUND + 4096 * len(batch))  # the writer read the map
             self.commit_error = None
@@ -1143,13 +1125,9 @@ class LmdbStore(_Slots):
                 if is_hashed(dbkey):
                     cut = key.rfind(b"\0") + 1
                     txn.put(dbkey[:HASHED_HEAD], key[:cut], db=self._heads)
-                try:
-                    txn.put(dbkey, rec.pack(), db=self._entries)
-                except lmdb.BadValsizeError as e:
-                    # Nothing the requests let through gets here (keys.py checks first); should
-                    # something, it fails alone, and never holds up the group (a retry would
-                    # fail the same way, forever). LMDB refuses it before touching the txn.
-                    batch.refused.append((key, str(e)))
+                # Always within LMDB's 511 bytes (keys.db_key; test_store_limits): no change
+                # can be refused here, and so none can hold its group up forever.
+                txn.put(dbkey, rec.pack(), db=self._entries)
             for eid, value in batch.values.items():
                 if value is None:
                     txn.delete(eid_key(eid), db=self._values)
@@ -1195,8 +1173,7 @@ class LmdbStore(_Slots):
 
     def meta_int(self, name: str) -> int:
         """A number kept beside the entries (membership's incarnation), 0 when never set."""
-        with self.env.begin(db=self._meta) as txn:
-            raw = txn.get(b"x." + name.encode())
+        raw = self.meta_bytes(name)
         return _U64.unpack(raw)[0] if raw else 0
 
     def set_meta_int(self, name: str, value: int) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 
 import msgpack
 
+from ..datadir import DataDirError, private_dir
+
 log = logging.getLogger(__name__)
 
 PREFIX = "unsaved-"
@@ -66,16 +68,6 @@ def _write_private(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
-def _private_dir(path: Path) -> bool:
-    """A directory only this user may write: made 0700, or found so."""
-    try:
-        path.mkdir(mode=0o700, exist_ok=True)
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.path.isdir(path)
-
-
 def dump(name: str, store_dir: Path, fields: dict[str, Any]) -> Path:
     """Write the changes; returns where. OSError when no place would take them."""
     fields = {"store": name, "path": str(store_dir), "written_ns": time.time_ns(), **fields}
@@ -85,8 +77,12 @@ def dump(name: str, store_dir: Path, fields: dict[str, Any]) -> Path:
     places += [d / f"{_tag(store_dir)}-{ns}{SUFFIX}" for d in FALLBACK_DIRS]
     error: OSError | None = None
     for place in places:
-        if place.parent != store_dir and not _private_dir(place.parent):
-            continue
+        if place.parent != store_dir:
+            try:
+                private_dir(place.parent)
+            except DataDirError as e:
+                log.warning("cannot keep unsaved changes of store %s there: %s", name, e)
+                continue
         try:
             _write_private(place, data)
             return place
