@@ -16,6 +16,7 @@ from drekifs.cluster.replication import Replication
 from drekifs.cluster.sim import SimWorld
 from drekifs.stores.lmdbstore import LmdbStore, entry_key
 from drekifs.stores.record import FILE, TOMBSTONE
+from drekifs.stores.version import LOGICAL_BITS, Version
 
 from .conftest import drekifs, wait_for
 from .test_cluster import NODES, members, three_nodes
@@ -123,3 +124,28 @@ def test_deleted_keys_stay_deleted_past_a_pause_and_a_restart(
     wait_for(collected, timeout=120, interval=1, what="a's tombstones collected")
     for p in (a, b, c):
         assert os.listdir(p / "global" / "del") == []
+
+
+async def test_a_peer_away_past_the_grace_drops_what_others_wrote_before_it(
+    tmp_path: Path,
+) -> None:
+    """At start, the latest confirmation older than the grace: entries other peers wrote
+    before the grace go (to be fetched again), this peer's own stay, whatever their age."""
+    store, repl = replication(tmp_path / "g")
+    old = int((time.time() - 2 * GRACE) * 1000) << LOGICAL_BITS
+    rec = store.create("loc", (b"x",), FILE, 0o644, 0, 0)
+    assert store.merge(entry_key("loc", (b"mine",)), rec.but(version=Version(old, "a")), b"")
+    theirs = rec.but(version=Version(old, "b"))
+    assert store.merge(entry_key("loc", (b"theirs",)), theirs, b"")
+    recent = rec.but(version=Version(int(time.time() * 1000) << LOGICAL_BITS, "b"))
+    assert store.merge(entry_key("loc", (b"recent",)), recent, b"")
+    repl.note_members(["b"])
+    synced(repl, "b", time.time() - 3 * GRACE)  # the last exchange, three graces ago
+    repl.save_confirmed()
+    await store.sync()
+    store.env.close()
+    store, repl = replication(tmp_path / "g")
+    assert repl.dropped_stale == 1
+    assert store.get("loc", (b"theirs",)) is None
+    assert store.get("loc", (b"mine",)) is not None and store.get("loc", (b"recent",))
+    store.env.close()

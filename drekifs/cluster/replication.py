@@ -222,15 +222,15 @@ class Replication:
         # Local writes waiting to be broadcast: a burst on one key (create, write, chown,
         # utimes) goes out once, as its last version, off the request path.
         self._outgoing: dict[bytes, None] = {}
-        self._last_contact = 0
         self._wake = trio.Event()
         store.watchers.append(self._changed)
 
     def _drop_if_stale(self) -> int:
         """Away (no exchange with any peer) for longer than the tombstone grace period: what
         others wrote before then may have been deleted and forgotten meanwhile; drop it before
-        serving, and fetch what still exists (the catch-up at start)."""
-        last = self.store.meta_int("last_contact_s")
+        serving, and fetch what still exists (the catch-up at start). The last exchange is the
+        latest confirmation (``last_contact_s``: what stores kept before confirmations)."""
+        last = max(self.confirmed.values(), default=0.0) or self.store.meta_int("last_contact_s")
         if not last or time.time() - last <= self.tombstone_grace:
             return 0
         cutoff_ms = int((time.time() - self.tombstone_grace) * 1000)
@@ -275,7 +275,6 @@ class Replication:
             self.confirmed[name] = started
             if time.time() - self._confirmed_saved >= SAVE_EVERY:
                 self.save_confirmed()
-        self._contact()
 
     def collect_horizon(self, now: float | None = None) -> tuple[float, list[str]]:
         """Deletes before this wall time may be forgotten, and the members holding it back
@@ -284,14 +283,6 @@ class Replication:
         horizon = now - self.tombstone_grace
         waiting = sorted(n for n, t in self.confirmed.items() if t < horizon)
         return min([horizon, *(self.confirmed[n] for n in waiting)]), waiting
-
-    def _contact(self) -> None:
-        """An exchange with a peer completed (anti-entropy's on_sync): remember when, at most
-        once a minute."""
-        now = int(time.time())
-        if now - self._last_contact >= 60:
-            self._last_contact = now
-            self.store.set_meta_int("last_contact_s", now)
 
     def _changed(self, key: bytes, origin: object, carried: bool) -> None:
         self.tree.mark(key)  # settled when anti-entropy next reads the tree, or at a send
