@@ -178,3 +178,27 @@ def test_any_depth_within_the_limit_commits(tmp_path_factory, widths: list[int])
     for i in range(1, len(parts) + 1):
         assert s.get(LOC, parts[:i]) is not None
     s.env.close()
+
+
+def test_a_peers_bad_entry_fails_alone_in_an_exchange(tmp_path: Path) -> None:
+    """Anti-entropy hands a batch of entries to the replica: one it refuses (a bad key, too
+    many xattrs, junk) is counted and logged; the others are merged all the same."""
+    from drekifs.cluster.replication import GlobalReplica
+
+    a = open_store(tmp_path / "a", "pa")
+    b = open_store(tmp_path / "b", "pb")
+    rec = a.create(LOC, (b"ok",), FILE, 0o644, 0, 0)
+    big = rec.but(xattrs={b"user.%d" % i: b"" for i in range(MAX_XATTR_NAMES + 1)})
+    replica = GlobalReplica(b)
+    changed = replica.merge(
+        [
+            (entry_key(LOC, (b"first",)), [rec.pack(), b"1"]),
+            (LOC.encode() + b"\0a//b\0c", [rec.pack(), b""]),
+            (entry_key(LOC, (b"fat",)), [big.pack(), b""]),
+            (entry_key(LOC, (b"junk",)), [b"not msgpack", None]),
+            (entry_key(LOC, (b"last",)), [rec.pack(), b"2"]),
+        ]
+    )
+    assert changed == 2 and replica.refused == 3
+    assert b.get(LOC, (b"first",)) is not None and b.get(LOC, (b"last",)) is not None
+    assert b.get(LOC, (b"fat",)) is None
