@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
 
+from ..logs import LogLimiter
 from . import frames
 from .frames import FrameDecoder, Keys, Malformed
 from .limits import Limits
@@ -33,24 +33,17 @@ class Endpoint:
     max_frame: int
     addr: PeerAddr  # where this transport listens (the real port once bound)
     counters: Counter[str]
-    _logged: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    _logged: LogLimiter = field(default_factory=lambda: LogLimiter(log, LOG_EVERY))
 
     def drop(self, proto: str, reason: str, peer: object) -> None:
-        """Count input dropped (``<proto>.dropped.<reason>``); logged at debug level only, as
-        a flood of junk must not flood the log."""
+        """Count input dropped (``<proto>.dropped.<reason>``) and log it: one WARNING a minute
+        per (protocol, reason, sender), then a count of the repeats (logs.LogLimiter), so that
+        refused traffic shows in the log and a flood of junk does not flood it; each repeat at
+        debug level."""
         self.counters[f"{proto}.dropped.{reason}"] += 1
-        # One line a minute per (protocol, reason, sender): refused traffic shows in the log,
-        # and a flood of junk does not flood it.
         host = peer[0] if isinstance(peer, tuple) else str(peer)
-        key = (proto, reason, host)
-        now = time.monotonic()
-        if now - self._logged.get(key, -LOG_EVERY) >= LOG_EVERY:
-            if len(self._logged) > 1000:
-                self._logged.clear()
-            self._logged[key] = now
-            log.warning("%s from %s dropped: %s (more of it counted in .dreki/cluster)",
-                        proto, host, reason)  # fmt: skip
-        else:
+        msg = "%s from %s dropped: %s (more of it counted in .dreki/cluster)"
+        if not self._logged.log(logging.WARNING, (proto, reason, host), msg, proto, host, reason):
             log.debug("%s from %s dropped: %s", proto, addr_text(peer), reason)
 
 
