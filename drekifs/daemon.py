@@ -165,17 +165,25 @@ def unmount(mountpoint: Path, timeout: float = 60.0) -> str:
 # -- the daemon ----------------------------------------------------------------------------------
 
 
+def runtime_dirs() -> list[Path]:
+    """Where this uid's daemons put what cannot go in a data directory (a control socket whose
+    path would be too long, an exit report when the disk is full): ``$TMPDIR/drekifs-UID``,
+    then ``/tmp/drekifs-UID`` (without TMPDIR the same one)."""
+    name = f"drekifs-{os.getuid()}"
+    return list(
+        dict.fromkeys([Path(os.environ.get("TMPDIR") or "/tmp") / name, Path("/tmp") / name])
+    )
+
+
 def control_socket_path(data_dir: Path) -> Path:
     """``<data-dir>/control.sock``, or, when that is too long for a socket, ``<pid>.sock`` in
-    ``$TMPDIR/drekifs-UID`` (``/tmp`` without TMPDIR, or when that too is too long): a directory
-    this uid alone controls, checked (datadir.private_dir). Raises DataDirError."""
+    the first runtime directory short enough: a directory this uid alone controls, checked
+    (datadir.private_dir). Raises DataDirError."""
     path = data_dir / "control.sock"
     if len(os.fsencode(path)) < 100:
         return path
-    name = f"drekifs-{os.getuid()}"
-    short = Path(os.environ.get("TMPDIR") or "/tmp") / name
-    if len(os.fsencode(short)) > 80:
-        short = Path("/tmp") / name
+    dirs = runtime_dirs()
+    short = next((d for d in dirs if len(os.fsencode(d)) <= 80), dirs[-1])  # /tmp's is short
     return datadir.private_dir(short) / f"{os.getpid()}.sock"
 
 
@@ -559,8 +567,7 @@ def tighten_data_dir(data_dir: Path) -> None:
 
 def exit_report_paths(pid: int) -> list[Path]:
     """Where a daemon that could not save everything says so, for ``drekifs umount``."""
-    dirs = dict.fromkeys([Path(os.environ.get("TMPDIR") or "/tmp"), Path("/tmp")])
-    return [d / f"drekifs-{os.getuid()}" / f"exit-{pid}" for d in dirs]
+    return [d / f"exit-{pid}" for d in runtime_dirs()]
 
 
 def read_exit_report(pid: int) -> str | None:

@@ -341,7 +341,7 @@ class Broadcast:
             # One message the transport would not take (too big, a bug): an error for that
             # message, never for the task group the whole broadcast runs in.
             self.counters["gossip_errors"] += 1
-            log.error("plumtree: a push to %s failed: %s", to, e)
+            log.error("plumtree: a push to %s failed: %s", addr_text(to), e)
         finally:
             self._sending -= 1
 
