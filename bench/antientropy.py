@@ -4,8 +4,9 @@ hash tree's cost at a million keys.
     python bench/antientropy.py [--keys 100000] [--diverge 10000] [--million 1000000] [--seed 1]
 
 Stores are :class:`MemorySource` (dict, last writer wins), the network the in-memory
-:class:`SimWorld` on trio's MockClock (1-2 ms per leg); protocol bytes are msgpack bytes of
-every request and reply, counted by :class:`AntiEntropy` itself. See bench/README.md.
+:class:`~tests.harness.simnet.SimWorld` on trio's MockClock (1-2 ms per leg); protocol bytes
+are msgpack bytes of every request and reply, counted by :class:`AntiEntropy` itself. See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+# The repository root: drekifs from this checkout and the simulations in tests/harness/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import msgpack
 import trio
@@ -30,7 +36,7 @@ from drekifs.cluster.antientropy import (
     TreeShape,
     version_digest,
 )
-from drekifs.cluster.sim import SimWorld
+from tests.harness.simnet import SimWorld
 
 A, B = ("10.0.0.1", 7946), ("10.0.0.2", 7946)
 

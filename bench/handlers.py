@@ -43,6 +43,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+# The repository root: drekifs from this checkout and the simulations in tests/harness/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyfuse3
@@ -50,13 +51,13 @@ import trio
 
 from drekifs.cli import demo_zone
 from drekifs.cluster.replication import Replication
-from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.fs.namespace import ROOT_INODE, Namespace
 from drekifs.fs.operations import Operations
 from drekifs.fs.status import StatusFiles
 from drekifs.stores.lmdbstore import LmdbStore
 from drekifs.world import snapshot
 from drekifs.world.sources import world_from_zone
+from tests.harness.simnet import SimWorld, addr_of
 
 DIRS, FILES_PER_DIR = 50, 100
 MIN_SIZE, MAX_SIZE = 100, 2000

@@ -4,7 +4,7 @@
     .venv/bin/python bench/sim_broadcast.py --peers 200 --measured 5
     .venv/bin/python bench/sim_broadcast.py --check      # exit 1 when a target is missed
 
-Every scenario runs drekifs.cluster.plumtree on drekifs.cluster.sim (in memory, trio's
+Every scenario runs drekifs.cluster.plumtree on tests/harness/simnet.py (in memory, trio's
 MockClock): times are simulated seconds, deterministic for a seed; wall times are what the
 simulation cost. See bench/README.md for what each scenario does and how to read the tables.
 """
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import trio
 
+# The repository root: drekifs from this checkout and the simulations in tests/harness/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simclock import quantile, simulate
 
 from drekifs.cluster.plumtree import PlumtreeConfig
-from drekifs.cluster.plumtree.simcluster import BroadcastCluster
-from drekifs.cluster.sim import SimWorld
+from tests.harness.plumtree_cluster import BroadcastCluster
+from tests.harness.simnet import SimWorld
 
 LINK = (0.019, 0.021)  # one-way delay: 20 ms, +-1 ms so no two messages arrive at one instant
 PAYLOAD = b"x" * 1024  # what rides is opaque; its size does not change simulated times

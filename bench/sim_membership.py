@@ -4,7 +4,7 @@
     .venv/bin/python bench/sim_membership.py --seeds 5 --join-seeds 1 --no-reference
     .venv/bin/python bench/sim_membership.py --check    # exit 1 when a target is missed
 
-Every scenario runs drekifs.cluster.swim on drekifs.cluster.sim (in memory, trio's MockClock):
+Every scenario runs drekifs.cluster.swim on tests/harness/simnet.py (in memory, trio's MockClock):
 times are simulated seconds, deterministic for a seed; wall times are what the simulation cost.
 See bench/README.md for what each scenario does and how to read the tables.
 """
@@ -21,13 +21,14 @@ from typing import Any
 
 import trio
 
+# The repository root: drekifs from this checkout and the simulations in tests/harness/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simclock import quantile, simulate
 
-from drekifs.cluster.sim import SimWorld
 from drekifs.cluster.swim import SwimConfig
-from drekifs.cluster.swim.simcluster import Observation, SimCluster
+from tests.harness.simnet import SimWorld
+from tests.harness.swim_cluster import Observation, SimCluster
 
 MEMBERLIST_MEDIAN = 9.9  # s: memberlist (LAN profile), 100 peers, 1% loss, one crash
 MEMBERLIST_LAN = SwimConfig(  # memberlist's DefaultLANConfig, as near as these knobs go

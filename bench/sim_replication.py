@@ -5,10 +5,10 @@ and a 50|50 partition, then convergence after the heal.
     .venv/bin/python bench/sim_replication.py --peers 100 --writes 200 --seeds 3
     .venv/bin/python bench/sim_replication.py --check         # exit 1 on a miss
 
-Runs drekifs.cluster.replsim (both protocols per peer, durable dict stores, membership given
-by the harness) on drekifs.cluster.sim (in memory, trio's MockClock): times are simulated
-seconds, deterministic for a seed; wall times are what the simulation cost. Seeds run in
-``--jobs`` processes. See bench/README.md for the scenario and how to read the table.
+Runs tests/harness/replication_cluster.py (both protocols per peer, durable dict stores,
+membership given by the harness) on tests/harness/simnet.py (in memory, trio's MockClock): times
+are simulated seconds, deterministic for a seed; wall times are what the simulation cost. Seeds
+run in ``--jobs`` processes. See bench/README.md for the scenario and how to read the table.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# The repository root: drekifs from this checkout and the simulations in tests/harness/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from drekifs.cluster.rejoin import RETURN_EXCHANGES
-from drekifs.cluster.replsim import (
+from tests.harness.replication_cluster import (
     ANTIENTROPY,
     BROADCAST,
     Outcome,
@@ -33,7 +34,7 @@ from drekifs.cluster.replsim import (
     run_scenario,
     run_seeded,
 )
-from drekifs.cluster.sim import SimWorld
+from tests.harness.simnet import SimWorld
 
 LINK = (0.019, 0.021)  # one-way delay: 20 ms, +-1 ms so no two messages arrive at one instant
 

@@ -10,7 +10,7 @@ Where a request goes, by module:
 - ``storerpc``: other nodes' local stores, served by their owner (``store.*`` calls);
 - ``plumtree/``: epidemic broadcast of global writes; ``antientropy/``: hash-tree repair;
 - ``replication``: the global store replicated with both;
-- ``peer``: all of it put together for the daemon;
-- ``sim``, ``replsim``, ``swim/simcluster``, ``plumtree/simcluster``: in-memory simulations on
-  trio's MockClock.
+- ``peer``: all of it put together for the daemon.
+
+The in-memory simulations on trio's MockClock are test harness: ``tests/harness/``.
 """

@@ -2,9 +2,9 @@
 
 Membership (and later broadcast and repair) talk to peers through :class:`Network`; the real
 implementation is :class:`drekifs.cluster.transport.Transport` (sealed TCP frames and UDP
-datagrams), the simulated one :class:`drekifs.cluster.sim.SimNetwork` (in memory, on trio's
-MockClock, with seeded loss, delay and partitions). Protocol code never opens a socket and never
-reads a clock other than trio's, so the same code runs in both.
+datagrams), the simulated one ``SimNetwork`` in ``tests/harness/simnet.py`` (in memory, on
+trio's MockClock, with seeded loss, delay and partitions). Protocol code never opens a socket
+and never reads a clock other than trio's, so the same code runs in both.
 
 Messages are plain msgpack-able values (dicts of str keys, ints, bytes, str, lists).
 """

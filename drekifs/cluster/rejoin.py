@@ -13,8 +13,8 @@ from the other side (a peer of this side restarted meanwhile comes back too), an
 with one of those completes while the other side's writes are still missing here (the
 simulation showed convergence delayed to the next periodic exchange, 12 s more).
 
-The daemon (:mod:`drekifs.cluster.peer`) and the simulation (:mod:`drekifs.cluster.replsim`)
-both decide with this module.
+The daemon (:mod:`drekifs.cluster.peer`) and the simulation
+(``tests/harness/replication_cluster.py``) both decide with this module.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""A cluster of :class:`Broadcast` peers on a :class:`~drekifs.cluster.sim.SimWorld`.
+"""A cluster of :class:`Broadcast` peers on a :class:`~tests.harness.simnet.SimWorld`.
 
 What the tests and the benchmark share: peers named ``node0000``... at ``10.x.y.z:7946`` (as
-:mod:`drekifs.cluster.swim.simcluster`), each with a :class:`DictStore` that records when each
+:mod:`tests.harness.swim_cluster`), each with a :class:`DictStore` that records when each
 message was delivered, and the datagram demultiplexing the daemon does (Plumtree's datagrams to
 :meth:`Broadcast.handle_datagram`, anything else counted as ``foreign``). The membership is
 given, not simulated: :meth:`BroadcastCluster.update_membership` plays the part of SWIM telling
@@ -27,7 +27,7 @@ import trio
 from drekifs.cluster.net import PeerAddr, PeerUnreachable
 from drekifs.cluster.plumtree.broadcast import Broadcast
 from drekifs.cluster.plumtree.config import PlumtreeConfig
-from drekifs.cluster.sim import SimNetwork, SimWorld, addr_of
+from tests.harness.simnet import SimNetwork, SimWorld, addr_of
 
 
 class DictStore:

@@ -1,6 +1,6 @@
 """Plumtree broadcast and anti-entropy together, as the daemon wires them, on a SimWorld.
 
-What ``tests/test_replication_sim.py`` and ``bench/sim_replication.py`` share. Each simulated
+What ``tests/sim/test_replication_sim.py`` and ``bench/sim_replication.py`` share. Each simulated
 peer has a durable :class:`SimReplica` (a dict store with the real store's winner rule: the
 larger (hlc, peer) wins; it is both Plumtree's MessageStore and anti-entropy's EntrySource, and
 keeps its :class:`HashTree` in step with every change), and, while it runs, a :class:`Broadcast`
@@ -15,8 +15,8 @@ The membership is given, not simulated: :class:`ReplicationCluster` plays SWIM. 
 live set is what the harness knows (running peers on its side of a partition), applied
 ``detect`` simulated seconds after a crash, restart, partition or heal (a restarted peer knows
 its own view at once). Stores survive crashes: a crash loses no acknowledged write. Calls are
-lost with probability ``call_loss`` (:class:`~.plumtree.simcluster.LossyCalls`), datagrams with
-the world's ``loss``; both are counted per protocol by :class:`CountingNet`.
+lost with probability ``call_loss`` (:class:`~tests.harness.plumtree_cluster.LossyCalls`),
+datagrams with the world's ``loss``; both are counted per protocol by :class:`CountingNet`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from drekifs.cluster.antientropy import AntiEntropy, AntiEntropyConfig, HashTree
 from drekifs.cluster.antientropy.memsource import Entry, MemorySource
 from drekifs.cluster.net import PeerAddr, PeerUnreachable, RemoteError
 from drekifs.cluster.plumtree import Broadcast, PlumtreeConfig
-from drekifs.cluster.plumtree.simcluster import LossyCalls
 from drekifs.cluster.rejoin import (
     EXCHANGE_TIMEOUT,
     RETURN_EXCHANGES,
@@ -43,8 +42,9 @@ from drekifs.cluster.rejoin import (
     exchange_with_returning,
 )
 from drekifs.cluster.replication import message_id, split_message_id
-from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.stores.version import HybridClock, Version
+from tests.harness.plumtree_cluster import LossyCalls
+from tests.harness.simnet import SimWorld, addr_of
 
 HARNESS: PeerAddr = ("harness", 0)  # the owner of the harness's own timers (never crashed)
 BROADCAST, ANTIENTROPY, LOCAL = "broadcast", "antientropy", "local"

@@ -1,4 +1,4 @@
-"""A cluster of :class:`Membership` peers on a :class:`~drekifs.cluster.sim.SimWorld`.
+"""A cluster of :class:`Membership` peers on a :class:`~tests.harness.simnet.SimWorld`.
 
 What the tests and the benchmark share: peers named ``node0000``... at ``10.x.y.z:7946``, each
 with its incarnation "saved" in a dict that survives crashes (the daemon keeps it in LMDB), and a
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import trio
 
 from drekifs.cluster.net import PeerAddr
-from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.cluster.swim.config import SwimConfig
 from drekifs.cluster.swim.membership import Membership
 from drekifs.cluster.swim.state import MemberInfo
+from tests.harness.simnet import SimWorld, addr_of
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .conftest import drekifs
-from .worlds import broken_world, small_world
+from ..conftest import drekifs
+from ..worlds import broken_world, small_world
 
 
 def test_world_prints_the_demo_tree() -> None:

@@ -21,8 +21,8 @@ import pytest
 
 from drekifs import control
 
-from .conftest import Shell, drekifs, free_port, wait_for
-from .worlds import Zone
+from ..conftest import Shell, drekifs, free_port, wait_for
+from ..worlds import Zone
 
 pytestmark = pytest.mark.mounted
 

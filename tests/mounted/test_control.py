@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from .conftest import drekifs, wait_for
-from .worlds import small_world
+from ..conftest import drekifs, wait_for
+from ..worlds import small_world
 
 pytestmark = pytest.mark.mounted
 

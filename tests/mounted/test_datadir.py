@@ -16,8 +16,8 @@ from drekifs.cluster.keyring import KeyRing, KeyRingError
 from drekifs.daemon import control_socket_path
 from drekifs.datadir import DataDirError, private_dir, tighten
 
-from .conftest import drekifs, force_unmount, free_port, is_mounted, wait_for
-from .worlds import Zone
+from ..conftest import drekifs, force_unmount, free_port, is_mounted, wait_for
+from ..worlds import Zone
 
 WORLD = "inf.random.sh"  # the bundled demo world
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import drekifs, exited, is_mounted, wait_for
+from ..conftest import drekifs, exited, is_mounted, wait_for
 
 pytestmark = pytest.mark.mounted
 

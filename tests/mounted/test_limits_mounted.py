@@ -13,7 +13,7 @@ import pytest
 
 from drekifs.stores.keys import MAX_PATH, MAX_XATTR_BYTES, MAX_XATTR_NAMES
 
-from .conftest import wait_for
+from ..conftest import wait_for
 from .test_cluster import cluster  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.mounted

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DREKIFS, drekifs, force_unmount, is_mounted, wait_for
-from .netns import Hosts, have_netns
-from .worlds import Zone
+from ..conftest import DREKIFS, drekifs, force_unmount, is_mounted, wait_for
+from ..netns import Hosts, have_netns
+from ..worlds import Zone
 
 pytestmark = [
     pytest.mark.mounted,

@@ -9,8 +9,8 @@ import stat
 
 import pytest
 
-from .conftest import Shell
-from .worlds import small_world
+from ..conftest import Shell
+from ..worlds import small_world
 
 pytestmark = pytest.mark.mounted
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DREKIFS
+from ..conftest import DREKIFS
 
-PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
+PACKAGING = Path(__file__).resolve().parents[2] / "packaging"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
@@ -73,7 +73,7 @@ def test_make_demo_tour_runs_as_printed(tmp_path: Path) -> None:
 def test_mount_helper_mounts_from_a_config_file(tmp_path: Path) -> None:
     """What `mount -t fuse.drekifs CONFIG MOUNTPOINT` runs (mount(8) calls the helper so), and
     `mount -t` itself when the helper is installed (make install)."""
-    from .conftest import is_mounted
+    from ..conftest import is_mounted
 
     config = tmp_path / "drekifs.toml"
     config.write_text('node = "node2"\ndata-dir = "data"\nlog-level = "INFO"\n')

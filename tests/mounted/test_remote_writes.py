@@ -18,7 +18,7 @@ import pytest
 
 from drekifs import logs
 
-from .conftest import Mount, wait_for
+from ..conftest import Mount, wait_for
 from .test_cluster import cluster, members  # noqa: F401 (cluster: the fixture)
 
 pytestmark = pytest.mark.mounted

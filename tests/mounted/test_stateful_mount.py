@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 
 from drekifs.stores.keys import MAX_PATH, MAX_XATTR_BYTES, MAX_XATTR_NAMES, path_bytes
 
-from .conftest import Mount, drekifs, exited, force_unmount, is_mounted, wait_for
+from ..conftest import Mount, drekifs, exited, force_unmount, is_mounted, wait_for
 
 pytestmark = pytest.mark.mounted
 

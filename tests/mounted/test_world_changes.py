@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import drekifs, wait_for
-from .worlds import small_world
+from ..conftest import drekifs, wait_for
+from ..worlds import small_world
 
 pytestmark = pytest.mark.mounted
 

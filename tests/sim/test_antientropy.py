@@ -27,7 +27,8 @@ from drekifs.cluster.antientropy import (
     version_digest,
 )
 from drekifs.cluster.net import PeerUnreachable, RemoteError
-from drekifs.cluster.sim import SimWorld
+
+from ..harness.simnet import SimWorld
 
 SMALL = TreeShape(fanout_bits=2, depth=3)  # 64 buckets: several keys share one
 CONFIG = AntiEntropyConfig(interval=10.0)

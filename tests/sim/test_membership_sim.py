@@ -16,13 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drekifs.cluster.net import MAX_DATAGRAM, PeerUnreachable, RemoteError
-from drekifs.cluster.sim import SEAL_OVERHEAD, SimWorld
 from drekifs.cluster.swim import PUSH_PULL, Membership, SwimConfig
 from drekifs.cluster.swim.awareness import Awareness
 from drekifs.cluster.swim.broadcasts import BroadcastQueue
 from drekifs.cluster.swim.messages import Malformed, decode_datagram, decode_push_pull
-from drekifs.cluster.swim.simcluster import SimCluster
 from drekifs.cluster.swim.suspicion import Suspicion
+
+from ..harness.simnet import SEAL_OVERHEAD, SimWorld
+from ..harness.swim_cluster import SimCluster
 
 CONFIG = SwimConfig()
 

@@ -37,9 +37,10 @@ from drekifs.cluster.plumtree.messages import (
 )
 from drekifs.cluster.plumtree.missing import MissingIds
 from drekifs.cluster.plumtree.seen import SeenIds
-from drekifs.cluster.plumtree.simcluster import BroadcastCluster, DictStore
 from drekifs.cluster.plumtree.view import choose_neighbours
-from drekifs.cluster.sim import SEAL_OVERHEAD, SimWorld
+
+from ..harness.plumtree_cluster import BroadcastCluster, DictStore
+from ..harness.simnet import SEAL_OVERHEAD, SimWorld
 
 CONFIG = PlumtreeConfig()
 LINK = (0.019, 0.021)

@@ -1,7 +1,7 @@
-"""Plumtree and anti-entropy together (drekifs.cluster.replsim) on the simulated network: the
-store's winner rule, writes through crashes, restarts and a partition with writes on both sides,
-convergence after the heal with no acknowledged write lost, determinism. All on trio's
-MockClock: simulated seconds cost only the CPU they need."""
+"""Plumtree and anti-entropy together (tests/harness/replication_cluster.py) on the simulated
+network: the store's winner rule, writes through crashes, restarts and a partition with writes on
+both sides, convergence after the heal with no acknowledged write lost, determinism. All on
+trio's MockClock: simulated seconds cost only the CPU they need."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ import trio
 from drekifs.cluster.antientropy import HashTree, TreeShape
 from drekifs.cluster.rejoin import RETURN_EXCHANGES, came_back, exchange_with_returning
 from drekifs.cluster.replication import Replication, message_id
-from drekifs.cluster.replsim import (
+from drekifs.stores.lmdbstore import LmdbStore, entry_key
+from drekifs.stores.record import DIR, FILE
+from drekifs.stores.version import Version
+
+from ..harness.replication_cluster import (
     ANTIENTROPY,
     BROADCAST,
     LOCAL,
@@ -26,10 +30,7 @@ from drekifs.cluster.replsim import (
     run_scenario,
     run_seeded,
 )
-from drekifs.cluster.sim import SimWorld, addr_of
-from drekifs.stores.lmdbstore import LmdbStore, entry_key
-from drekifs.stores.record import DIR, FILE
-from drekifs.stores.version import Version
+from ..harness.simnet import SimWorld, addr_of
 
 LINK = (0.019, 0.021)
 LOSS = 0.05

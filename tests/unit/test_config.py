@@ -14,7 +14,7 @@ from drekifs import cli, config
 from drekifs.daemon import MountConfig
 from drekifs.fs import requestloop
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 @pytest.fixture(autouse=True)

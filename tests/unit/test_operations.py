@@ -20,8 +20,8 @@ from drekifs.stores.lmdbstore import LmdbStore, entry_key
 from drekifs.stores.record import FILE, Record
 from drekifs.world import snapshot
 
+from ..worlds import small_world
 from .test_world import world_of
-from .worlds import small_world
 
 NODE = "web1.fr.eu.w.test"
 CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)

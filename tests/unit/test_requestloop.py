@@ -1,8 +1,9 @@
 """pyfuse3's request loop as drekifs runs it: the reader seat, the poller, the hand-off.
 
 Real pipes and trio; the mounted side (a request waiting on a stopped peer does not hold up
-the others) is in test_cluster.py. The seat's tests run on a mock clock that stands still, so
-its patrol (which would hide a missing hand-off) fires only where a test moves the clock.
+the others) is in mounted/test_cluster.py. The seat's tests run on a mock clock that stands
+still, so its patrol (which would hide a missing hand-off) fires only where a test moves the
+clock.
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import pytest
 
 from drekifs.cluster.replication import Replication
-from drekifs.cluster.sim import SimWorld
 from drekifs.stores.lmdbstore import LmdbStore, entry_key
 from drekifs.stores.record import FILE, TOMBSTONE
 from drekifs.stores.version import LOGICAL_BITS, Version
 
-from .conftest import drekifs, wait_for
-from .test_cluster import NODES, members, three_nodes
+from ..conftest import drekifs, wait_for
+from ..harness.simnet import SimWorld
+from ..mounted.test_cluster import NODES, members, three_nodes
 
 GRACE = 60.0
 

@@ -14,7 +14,7 @@ from drekifs.world.render import render_errors, render_json, render_tree
 from drekifs.world.resolve import SourceError, resolve_sync
 from drekifs.world.sources import ZoneAnswers, parse_server, world_from_zone
 
-from .worlds import BROKEN_VALID_PATHS, Zone, broken_world, small_world
+from ..worlds import BROKEN_VALID_PATHS, Zone, broken_world, small_world
 
 
 def world_of(zone: Zone, **kw) -> model.World:

@@ -1,12 +1,12 @@
 """Plumtree epidemic broadcast: eager push along a spanning tree, lazy IHAVE, GRAFT and PRUNE.
 
 Protocol code only: it talks through a :class:`~drekifs.cluster.net.Network` and reads trio's
-clock, so it runs on the real transport and in the simulation (:mod:`drekifs.cluster.sim`) alike.
+clock, so it runs on the real transport and in the simulation (``tests/harness/simnet.py``) alike.
 One idea per module: :mod:`.config` (knobs), :mod:`.store` (what the message cache provides),
 :mod:`.messages` (wire format), :mod:`.view` (which members are neighbours), :mod:`.peers`
 (eager and lazy neighbours), :mod:`.seen` (ids delivered recently), :mod:`.missing` (ids
-announced but not received, and their graft timers), :mod:`.broadcast` (the protocol) and
-:mod:`.simcluster` (a simulated cluster for tests and benchmarks).
+announced but not received, and their graft timers) and :mod:`.broadcast` (the protocol). The
+simulated cluster for tests and benchmarks is ``tests/harness/plumtree_cluster.py``.
 """
 
 from drekifs.cluster.plumtree.broadcast import Broadcast

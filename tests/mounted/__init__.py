@@ -1,0 +1,2 @@
+"""Through the kernel and real processes: FUSE mounts, the drekifs command, peer daemons, nsd,
+network namespaces."""
