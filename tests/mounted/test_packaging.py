@@ -108,13 +108,3 @@ def test_mount_helper_mounts_from_a_config_file(tmp_path: Path) -> None:
     finally:
         if ours:
             installed.unlink()
-
-
-def test_the_sample_config_is_valid() -> None:
-    from drekifs import config
-
-    values = config.load(PACKAGING / "drekifs.toml")
-    # What the unit and the fstab line assume: /dreki, this node's data in /var/lib/drekifs.
-    assert values["mountpoint"] == "/dreki"
-    assert values["data_dir"] == Path("/var/lib/drekifs")
-    assert values["node"] and values["keyring"] == "/etc/drekifs/keyring"
