@@ -1,4 +1,5 @@
-"""Fixtures: the drekifs command, mounts through the kernel, and a real nsd server."""
+"""Fixtures for every layer: the drekifs command, mounts through the kernel, a real nsd server;
+and the layers themselves: a test is ``mounted`` exactly when it lives in tests/mounted/."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ from pathlib import Path
 import pytest
 
 DREKIFS = str(Path(sys.executable).parent / "drekifs")
+MOUNTED = Path(__file__).resolve().parent / "mounted"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The folder is the layer: ``-m mounted`` selects tests/mounted/ and nothing else, and a test
+    marked ``mounted`` or ``dns`` elsewhere is refused (unit/ and sim/ must run without them)."""
+    for item in items:
+        if MOUNTED in item.path.resolve().parents:
+            item.add_marker(pytest.mark.mounted)
+        elif item.get_closest_marker("mounted") or item.get_closest_marker("dns"):
+            raise pytest.UsageError(
+                f"{item.nodeid} goes through the kernel: move it to tests/mounted/"
+            )
 
 
 def drekifs(*args: str | os.PathLike, check: bool = True, timeout: float = 60, **kw):
