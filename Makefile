@@ -5,7 +5,7 @@ VENV ?= .venv
 DEMO_MOUNT ?= /tmp/dreki
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps test-deps venv lint bench clean install
+.PHONY: demo test test-unit test-sim test-mounted deps test-deps venv lint bench clean install
 PREFIX ?= /usr/local
 
 deps:
@@ -28,10 +28,25 @@ demo: deps
 lint: venv
 	$(VENV)/bin/ruff check drekifs tests bench
 
+# Every layer, and the lint. README.md (Tests) says what each layer covers and how long it takes.
 test: test-deps
 	@$(MAKE) --no-print-directory venv
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q -ra tests
+
+# unit/ and sim/ run in one process: the packages to build pyfuse3 are all they need.
+test-unit: deps
+	@$(MAKE) --no-print-directory venv
+	$(VENV)/bin/pytest -q -ra tests/unit
+
+test-sim: deps
+	@$(MAKE) --no-print-directory venv
+	$(VENV)/bin/pytest -q -ra tests/sim
+
+# mounted/ drives the kernel and real processes: root, /dev/fuse, and the tools of --test.
+test-mounted: test-deps
+	@$(MAKE) --no-print-directory venv
+	$(VENV)/bin/pytest -q -ra tests/mounted
 
 bench: test-deps
 	@$(MAKE) --no-print-directory venv
