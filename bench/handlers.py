@@ -121,7 +121,7 @@ def one_round(ops: Operations, store: LmdbStore, dirs: list[int]) -> dict[str, f
     pyfuse3.readdir_reply = lambda token, name, attr, ino: listed.append(ino) or True
     store._records.clear()  # as a fresh mount: nothing read yet
     store._where.clear()
-    ops._nodes.clear()
+    ops.local.nodes.clear()
     spent = dict.fromkeys(KINDS, 0.0)
     clock = time.perf_counter
     for dino in dirs:

@@ -229,9 +229,9 @@ class Daemon:
         slots = StoreSlots(config.data_dir / "stores" / "slots.json")
         remote = None
         if self.peer is not None and self.node is not None:
-            from .fs.remote import RemoteStores
+            from .fs.remotestores import RemoteStores
 
-            remote = RemoteStores(self.node, slots, self.peer.client_of, config.max_local_value)
+            remote = RemoteStores(self.node, self.peer.client_of, config.max_local_value)
             self.peer.on_remote_change = remote.changed
         self.ops = ops = Operations(
             ns,

@@ -7,7 +7,7 @@ and chmod after its write, a ``chown`` during a long write) waits with them and 
 same version: one close, one version. FLUSH commits nothing here (answered ENOSYS without a key
 ring: the kernel then skips it for every close, which saves one request per file); limits are
 checked at WRITE time, so the error that matters (EFBIG) reaches the writer, and fsync reports
-the rest. (Other nodes' files, remote.py, are sent at FLUSH.)
+the rest. (Other nodes' files, remotestores.py, are sent at FLUSH.)
 
 A file whose entry goes while it is open (unlink, a rename or a peer's version over it) stays
 here for its handles, with st_nlink 0, until the last close: its bytes are taken from the store

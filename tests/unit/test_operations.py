@@ -261,7 +261,7 @@ async def test_unexpected_exception_becomes_eio_with_the_urn(caplog) -> None:
     def broken(*args):
         raise RuntimeError("boom")
 
-    ops._attrs = broken  # a bug anywhere below a handler
+    ops.world.attrs = broken  # type: ignore[method-assign]  # a bug anywhere below a handler
     counts = dict(ops.counts)
     caplog.set_level(logging.ERROR)
     assert await errno_of(ops.lookup(eu, b"fr", None)) == errno.EIO
@@ -443,9 +443,9 @@ async def test_a_listing_opened_before_a_world_change_keeps_nothing(
     fh = await ops.opendir(glob, CTX)
     ops.set_namespace(Namespace(ops.ns.snapshot, ops.status.names()))  # as make_ops built it
     await ops.readdir(fh, 0, None)
-    assert not ops._nodes
+    assert not ops.local.nodes.cache
     fh2 = await ops.opendir(glob, CTX)
     await ops.readdir(fh2, 0, None)
-    assert ops._nodes  # a handle of the current namespace does
+    assert ops.local.nodes.cache  # a handle of the current namespace does
     for store in ops.stores.values():
         await store.sync()

@@ -1,9 +1,10 @@
-"""Requests about other nodes' local stores: each one answered by the owner, over RPC.
+"""Requests about stores reached by calls (``stores.remote.RemoteStore``: other nodes' local
+stores, over RPC): each one answered by whoever holds the store (the owner).
 
-Operations sends here every request whose inode is another node's store root or an entry
-below it (:meth:`RemoteStores.ref`). Entries keep the owner's entry ids, with a slot of this
-peer's for the (node, store) pair (``store@node`` in slots.json), so inode numbers are stable
-across remounts here and never collide with local ones.
+Operations sends here every request whose inode is such a store's root or an entry below it
+(:meth:`RemoteStores.serves`, :meth:`RemoteStores.ref`). Entries keep the owner's entry ids,
+with a slot of this peer's for the (node, store) pair (``store@node`` in slots.json), so inode
+numbers are stable across remounts here and never collide with local ones.
 
 Nothing is cached for long: the kernel keeps remote entries, attributes and pages for
 ``REMOTE_TIMEOUT`` seconds, and this side what it resolved, unless the owner says sooner that
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import stat
@@ -35,15 +35,16 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from ..cluster.storerpc import StoreClient
 from ..logs import LogLimiter
 from ..stores.base import Key
 from ..stores.record import FILE, SYMLINK, Record, StoreError
+from ..stores.remote import RemoteStore
 from ..urn import URN
 from . import inodes
 from .attrs import metadata_changes, record_attrs
 from .files import Unsaved
-from .namespace import Entry, Kind, Namespace
+from .namespace import Entry, Kind
+from .tree import RENAME_EXCHANGE, RENAME_NOREPLACE, Attrs, MountState
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class RemoteRef:
     """An inode of another node's store, as far as it is known without asking."""
 
     ino: int
-    client: StoreClient
+    client: RemoteStore
     alias: int
     segments: tuple[str, ...]
     root: Entry | None  # the store's root directory (a world inode), else None
@@ -67,7 +68,7 @@ class RemoteRef:
 
 @dataclass(eq=False)
 class RemoteFile(Unsaved):
-    client: StoreClient
+    client: RemoteStore
     parts: Key
     eid: int
     ino: int
@@ -120,42 +121,66 @@ class RemoteStores:
     def __init__(
         self,
         node: str,
-        slots: inodes.StoreSlots,
-        client_of: Callable[[str, str], StoreClient | None],
+        client_of: Callable[[str, str], RemoteStore | None],
         max_value: int,
     ) -> None:
         self.node = node
-        self.slots = slots
         self.client_of = client_of  # (node, store) -> a client, None without a transport
         self.max_value = max_value
-        self.by_slot: dict[int, tuple[str, str]] = {
-            slot: tuple(name.split("@", 1)[::-1])  # type: ignore[misc]
-            for name, slot in slots.slots.items()
-            if "@" in name
-        }
+        self.state: MountState | None = None  # the mount's, once attached
+        self.by_slot: dict[int, tuple[str, str]] = {}
         self._seen: dict[int, tuple[float, Key, Record]] = {}
         # Small values that came with a lookup, for the open and read that usually follow;
         # as current as the entry in _seen beside them, and forgotten with it.
         self._small: dict[int, bytes] = {}
         # (node, store, key) -> the inodes it has here (one per path of the node)
         self._inos: dict[tuple[str, str, Key], set[int]] = {}
-        # Set by Operations: where invalidations go, and a store root's inodes.
-        self.invalidator: Any = None
-        self.roots_of: Callable[[str, str], list[int]] = lambda node, store: []
+        self.invalidator: Any = None  # the mount's, once attached
         self._files: dict[tuple[str, str, int], RemoteFile] = {}
-        self.domain = ""  # the world's, for URNs in log lines (set by Operations)
         self.limited = LogLimiter(log)  # bytes not taken, again and again: a line an interval
-        self._fh = itertools.count(1 << 40)  # apart from local handles
+
+    def attach(self, state: MountState) -> None:
+        """Serve in the mount whose trees share ``state`` (Operations calls it)."""
+        self.state = state
+        self.invalidator = state.invalidator
+        self.by_slot = {
+            slot: tuple(name.split("@", 1)[::-1])  # type: ignore[misc]
+            for name, slot in state.slots.slots.items()
+            if "@" in name
+        }
+
+    @property
+    def domain(self) -> str:
+        return self.state.ns.world.domain if self.state is not None else ""
+
+    def roots_of(self, node: str, store: str) -> list[int]:
+        assert self.state is not None
+        return [e.ino for e in self.state.ns.store_roots.get((node, store), ())]
 
     # -- resolving -------------------------------------------------------------------------
 
-    def ref(self, ns: Namespace, ino: int) -> RemoteRef | None:
+    def serves(self, e: Entry) -> bool:
+        """Whether a store root of the world is served here: another node's store (not the
+        global one) with a way to reach it."""
+        if e.location == self.node or e.urn.store == "global":
+            return False
+        return self.client_of(e.location, e.urn.store or "") is not None
+
+    def _ref(self, ino: int) -> RemoteRef:
+        ref = self.ref(ino)
+        if ref is None:  # routed here a moment ago: the world changed meanwhile
+            raise FUSEError(errno.ESTALE)
+        return ref
+
+    def ref(self, ino: int) -> RemoteRef | None:
         """The remote inode ``ino`` is, or None when it is not a remote one. Cheap."""
+        assert self.state is not None
+        ns = self.state.ns
         slot = inodes.store_slot(ino)
         if slot:
             pair = self.by_slot.get(slot)
             if pair is None:
-                return None  # a store of this node (every request asks: keep it cheap)
+                return None
             si = inodes.unpack(ino)
             node, store = pair
             client = self.client_of(node, store)
@@ -173,9 +198,10 @@ class RemoteStores:
             return None  # no transport: served empty and read-only, as before
         return RemoteRef(ino, client, e.alias, e.urn.segments, e)
 
-    def _slot(self, client: StoreClient) -> int:
+    def _slot(self, client: RemoteStore) -> int:
+        assert self.state is not None
         name = slot_name(client.node, client.name)
-        slot = self.slots.slot(name)
+        slot = self.state.slots.slot(name)
         self.by_slot[slot] = (client.node, client.name)
         return slot
 
@@ -255,18 +281,35 @@ class RemoteStores:
             raise FUSEError(errno.ENOTDIR)
         return parts
 
-    def urn(self, domain: str, ref: RemoteRef, parts: Key) -> URN:
-        return URN(domain, ref.segments, ref.client.name, parts)
+    def _urn(self, ref: RemoteRef, parts: Key) -> URN:
+        return URN(self.domain, ref.segments, ref.client.name, parts)
+
+    def urn(self, ino: int) -> URN:
+        """As last known here (for log lines: asks nobody)."""
+        ref = self._ref(ino)
+        if ref.root is not None:
+            return ref.root.urn
+        seen = self._seen.get(ino)
+        if seen is None:
+            raise LookupError(f"remote inode {ino} not resolved yet")
+        return self._urn(ref, seen[1])
+
+    def handle_urn(self, handle: Any) -> str:
+        if isinstance(handle, RemoteFileHandle):
+            return self.file_urn(handle.file)
+        if isinstance(handle, RemoteDirHandle):
+            return self.dir_urn(handle)
+        return "?"
 
     def file_urn(self, f: RemoteFile) -> str:
         return str(URN(self.domain, f.segments, f.client.name, f.parts))
 
     def dir_urn(self, handle: RemoteDirHandle) -> str:
-        return str(self.urn(self.domain, handle.ref, handle.parts))
+        return str(self._urn(handle.ref, handle.parts))
 
     # -- attributes ------------------------------------------------------------------------
 
-    def attrs(self, ino: int, client: StoreClient, rec: Record) -> pyfuse3.EntryAttributes:
+    def attrs(self, ino: int, client: RemoteStore, rec: Record) -> pyfuse3.EntryAttributes:
         """As the owner said, or as this mount is writing it."""
         f = None if rec.is_dir else self._files.get(_file_key(client, rec.eid))
         if f is not None and f.dirty:
@@ -280,15 +323,17 @@ class RemoteStores:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def lookup(self, parent: RemoteRef, name: bytes) -> pyfuse3.EntryAttributes:
-        parts = (*await self._dir(parent), name)
-        rec, data = await parent.client.lookup(parts, SMALL)
-        attr = self._entry(parent, parts, rec)
+    async def lookup(self, parent: int, name: bytes) -> Attrs:
+        ref = self._ref(parent)
+        parts = (*await self._dir(ref), name)
+        rec, data = await ref.client.lookup(parts, SMALL)
+        attr = self._entry(ref, parts, rec)
         if data is not None and len(data) == rec.size:
             self._small[attr.st_ino] = data
         return attr
 
-    async def getattr(self, ref: RemoteRef) -> pyfuse3.EntryAttributes:
+    async def getattr(self, ino: int) -> Attrs:
+        ref = self._ref(ino)
         eid = ref.ino & inodes.EID_MASK
         f = None if ref.root is not None else self._files.get(_file_key(ref.client, eid))
         if f is not None and f.gone is not None:  # unlinked here while open: its handles' own
@@ -296,7 +341,8 @@ class RemoteStores:
         _, rec = await self.resolve(ref)
         return self.attrs(ref.ino, ref.client, rec)
 
-    async def setattr(self, ref: RemoteRef, attr: Any, fields: Any) -> pyfuse3.EntryAttributes:
+    async def setattr(self, ino: int, attr: Any, fields: Any) -> Attrs:
+        ref = self._ref(ino)
         parts, rec = await self.resolve(ref)
         client = ref.client
         fresh: Record | None = None
@@ -328,36 +374,44 @@ class RemoteStores:
             self._remember(ref.ino, parts, rec)
         return self.attrs(ref.ino, client, rec)
 
-    async def readlink(self, ref: RemoteRef) -> bytes:
+    async def readlink(self, ino: int) -> bytes:
+        ref = self._ref(ino)
         _, rec = await self.resolve(ref)
         if rec.kind != SYMLINK:
             raise FUSEError(errno.EINVAL)
         return rec.target
 
     async def make(
+        self, parent: int, name: bytes, kind: int, mode: int, ctx: Any, target: bytes = b""
+    ) -> Attrs:
+        return await self._make(self._ref(parent), name, kind, mode, ctx, target)
+
+    async def _make(
         self, parent: RemoteRef, name: bytes, kind: int, mode: int, ctx: Any, target: bytes = b""
-    ) -> pyfuse3.EntryAttributes:
+    ) -> Attrs:
         parts = (*await self._dir(parent), name)
         rec = await parent.client.create(parts, kind, stat.S_IMODE(mode), ctx.uid, ctx.gid, target)
         return self._entry(parent, parts, rec)
 
     async def create(
-        self, parent: RemoteRef, name: bytes, mode: int, ctx: Any
-    ) -> tuple[int, RemoteFileHandle, pyfuse3.EntryAttributes]:
-        attr = await self.make(parent, name, FILE, mode, ctx)
-        parts = (*await self._dir(parent), name)
+        self, parent: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[object, pyfuse3.FileInfo, Attrs]:
+        ref = self._ref(parent)
+        attr = await self._make(ref, name, FILE, mode, ctx)
+        parts = (*await self._dir(ref), name)
         eid = attr.st_ino & inodes.EID_MASK
-        f = self._open_file(parent.client, parent.segments, parts, eid, attr.st_ino)
-        return next(self._fh), RemoteFileHandle(f, writable=True), attr
+        f = self._open_file(ref.client, ref.segments, parts, eid, attr.st_ino)
+        return RemoteFileHandle(f, writable=True), pyfuse3.FileInfo(keep_cache=False), attr
 
-    async def remove(self, parent: RemoteRef, name: bytes, is_dir: bool) -> None:
-        parts = (*await self._dir(parent), name)
-        kept = [] if is_dir else await self._keep_open_content(parent.client, parts)
-        await parent.client.remove(parts, is_dir=is_dir)
+    async def remove(self, parent: int, name: bytes, is_dir: bool) -> None:
+        ref = self._ref(parent)
+        parts = (*await self._dir(ref), name)
+        kept = [] if is_dir else await self._keep_open_content(ref.client, parts)
+        await ref.client.remove(parts, is_dir=is_dir)
         _went(kept)
 
     async def _keep_open_content(
-        self, client: StoreClient, parts: Key
+        self, client: RemoteStore, parts: Key
     ) -> list[tuple[RemoteFile, Record, bytearray]]:
         """An entry about to go: handles open on it here keep what it held (its bytes and
         record, for _went once it is gone). Only what goes through this mount: the owner
@@ -372,8 +426,12 @@ class RemoteStores:
         return kept
 
     async def rename(
-        self, old: RemoteRef, name_old: bytes, new: RemoteRef, name_new: bytes, noreplace: bool
+        self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int
     ) -> None:
+        old, new = self._ref(parent_old), self._ref(parent_new)
+        if flags & RENAME_EXCHANGE:
+            raise FUSEError(errno.EINVAL)
+        noreplace = bool(flags & RENAME_NOREPLACE)
         if old.client is not new.client or old.alias != new.alias:
             raise FUSEError(errno.EXDEV)
         src = (*await self._dir(old), name_old)
@@ -387,7 +445,8 @@ class RemoteStores:
             if f.client is old.client and f.parts[: len(src)] == src:
                 f.parts = dst + f.parts[len(src) :]
 
-    async def opendir(self, ref: RemoteRef) -> tuple[int, RemoteDirHandle]:
+    async def opendir(self, ino: int) -> object:
+        ref = self._ref(ino)
         parts = await self._dir(ref)
         handle = RemoteDirHandle(ref, parts)
         for name, rec in await ref.client.children(parts):
@@ -395,14 +454,19 @@ class RemoteStores:
             self._remember(ino, (*parts, name), rec)
             handle.listing.append((ino, name, rec))
         handle.listing.sort()
-        return next(self._fh), handle
+        return handle
 
-    def readdir(self, handle: RemoteDirHandle, start_id: int, token: Any) -> None:
+    async def readdir(self, handle: Any, start_id: int, token: Any) -> None:
+        if not isinstance(handle, RemoteDirHandle):
+            raise FUSEError(errno.EBADF)
         listing = handle.listing
         for i in range(bisect_right(listing, (start_id, b"\xff" * 256)), len(listing)):
             ino, name, rec = listing[i]
             if not pyfuse3.readdir_reply(token, name, self.attrs(ino, handle.ref.client, rec), ino):
                 break
+
+    async def fsyncdir(self, handle: Any) -> None:
+        pass  # the owner's directories are on its disk once it answered
 
     # -- files -----------------------------------------------------------------------------
 
@@ -411,7 +475,7 @@ class RemoteStores:
             raise FUSEError(errno.EFBIG)
 
     def _open_file(
-        self, client: StoreClient, segments: tuple[str, ...], parts: Key, eid: int, ino: int
+        self, client: RemoteStore, segments: tuple[str, ...], parts: Key, eid: int, ino: int
     ) -> RemoteFile:
         key = _file_key(client, eid)
         f = self._files.get(key)
@@ -421,7 +485,8 @@ class RemoteStores:
         f.handles += 1
         return f
 
-    async def open(self, ref: RemoteRef, flags: int) -> tuple[int, RemoteFileHandle]:
+    async def open(self, ino: int, flags: int) -> tuple[object, pyfuse3.FileInfo]:
+        ref = self._ref(ino)
         f = None
         if ref.root is None:
             f = self._files.get(_file_key(ref.client, ref.ino & inodes.EID_MASK))
@@ -438,7 +503,7 @@ class RemoteStores:
         if flags & os.O_TRUNC and handle.writable:
             handle.file.buffer = bytearray()
             handle.file.changed()
-        return next(self._fh), handle
+        return handle, pyfuse3.FileInfo(keep_cache=handle.keep_cache)
 
     async def _open_anew(self, ref: RemoteRef, flags: int) -> RemoteFileHandle:
         """A file not open on this mount yet: what the owner says of it, or said < 1 s ago."""
@@ -487,24 +552,24 @@ class RemoteStores:
             f.buffer = bytearray(await f.client.read(f.eid, 0, rec.size))
         return f.buffer
 
-    async def read(self, h: RemoteFileHandle, off: int, size: int) -> bytes:
-        f = h.file
+    async def read(self, handle: RemoteFileHandle, off: int, size: int) -> bytes:
+        f = handle.file
         if f.buffer is not None:
             return bytes(f.buffer[off : off + size])
-        if h.data is not None:
-            return h.data[off : off + size]
+        if handle.data is not None:
+            return handle.data[off : off + size]
         return await f.client.read(f.eid, off, size)
 
-    async def write(self, h: RemoteFileHandle, off: int, data: bytes) -> int:
-        f = h.file
-        end = off + len(data)
+    async def write(self, handle: RemoteFileHandle, off: int, buf: bytes) -> int:
+        f = handle.file
+        end = off + len(buf)
         self._check_size(end)
-        buf = await self._load(f)
-        if off > len(buf):
-            buf.extend(bytes(off - len(buf)))
-        buf[off:end] = data
+        value = await self._load(f)
+        if off > len(value):
+            value.extend(bytes(off - len(value)))
+        value[off:end] = buf
         f.changed()
-        return len(data)
+        return len(buf)
 
     async def _commit(self, f: RemoteFile) -> None:
         """Send the bytes, on the owner's disk when this returns (what close and fsync
@@ -581,36 +646,36 @@ class RemoteStores:
             except (StoreError, FUSEError) as e:
                 self._drop(f, e, "at unmount")
 
-    async def flush(self, h: RemoteFileHandle) -> None:
+    async def flush(self, handle: RemoteFileHandle) -> None:
         """close(2) of a descriptor (every one, dup()'d ones too): the file's unsaved bytes
         go to the owner now; the close fails if it does not take them (they are dropped).
         Nothing unsaved: no call at all. A reader's close sends nothing and fails for
         nothing (as NFS): it is no writer's word that the bytes were taken."""
-        if not h.writable:
+        if not handle.writable:
             return
-        f = h.file
+        f = handle.file
         if f.dirty:
             try:
                 await self._commit(f)
             except (StoreError, FUSEError) as e:
                 errname = errno.errorcode.get(e.errno or errno.EIO, "EIO")
                 self._drop(f, e, f"close() returns {errname}")
-        self._report_lost(h)
+        self._report_lost(handle)
 
-    async def fsync(self, h: RemoteFileHandle) -> None:
+    async def fsync(self, handle: RemoteFileHandle) -> None:
         """A failure keeps the bytes: fsync may be tried again, and close reports it."""
-        f = h.file
+        f = handle.file
         if f.dirty:
             await self._commit(f)  # durable: the owner synced with the bytes
         else:
             await f.client.sync()
-        self._report_lost(h)
+        self._report_lost(handle)
 
-    async def release(self, h: RemoteFileHandle) -> None:
+    async def release(self, handle: RemoteFileHandle) -> None:
         """The last close of a handle (its FLUSH came before). Unsaved bytes here came after
         the last FLUSH of every handle (written through a shared mapping): sent, or dropped
         with a WARNING, as nobody is left to tell (the kernel ignores RELEASE's answer)."""
-        f = h.file
+        f = handle.file
         try:
             if f.handles <= 1 and f.dirty:
                 try:
@@ -625,10 +690,11 @@ class RemoteStores:
 
     # -- extended attributes ---------------------------------------------------------------
 
-    async def getxattr(self, domain: str, ref: RemoteRef, name: bytes) -> bytes:
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        ref = self._ref(ino)
         parts, rec = await self.resolve(ref)
         if name == b"user.dreki.urn":
-            return str(self.urn(domain, ref, parts)).encode("utf-8", "surrogateescape")
+            return str(self._urn(ref, parts)).encode("utf-8", "surrogateescape")
         if name == b"user.dreki.store":
             return ref.client.name.encode()
         if name == b"user.dreki.owner":
@@ -640,20 +706,25 @@ class RemoteStores:
             raise FUSEError(errno.ENODATA)
         return value
 
-    async def listxattr(self, ref: RemoteRef) -> list[bytes]:
+    async def listxattr(self, ino: int) -> list[bytes]:
+        ref = self._ref(ino)
         _, rec = await self.resolve(ref)
         return sorted(rec.xattrs)
 
-    async def setxattr(self, ref: RemoteRef, name: bytes, value: bytes) -> None:
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if not name.startswith(b"user."):
+            raise FUSEError(errno.EOPNOTSUPP)
+        ref = self._ref(ino)
         parts, rec = await self.resolve(ref)
         self._remember(ref.ino, parts, await ref.client.set_xattr(parts, rec.eid, name, value))
 
-    async def removexattr(self, ref: RemoteRef, name: bytes) -> None:
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        ref = self._ref(ino)
         parts, rec = await self.resolve(ref)
         self._remember(ref.ino, parts, await ref.client.remove_xattr(parts, rec.eid, name))
 
 
-def _file_key(client: StoreClient, eid: int) -> tuple[str, str, int]:
+def _file_key(client: RemoteStore, eid: int) -> tuple[str, str, int]:
     return (client.node, client.name, eid)
 
 
