@@ -27,7 +27,7 @@ import msgpack
 
 from .version import Version
 
-TOMBSTONE_GRACE = 7 * 86400.0  # seconds a delete of a global key is remembered (DESIGN §4)
+TOMBSTONE_GRACE = 7 * 86400.0  # seconds a global delete is remembered at least (docs/design.md §4)
 # The shortest grace taken: three anti-entropy intervals (20 s), so that every peer in contact
 # has exchanged since a delete before its tombstone may go (docs/design.md, "A delete stays").
 MIN_TOMBSTONE_GRACE = 60.0
