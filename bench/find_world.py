@@ -37,7 +37,11 @@ DOMAIN = "bench.drekifs.test"
 TOP_REGIONS = 10  # each holds SUB_REGIONS sub-regions and NODES_PER_REGION nodes
 SUB_REGIONS = 9  # each holds NODES_PER_REGION nodes: 10 + 10 * 9 = 100 regions
 NODES_PER_REGION = 10  # 100 regions * 10 = 1000 nodes
-STATUS_FILES = ("control", "pid", "requests", "stores", "world", "world-errors", "world.json")
+# What the daemon serves in .dreki/ (app wiring, _status_files): the walk must find exactly these.
+STATUS_FILES = (
+    *("cluster", "control", "members", "members.json", "pid", "replication", "requests"),
+    *("stores", "world", "world-errors", "world.json"),
+)
 
 TARGET_RATIO = 1.3  # drekifs within 1.3x of the floor
 PER_ENTRY_LIMIT = 0.01  # "no LOOKUP/GETATTR per entry": fewer than one per 100 entries

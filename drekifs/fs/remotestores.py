@@ -466,7 +466,9 @@ class RemoteStores:
                 break
 
     async def fsyncdir(self, handle: Any) -> None:
-        pass  # the owner's directories are on its disk once it answered
+        """On the owner's disk when this returns, as fsync of a directory here."""
+        if isinstance(handle, RemoteDirHandle):
+            await handle.ref.client.sync()
 
     # -- files -----------------------------------------------------------------------------
 

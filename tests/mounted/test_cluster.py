@@ -157,6 +157,8 @@ def test_remote_store_read_write_and_failure(cluster, tmp_path: Path) -> None:
     # B stopped, then killed: a request of A's waiting on B (until its call times out) does
     # not hold up A's other requests (fs/requestloop.py hands the reading on to another worker).
     b_pid = mounts["b"].pid  # read from B's mount: not while B is stopped
+    dir_fd = os.open(b_local_from_a / "dir", os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(dir_fd)  # a directory's fsync asks the owner: answered while it is up
     os.kill(b_pid, signal.SIGSTOP)
     try:
         stopped = time.monotonic()
@@ -186,6 +188,10 @@ def test_remote_store_read_write_and_failure(cluster, tmp_path: Path) -> None:
         (b_local_from_a / "dir" / "synced-not-cached-2").read_text()
     assert time.monotonic() - t0 < 2.5
     assert info.value.errno == errno.EHOSTDOWN
+    with pytest.raises(OSError) as info:
+        os.fsync(dir_fd)  # nobody to put it on disk: said, not pretended
+    assert info.value.errno == errno.EHOSTDOWN
+    os.close(dir_fd)
     wait_for(lambda: members(a)["b"] in ("suspect", "dead"), timeout=10, what="a suspects b")
     wait_for(lambda: members(a)["b"] == "dead", timeout=12, what="a marks b dead")
     assert time.monotonic() - killed < 12
