@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from drekifs.fs import requestloop
-from drekifs.fs.requestloop import PATROL_S, YIELD_EVERY_NS, Poller, ReaderSeat
+from drekifs.fs.requestloop import PATROL_S, YIELD_EVERY_NS, Poller, ReaderSeat, RequestLoop
 
 
 @pytest.fixture
@@ -210,23 +210,19 @@ async def _waits_then_fails() -> int:
 
 
 async def test_run_answers_a_request_that_does_not_wait() -> None:
-    seat = ReaderSeat()
-    requestloop._seat = seat
-    try:
-        assert await requestloop.run(_sync_value()) == 7
-        with pytest.raises(pyfuse3.FUSEError):
-            await requestloop.run(_sync_error())
-        with pytest.raises(pyfuse3.FUSEError):  # an error after the first wait
-            await requestloop.run(_waits_then_fails())
-    finally:
-        requestloop._seat = None
+    loop = RequestLoop()
+    assert await loop.run(_sync_value()) == 7
+    with pytest.raises(pyfuse3.FUSEError):
+        await loop.run(_sync_error())
+    with pytest.raises(pyfuse3.FUSEError):  # an error after the first wait
+        await loop.run(_waits_then_fails())
 
 
 async def test_run_hands_the_seat_on_when_a_request_waits(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    seat = ReaderSeat()
-    requestloop._seat = seat
+    loop = RequestLoop()
+    seat = loop.seat
     got: list[str] = []
     release = trio.Event()
 
@@ -238,28 +234,25 @@ async def test_run_hands_the_seat_on_when_a_request_waits(
         async with seat:
             got.append("standby reads")
 
-    try:
-        async with trio.open_nursery() as nursery:
-            async with seat:
-                nursery.start_soon(standby)
-                await trio.testing.wait_all_tasks_blocked()
-
-            async def worker() -> None:
-                got.append(await requestloop.run(slow_request()))
-
-            nursery.start_soon(worker)
+    async with trio.open_nursery() as nursery:
+        async with seat:
+            nursery.start_soon(standby)
             await trio.testing.wait_all_tasks_blocked()
-            assert got == ["standby reads"]  # while the slow request still waits
-            release.set()
-        assert got == ["standby reads", "done"]
 
-        # Cancelled while waiting: the cancellation reaches the request's own await.
-        with trio.CancelScope() as scope:
-            scope.cancel()
-            await requestloop.run(trio.sleep_forever())
-        assert scope.cancelled_caught
-    finally:
-        requestloop._seat = None
+        async def worker() -> None:
+            got.append(await loop.run(slow_request()))
+
+        nursery.start_soon(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["standby reads"]  # while the slow request still waits
+        release.set()
+    assert got == ["standby reads", "done"]
+
+    # Cancelled while waiting: the cancellation reaches the request's own await.
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await loop.run(trio.sleep_forever())
+    assert scope.cancelled_caught
 
 
 def test_resumed_passes_throw_and_close_to_the_coroutine() -> None:
@@ -273,43 +266,65 @@ def test_resumed_passes_throw_and_close_to_the_coroutine() -> None:
         finally:
             cleaned.append("finally")
 
-    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    coro = RequestLoop().run(waits())  # type: ignore[arg-type]
     assert coro.send(None) == "first"  # handed up, as to trio
     with pytest.raises(StopIteration) as done:
         coro.send("value")
     assert done.value.value == "got value" and cleaned == ["finally"]
 
-    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    coro = RequestLoop().run(waits())  # type: ignore[arg-type]
     coro.send(None)
     with pytest.raises(KeyError):
         coro.throw(KeyError("thrown"))
     assert cleaned == ["finally", "finally"]
 
-    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    coro = RequestLoop().run(waits())  # type: ignore[arg-type]
     coro.send(None)
     coro.close()
     assert cleaned == ["finally", "finally", "finally"]
 
 
-def test_install_puts_the_seat_and_the_poller_into_pyfuse3(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_install_puts_the_seat_and_the_poller_into_pyfuse3() -> None:
     assert pyfuse3.trio is trio
+    loop = requestloop.install(poll_us=50)
     try:
-        assert requestloop.install(poll_us=50)
+        assert loop is not None and loop.installed
         shim = pyfuse3.trio
-        assert shim is not trio
-        assert shim.Lock() is shim.Lock() is requestloop._seat  # pyfuse3 makes one
-        assert shim.lowlevel.wait_readable.__self__.poll_ns == 50_000
+        assert shim is loop.trio is not trio
+        assert shim.Lock() is shim.Lock() is loop.seat  # pyfuse3 makes one
+        assert shim.lowlevel.wait_readable.__self__ is loop.poller
+        assert loop.poller.poll_ns == 50_000
         # The rest is trio's own.
         assert shim.open_nursery is trio.open_nursery
         assert shim.ClosedResourceError is trio.ClosedResourceError
         assert shim.lowlevel.current_task is trio.lowlevel.current_task
         assert shim.lowlevel.notify_closing is trio.lowlevel.notify_closing
+        # pyfuse3.trio is one per process: a second loop is refused, the first stays.
+        with pytest.raises(RuntimeError, match="already"):
+            requestloop.install(poll_us=50)
+        assert pyfuse3.trio is loop.trio
     finally:
-        requestloop.uninstall()
-    assert pyfuse3.trio is trio and requestloop._seat is None
+        if loop is not None:
+            loop.uninstall()
+    assert pyfuse3.trio is trio and not loop.installed
+    loop.uninstall()  # not installed: nothing
+    assert pyfuse3.trio is trio
+    again = requestloop.install(poll_us=50)  # undone cleanly: another may go in
+    assert again is not None and again.installed
+    again.uninstall()
+    assert pyfuse3.trio is trio
 
+
+def test_install_leaves_a_pyfuse3_it_was_not_written_for_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(pyfuse3, "__version__", "4.0.0")
-    assert not requestloop.install(poll_us=50)  # a loop it was not written for: left alone
-    assert pyfuse3.trio is trio and requestloop._seat is None
+    assert requestloop.install(poll_us=50) is None
+    assert pyfuse3.trio is trio
+
+
+def test_install_leaves_another_trio_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    other = types.ModuleType("pyfuse3.asyncio")  # as pyfuse3.asyncio.enable() puts there
+    monkeypatch.setattr(pyfuse3, "trio", other)
+    assert requestloop.install(poll_us=50) is None
+    assert pyfuse3.trio is other

@@ -33,12 +33,13 @@ from ..stores.base import Key, Store
 from ..stores.keys import split_key
 from ..stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from ..urn import URN
-from . import inodes, requestloop
+from . import inodes
 from .attrs import metadata_changes, record_attrs
 from .files import OpenFile, OpenFiles
 from .invalidate import Invalidator
 from .namespace import Entry, Kind, Namespace, diff
 from .remote import RemoteDirHandle, RemoteFileHandle, RemoteStores
+from .requestloop import RequestLoop
 from .status import StatusFiles
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ def request(fn: F) -> F:
     async def handler(self: Operations, *args: Any) -> Any:
         self.counts[op] += 1
         try:
+            if self.request_loop is None:
+                return await fn(self, *args)
             # The request's coroutine, handing the seat on if it waits (~1,000 instructions
             # a request more than an inline copy of run(), which no test would reach).
-            return await requestloop.run(fn(self, *args))
+            return await self.request_loop.run(fn(self, *args))
         except FUSEError as e:
             if e.errno not in QUIET_ERRNOS and not isinstance(e, QuietError):
                 self.failed(op, args, e.errno, os.strerror(e.errno))
@@ -144,8 +147,11 @@ class Operations(pyfuse3.Operations):
         node: str | None = None,
         slots: inodes.StoreSlots | None = None,
         remote: RemoteStores | None = None,
+        *,
+        request_loop: RequestLoop | None = None,
     ) -> None:
         super().__init__()
+        self.request_loop = request_loop  # the daemon's, when installed (fs/requestloop.py)
         self.ns = namespace
         self.status = status
         self.data_dir = data_dir
