@@ -1,4 +1,5 @@
-"""pyfuse3's request loop as drekifs runs it: the reader seat, the poller, the hand-off.
+"""pyfuse3's request loop as drekifs runs it: the reader seat, the poller, the hand-off, and
+the pyfuse3 it goes into.
 
 Real pipes and trio; the mounted side (a request waiting on a stopped peer does not hold up
 the others) is in test_cluster.py. The seat's tests run on a mock clock that stands still, so
@@ -7,18 +8,29 @@ its patrol (which would hide a missing hand-off) fires only where a test moves t
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import subprocess
+import sys
 import time
+import tomllib
 import types
 from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
 import trio.testing
+from packaging.requirements import Requirement
 
 from drekifs.fs import requestloop
 from drekifs.fs.requestloop import PATROL_S, YIELD_EVERY_NS, Poller, ReaderSeat, RequestLoop
+
+from .conftest import force_unmount
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 @pytest.fixture
@@ -315,16 +327,112 @@ def test_install_puts_the_seat_and_the_poller_into_pyfuse3() -> None:
     assert pyfuse3.trio is trio
 
 
-def test_install_leaves_a_pyfuse3_it_was_not_written_for_alone(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("version", ["4.0.0", "3.5.1", "3.6.0", "3.2.3", "3.5"])
+def test_install_leaves_a_pyfuse3_it_was_not_checked_against_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, version: str
 ) -> None:
-    monkeypatch.setattr(pyfuse3, "__version__", "4.0.0")
-    assert requestloop.install(poll_us=50) is None
+    # 3.5.1 too: a later release of a supported series may rework the worker loop.
+    monkeypatch.setattr(pyfuse3, "__version__", version)
+    with caplog.at_level(logging.WARNING, logger=requestloop.__name__):
+        assert requestloop.install(poll_us=50) is None
     assert pyfuse3.trio is trio
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert f"pyfuse3 {version}: not a release" in record.getMessage()
+    assert "3.5.0" in record.getMessage()  # says which ones it was checked against
 
 
-def test_install_leaves_another_trio_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_leaves_another_trio_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     other = types.ModuleType("pyfuse3.asyncio")  # as pyfuse3.asyncio.enable() puts there
     monkeypatch.setattr(pyfuse3, "trio", other)
-    assert requestloop.install(poll_us=50) is None
+    with caplog.at_level(logging.WARNING, logger=requestloop.__name__):
+        assert requestloop.install(poll_us=50) is None
     assert pyfuse3.trio is other
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_the_installed_pyfuse3_is_one_the_loop_supports() -> None:
+    # Fails on an upgrade of pyfuse3 before its worker loop (internal.pxi) was read: the daemon
+    # would run on pyfuse3's own loop, 1.7-1.8x slower for a cp -a.
+    assert pyfuse3.__version__ in requestloop.SUPPORTED_PYFUSE3, (
+        f"pyfuse3 {pyfuse3.__version__}: read its worker loop (see fs/requestloop.py), then "
+        "add it to SUPPORTED_PYFUSE3 and to pyproject.toml's pin"
+    )
+
+
+def test_the_pin_admits_exactly_the_supported_releases() -> None:
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    [pin] = [Requirement(d) for d in deps if Requirement(d).name == "pyfuse3"]
+    for version in requestloop.SUPPORTED_PYFUSE3:
+        assert pin.specifier.contains(version, prereleases=False), version
+    # Around them: the release before the first, and whatever follows the last.
+    for version in ("3.2.3", "3.5.0.post1", "3.5.1", "3.6.0", "4.0.0"):
+        assert not pin.specifier.contains(version, prereleases=True), version
+
+
+# A pyfuse3 filesystem of one directory, in its own process (a FUSE server that stopped
+# answering would hang whoever stats it): mounts with the loop installed, counts the calls of
+# the loop's Lock and wait_readable, stats the mount, prints the counts.
+SEAM_SCRIPT = """
+import json, os, sys
+import pyfuse3, trio
+from drekifs.fs import requestloop
+
+class Root(pyfuse3.Operations):
+    async def getattr(self, inode, ctx=None):
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino, attr.st_mode, attr.st_nlink = inode, 0o40755, 2
+        return attr
+
+loop = requestloop.install(50)
+shim, calls = loop.trio, {"Lock": 0, "wait_readable": 0, "seat": 0}
+lock, wait = shim.Lock, shim.lowlevel.wait_readable
+
+def counted_lock():
+    calls["Lock"] += 1
+    return lock()
+
+async def counted_wait(fd):
+    calls["wait_readable"] += 1
+    calls["seat"] += loop.seat.taken  # waited on the seat: pyfuse3 holds its lock there
+    await wait(fd)
+
+shim.Lock, shim.lowlevel.wait_readable = counted_lock, counted_wait
+pyfuse3.init(Root(), sys.argv[1], set(pyfuse3.default_options))
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pyfuse3.main, requestloop.MIN_TASKS)
+        await trio.to_thread.run_sync(os.stat, sys.argv[1])
+        pyfuse3.terminate()
+
+try:
+    trio.run(main)
+finally:
+    pyfuse3.close()
+print(json.dumps(calls))
+"""
+
+
+@pytest.mark.mounted
+def test_pyfuse3s_workers_wait_through_the_installed_loop(tmp_path: Path) -> None:
+    # The seam itself, in the pyfuse3 installed: its workers find the loop's Lock and
+    # wait_readable through the module global trio, and wait on the fd holding the seat.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", SEAM_SCRIPT, str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    finally:
+        force_unmount(mnt)
+    calls = json.loads(out)
+    assert calls["Lock"] == 1  # one lock per session
+    assert calls["wait_readable"] >= 2  # the kernel's INIT, then the GETATTR of the stat
+    assert calls["seat"] == calls["wait_readable"]

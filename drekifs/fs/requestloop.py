@@ -25,6 +25,16 @@ pyfuse3 looks both up on its module global ``trio`` (the hook ``pyfuse3.asyncio`
 Measured with ``cp -a`` of 5,000 small files into the global store: 0.55-0.6x the wall time and
 0.6-0.65x the daemon's CPU of pyfuse3's own loop (bench/README.md).
 
+That global is a seam, not an API: :data:`SUPPORTED_PYFUSE3` lists the releases whose worker
+loop was read (sdists from PyPI; ``internal.pxi`` and ``__init__.pyx``, or ``pyfuse3.pyx`` in
+3.3.0): in each, ``_wait_fuse_readable`` holds ``worker_data.read_lock``, made by
+``trio.Lock()`` once per session, while it awaits ``trio.lowlevel.wait_readable(session_fd)``,
+and ``_session_loop`` ends a worker when more than ``min_tasks`` are idle; ``trio`` is the
+module's global, looked up at each use. 3.3.0 and 3.4.0 make the lock in ``init()``, 3.4.1 on
+at the first wait; both come after :func:`install`, which the daemon calls before ``init()``.
+On any other version :func:`install` returns None with a warning, and pyfuse3's own loop serves.
+docs/decisions.md ("A hook pyfuse3 would need") says what pyfuse3 would need to offer instead.
+
 The global is process-wide, and so is pyfuse3's session (one per process, in its module
 globals): a process has at most one loop installed. :func:`install` refuses a second one, and
 :meth:`RequestLoop.uninstall` gives pyfuse3 its own loop back for the next session.
@@ -44,9 +54,9 @@ import trio
 
 log = logging.getLogger(__name__)
 
-# pyfuse3 versions whose worker loop uses trio.Lock and trio.lowlevel.wait_readable as described
-# above (internal.pxi, 3.3.0 to 3.5.0 read); another keeps pyfuse3's own loop.
-KNOWN_PYFUSE3 = ("3.3.", "3.4.", "3.5.")
+# Exactly the pyfuse3 releases whose worker loop was read (every release from 3.3.0 to 3.5.0;
+# 3.4.1 was yanked, its loop is 3.4.2's): pyproject.toml's pin admits these only.
+SUPPORTED_PYFUSE3 = ("3.3.0", "3.4.0", "3.4.1", "3.4.2", "3.5.0")
 POLL_US = 100  # --poll-us's default: how long to poll /dev/fuse before sleeping
 MIN_TASKS = 1  # pyfuse3.main()'s default: a worker leaves when more than this many are idle
 PATROL_S = 0.1  # a parked worker checks this often that the seat was not left empty
@@ -235,22 +245,31 @@ class RequestLoop:
 
 
 def install(poll_us: int = POLL_US) -> RequestLoop | None:
-    """Put a new :class:`RequestLoop` into pyfuse3, before ``pyfuse3.init()`` (3.3 and 3.4 make
-    their lock there, 3.5 at the first read), and return it.
+    """Put a new :class:`RequestLoop` into pyfuse3, before ``pyfuse3.init()``, and return it.
 
-    None when this pyfuse3 is not one whose loop it was written for, or its ``trio`` is
-    another's (``pyfuse3.asyncio``): pyfuse3's own loop then serves. RuntimeError if a loop is
-    installed already (one per process).
+    None, logged as a warning, when this pyfuse3 is not a release its loop was read in
+    (:data:`SUPPORTED_PYFUSE3`) or its ``trio`` is another's (``pyfuse3.asyncio``): pyfuse3's
+    own loop then serves. RuntimeError if a loop is installed already (one per process).
     """
     version = getattr(pyfuse3, "__version__", "?")
-    if not version.startswith(KNOWN_PYFUSE3):
-        log.info("pyfuse3 %s: its own request loop (drekifs's is for 3.3 to 3.5)", version)
+    if version not in SUPPORTED_PYFUSE3:
+        log.warning(
+            "pyfuse3 %s: not a release drekifs's request loop was checked against (%s); "
+            "pyfuse3's own loop serves requests (1.7-1.8x the wall time of a cp -a)",
+            version,
+            ", ".join(SUPPORTED_PYFUSE3),
+        )
         return None
     current = getattr(pyfuse3, "trio", None)
     if isinstance(current, _Trio):
         raise RuntimeError("a request loop is installed in pyfuse3 already: one per process")
     if current is not trio:
-        log.info("pyfuse3 %s: its own request loop (its trio is %r)", version, current)
+        log.warning(
+            "pyfuse3 %s: its trio is %r (pyfuse3.asyncio?), not trio: pyfuse3's own loop "
+            "serves requests",
+            version,
+            current,
+        )
         return None
     loop = RequestLoop(poll_us)
     pyfuse3.trio = loop.trio  # type: ignore[attr-defined]
