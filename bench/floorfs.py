@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.drekifs_loop:
         from drekifs.fs import requestloop  # the same code and default as `drekifs mount`
 
-        if not requestloop.install(requestloop.POLL_US):
+        if requestloop.install(requestloop.POLL_US) is None:
             raise SystemExit("floorfs: this pyfuse3 does not take drekifs's request loop")
 
     kind = WritableFloorFS if args.writable else FloorFS

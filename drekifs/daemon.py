@@ -233,6 +233,8 @@ class Daemon:
 
             remote = RemoteStores(self.node, self.peer.client_of, config.max_local_value)
             self.peer.on_remote_change = remote.changed
+        # Before init: pyfuse3 3.3.0 and 3.4.0 make their worker lock there.
+        loop = requestloop.install(config.poll_us)
         self.ops = ops = Operations(
             ns,
             status,
@@ -242,6 +244,7 @@ class Daemon:
             self.node,
             slots,
             remote,
+            request_loop=loop,
         )
 
         options = set(pyfuse3.default_options)
@@ -249,7 +252,6 @@ class Daemon:
         if os.getuid() == 0:
             options.add("allow_other")  # others may read, as permission bits say
         options |= set(config.fuse_options)
-        requestloop.install(config.poll_us)  # before init: pyfuse3 3.3 and 3.4 lock there
         try:
             pyfuse3.init(ops, str(config.mountpoint), options)
         except RuntimeError as e:

@@ -9,21 +9,35 @@ where most nodes run, both cost more than most of our handlers (measured on the 
   round trip between two processes takes 64-94 us there, 18-29 us when the server polls.
   ``cp -a`` and ``tar`` make their requests one after the other, so they pay it on each one.
 - ``trio.Lock`` passes through the scheduler on every acquire (~11 us), and pyfuse3's two idle
-  workers hand it to each other on every request: another pass.
+  workers hand the lock to each other on every request: another pass.
 
 pyfuse3 looks both up on its module global ``trio`` (the hook ``pyfuse3.asyncio`` uses), so
-:func:`install` puts there a module that is trio but for two names:
+:func:`install` puts there a module that is trio but for two names, both a :class:`RequestLoop`'s:
 
 - ``Lock``: a :class:`ReaderSeat`. The worker that read a request takes the seat back when it
   comes for the next one; the others stay parked. When a request has to wait (an RPC to another
-  peer, an fsync), :func:`handoff`, called by the request wrapper, gives the seat to a parked
-  worker at once, so one slow request never holds up the others.
+  peer, an fsync), :meth:`RequestLoop.run`, which the request wrapper awaits, gives the seat to a
+  parked worker at once, so one slow request never holds up the others.
 - ``lowlevel.wait_readable``: :meth:`Poller.wait_readable` polls the fd for up to ``poll_us``
   before sleeping in trio, while polling pays, and yields to the other tasks at least every
   ``YIELD_EVERY_NS``.
 
 Measured with ``cp -a`` of 5,000 small files into the global store: 0.55-0.6x the wall time and
 0.6-0.65x the daemon's CPU of pyfuse3's own loop (bench/README.md).
+
+That global is a seam, not an API: :data:`SUPPORTED_PYFUSE3` lists the releases whose worker
+loop was read (sdists from PyPI; ``internal.pxi`` and ``__init__.pyx``, or ``pyfuse3.pyx`` in
+3.3.0): in each, ``_wait_fuse_readable`` holds ``worker_data.read_lock``, made by
+``trio.Lock()`` once per session, while it awaits ``trio.lowlevel.wait_readable(session_fd)``,
+and ``_session_loop`` ends a worker when more than ``min_tasks`` are idle; ``trio`` is the
+module's global, looked up at each use. 3.3.0 and 3.4.0 make the lock in ``init()``, 3.4.1 on
+at the first wait; both come after :func:`install`, which the daemon calls before ``init()``.
+On any other version :func:`install` returns None with a warning, and pyfuse3's own loop serves.
+docs/decisions.md ("A hook pyfuse3 would need") says what pyfuse3 would need to offer instead.
+
+The global is process-wide, and so is pyfuse3's session (one per process, in its module
+globals): a process has at most one loop installed. :func:`install` refuses a second one, and
+:meth:`RequestLoop.uninstall` gives pyfuse3 its own loop back for the next session.
 """
 
 from __future__ import annotations
@@ -35,13 +49,14 @@ import types
 from collections.abc import Coroutine, Generator
 from typing import Any
 
+import pyfuse3
 import trio
 
 log = logging.getLogger(__name__)
 
-# pyfuse3 versions whose worker loop uses trio.Lock and trio.lowlevel.wait_readable as described
-# above (internal.pxi, 3.3.0 to 3.5.0 read); another keeps pyfuse3's own loop.
-KNOWN_PYFUSE3 = ("3.3.", "3.4.", "3.5.")
+# Exactly the pyfuse3 releases whose worker loop was read (every release from 3.3.0 to 3.5.0;
+# 3.4.1 was yanked, its loop is 3.4.2's): pyproject.toml's pin admits these only.
+SUPPORTED_PYFUSE3 = ("3.3.0", "3.4.0", "3.4.1", "3.4.2", "3.5.0")
 POLL_US = 100  # --poll-us's default: how long to poll /dev/fuse before sleeping
 MIN_TASKS = 1  # pyfuse3.main()'s default: a worker leaves when more than this many are idle
 PATROL_S = 0.1  # a parked worker checks this often that the seat was not left empty
@@ -52,7 +67,6 @@ YIELD_EVERY_NS = 2_000_000  # polling never keeps the other trio tasks waiting l
 HIT_RATE_TO_POLL = 0.5
 HIT_WINDOW = 16
 
-_seat: ReaderSeat | None = None
 _SENT = object()  # Resumed's first value was handed on
 
 
@@ -146,52 +160,6 @@ class Poller:
         self.hit_rate += (hit - self.hit_rate) / HIT_WINDOW
 
 
-def _trio_with(**names: Any) -> types.ModuleType:
-    """A module that is ``trio`` but for ``names`` (``lowlevel`` likewise for its own)."""
-    lowlevel = types.ModuleType("trio.lowlevel")
-    lowlevel.__dict__.update(vars(trio.lowlevel))
-    lowlevel.__dict__.update(names.pop("lowlevel", {}))
-    shim = types.ModuleType("trio")
-    shim.__dict__.update(vars(trio))
-    shim.__dict__.update(names, lowlevel=lowlevel)
-    return shim
-
-
-def install(poll_us: int) -> bool:
-    """Put the seat and the poller into pyfuse3, before ``pyfuse3.init()`` (3.3 and 3.4 make
-    their lock there, 3.5 at the first read); False when this pyfuse3 is not one whose loop
-    they were written for (it then keeps its own)."""
-    global _seat
-    import pyfuse3
-
-    version = getattr(pyfuse3, "__version__", "?")
-    if getattr(pyfuse3, "trio", None) is not trio or not version.startswith(KNOWN_PYFUSE3):
-        log.info("pyfuse3 %s: its own request loop (drekifs's is for 3.3 to 3.5)", version)
-        return False
-    seat = ReaderSeat()
-    poller = Poller(poll_us)
-    pyfuse3.trio = _trio_with(  # type: ignore[attr-defined]
-        Lock=lambda: seat, lowlevel={"wait_readable": poller.wait_readable}
-    )
-    _seat = seat
-    return True
-
-
-def uninstall() -> None:
-    """pyfuse3's own loop again (tests; a daemon keeps its loop until it exits)."""
-    global _seat
-    import pyfuse3
-
-    pyfuse3.trio = trio  # type: ignore[attr-defined]
-    _seat = None
-
-
-def handoff() -> None:
-    """The request being handled waits for something: let another worker read the next ones."""
-    if _seat is not None:
-        _seat.handoff()
-
-
 class Resumed:
     """Awaits a coroutine that already yielded ``first``: the rest of ``await coro``."""
 
@@ -224,11 +192,85 @@ class Resumed:
         self.coro.close()
 
 
-async def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """``await coro``, handing the seat on if the coroutine waits instead of returning at once."""
-    try:
-        signal = coro.send(None)
-    except StopIteration as done:
-        return done.value
-    handoff()
-    return await Resumed(coro, signal)
+class _Trio(types.ModuleType):
+    """The ``trio`` a :class:`RequestLoop` puts into pyfuse3 (its type tells install it is one)."""
+
+
+def _trio_with(**names: Any) -> _Trio:
+    """A module that is ``trio`` but for ``names`` (``lowlevel`` likewise for its own)."""
+    lowlevel = types.ModuleType("trio.lowlevel")
+    lowlevel.__dict__.update(vars(trio.lowlevel))
+    lowlevel.__dict__.update(names.pop("lowlevel", {}))
+    shim = _Trio("trio")
+    shim.__dict__.update(vars(trio))
+    shim.__dict__.update(names, lowlevel=lowlevel)
+    return shim
+
+
+class RequestLoop:
+    """A reader seat and a poller, and the ``trio`` that hands them to pyfuse3's workers.
+
+    :func:`install` makes one and puts it into pyfuse3; one made directly is not installed (its
+    :meth:`run` then hands the seat to nobody: tests, and ``bench/handlers.py``, which measures
+    the request wrapper as a daemon runs it).
+    """
+
+    def __init__(self, poll_us: int = POLL_US, min_tasks: int = MIN_TASKS) -> None:
+        self.seat = ReaderSeat(min_tasks)
+        self.poller = Poller(poll_us)
+        # pyfuse3 calls Lock() once per session: every session of this loop sits on its seat.
+        self.trio = _trio_with(
+            Lock=lambda: self.seat, lowlevel={"wait_readable": self.poller.wait_readable}
+        )
+
+    @property
+    def installed(self) -> bool:
+        return pyfuse3.trio is self.trio  # type: ignore[attr-defined]
+
+    def uninstall(self) -> None:
+        """pyfuse3's own loop from the next ``pyfuse3.init()`` on (a session already started
+        keeps the seat it took: call this between sessions). Nothing if not installed."""
+        if self.installed:
+            pyfuse3.trio = trio  # type: ignore[attr-defined]
+
+    async def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """``await coro``, handing the seat on if the coroutine waits instead of returning at
+        once (the request wrapper's await: a handler that waits lets another worker read)."""
+        try:
+            signal = coro.send(None)
+        except StopIteration as done:
+            return done.value
+        self.seat.handoff()
+        return await Resumed(coro, signal)
+
+
+def install(poll_us: int = POLL_US) -> RequestLoop | None:
+    """Put a new :class:`RequestLoop` into pyfuse3, before ``pyfuse3.init()``, and return it.
+
+    None, logged as a warning, when this pyfuse3 is not a release its loop was read in
+    (:data:`SUPPORTED_PYFUSE3`) or its ``trio`` is another's (``pyfuse3.asyncio``): pyfuse3's
+    own loop then serves. RuntimeError if a loop is installed already (one per process).
+    """
+    version = getattr(pyfuse3, "__version__", "?")
+    if version not in SUPPORTED_PYFUSE3:
+        log.warning(
+            "pyfuse3 %s: not a release drekifs's request loop was checked against (%s); "
+            "pyfuse3's own loop serves requests (1.7-1.8x the wall time of a cp -a)",
+            version,
+            ", ".join(SUPPORTED_PYFUSE3),
+        )
+        return None
+    current = getattr(pyfuse3, "trio", None)
+    if isinstance(current, _Trio):
+        raise RuntimeError("a request loop is installed in pyfuse3 already: one per process")
+    if current is not trio:
+        log.warning(
+            "pyfuse3 %s: its trio is %r (pyfuse3.asyncio?), not trio: pyfuse3's own loop "
+            "serves requests",
+            version,
+            current,
+        )
+        return None
+    loop = RequestLoop(poll_us)
+    pyfuse3.trio = loop.trio  # type: ignore[attr-defined]
+    return loop

@@ -1,4 +1,5 @@
-"""pyfuse3's request loop as drekifs runs it: the reader seat, the poller, the hand-off.
+"""pyfuse3's request loop as drekifs runs it: the reader seat, the poller, the hand-off, and
+the pyfuse3 it goes into.
 
 Real pipes and trio; the mounted side (a request waiting on a stopped peer does not hold up
 the others) is in mounted/test_cluster.py. The seat's tests run on a mock clock that stands
@@ -8,18 +9,29 @@ clock.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import subprocess
+import sys
 import time
+import tomllib
 import types
 from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
 import trio.testing
+from packaging.requirements import Requirement
 
 from drekifs.fs import requestloop
-from drekifs.fs.requestloop import PATROL_S, YIELD_EVERY_NS, Poller, ReaderSeat
+from drekifs.fs.requestloop import PATROL_S, YIELD_EVERY_NS, Poller, ReaderSeat, RequestLoop
+
+from .conftest import force_unmount
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 @pytest.fixture
@@ -211,23 +223,19 @@ async def _waits_then_fails() -> int:
 
 
 async def test_run_answers_a_request_that_does_not_wait() -> None:
-    seat = ReaderSeat()
-    requestloop._seat = seat
-    try:
-        assert await requestloop.run(_sync_value()) == 7
-        with pytest.raises(pyfuse3.FUSEError):
-            await requestloop.run(_sync_error())
-        with pytest.raises(pyfuse3.FUSEError):  # an error after the first wait
-            await requestloop.run(_waits_then_fails())
-    finally:
-        requestloop._seat = None
+    loop = RequestLoop()
+    assert await loop.run(_sync_value()) == 7
+    with pytest.raises(pyfuse3.FUSEError):
+        await loop.run(_sync_error())
+    with pytest.raises(pyfuse3.FUSEError):  # an error after the first wait
+        await loop.run(_waits_then_fails())
 
 
 async def test_run_hands_the_seat_on_when_a_request_waits(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    seat = ReaderSeat()
-    requestloop._seat = seat
+    loop = RequestLoop()
+    seat = loop.seat
     got: list[str] = []
     release = trio.Event()
 
@@ -239,28 +247,25 @@ async def test_run_hands_the_seat_on_when_a_request_waits(
         async with seat:
             got.append("standby reads")
 
-    try:
-        async with trio.open_nursery() as nursery:
-            async with seat:
-                nursery.start_soon(standby)
-                await trio.testing.wait_all_tasks_blocked()
-
-            async def worker() -> None:
-                got.append(await requestloop.run(slow_request()))
-
-            nursery.start_soon(worker)
+    async with trio.open_nursery() as nursery:
+        async with seat:
+            nursery.start_soon(standby)
             await trio.testing.wait_all_tasks_blocked()
-            assert got == ["standby reads"]  # while the slow request still waits
-            release.set()
-        assert got == ["standby reads", "done"]
 
-        # Cancelled while waiting: the cancellation reaches the request's own await.
-        with trio.CancelScope() as scope:
-            scope.cancel()
-            await requestloop.run(trio.sleep_forever())
-        assert scope.cancelled_caught
-    finally:
-        requestloop._seat = None
+        async def worker() -> None:
+            got.append(await loop.run(slow_request()))
+
+        nursery.start_soon(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["standby reads"]  # while the slow request still waits
+        release.set()
+    assert got == ["standby reads", "done"]
+
+    # Cancelled while waiting: the cancellation reaches the request's own await.
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await loop.run(trio.sleep_forever())
+    assert scope.cancelled_caught
 
 
 def test_resumed_passes_throw_and_close_to_the_coroutine() -> None:
@@ -274,43 +279,161 @@ def test_resumed_passes_throw_and_close_to_the_coroutine() -> None:
         finally:
             cleaned.append("finally")
 
-    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    coro = RequestLoop().run(waits())  # type: ignore[arg-type]
     assert coro.send(None) == "first"  # handed up, as to trio
     with pytest.raises(StopIteration) as done:
         coro.send("value")
     assert done.value.value == "got value" and cleaned == ["finally"]
 
-    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    coro = RequestLoop().run(waits())  # type: ignore[arg-type]
     coro.send(None)
     with pytest.raises(KeyError):
         coro.throw(KeyError("thrown"))
     assert cleaned == ["finally", "finally"]
 
-    coro = requestloop.run(waits())  # type: ignore[arg-type]
+    coro = RequestLoop().run(waits())  # type: ignore[arg-type]
     coro.send(None)
     coro.close()
     assert cleaned == ["finally", "finally", "finally"]
 
 
-def test_install_puts_the_seat_and_the_poller_into_pyfuse3(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_install_puts_the_seat_and_the_poller_into_pyfuse3() -> None:
     assert pyfuse3.trio is trio
+    loop = requestloop.install(poll_us=50)
     try:
-        assert requestloop.install(poll_us=50)
+        assert loop is not None and loop.installed
         shim = pyfuse3.trio
-        assert shim is not trio
-        assert shim.Lock() is shim.Lock() is requestloop._seat  # pyfuse3 makes one
-        assert shim.lowlevel.wait_readable.__self__.poll_ns == 50_000
+        assert shim is loop.trio is not trio
+        assert shim.Lock() is shim.Lock() is loop.seat  # pyfuse3 makes one
+        assert shim.lowlevel.wait_readable.__self__ is loop.poller
+        assert loop.poller.poll_ns == 50_000
         # The rest is trio's own.
         assert shim.open_nursery is trio.open_nursery
         assert shim.ClosedResourceError is trio.ClosedResourceError
         assert shim.lowlevel.current_task is trio.lowlevel.current_task
         assert shim.lowlevel.notify_closing is trio.lowlevel.notify_closing
+        # pyfuse3.trio is one per process: a second loop is refused, the first stays.
+        with pytest.raises(RuntimeError, match="already"):
+            requestloop.install(poll_us=50)
+        assert pyfuse3.trio is loop.trio
     finally:
-        requestloop.uninstall()
-    assert pyfuse3.trio is trio and requestloop._seat is None
+        if loop is not None:
+            loop.uninstall()
+    assert pyfuse3.trio is trio and not loop.installed
+    loop.uninstall()  # not installed: nothing
+    assert pyfuse3.trio is trio
+    again = requestloop.install(poll_us=50)  # undone cleanly: another may go in
+    assert again is not None and again.installed
+    again.uninstall()
+    assert pyfuse3.trio is trio
 
-    monkeypatch.setattr(pyfuse3, "__version__", "4.0.0")
-    assert not requestloop.install(poll_us=50)  # a loop it was not written for: left alone
-    assert pyfuse3.trio is trio and requestloop._seat is None
+
+@pytest.mark.parametrize("version", ["4.0.0", "3.5.1", "3.6.0", "3.2.3", "3.5"])
+def test_install_leaves_a_pyfuse3_it_was_not_checked_against_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, version: str
+) -> None:
+    # 3.5.1 too: a later release of a supported series may rework the worker loop.
+    monkeypatch.setattr(pyfuse3, "__version__", version)
+    with caplog.at_level(logging.WARNING, logger=requestloop.__name__):
+        assert requestloop.install(poll_us=50) is None
+    assert pyfuse3.trio is trio
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert f"pyfuse3 {version}: not a release" in record.getMessage()
+    assert "3.5.0" in record.getMessage()  # says which ones it was checked against
+
+
+def test_install_leaves_another_trio_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = types.ModuleType("pyfuse3.asyncio")  # as pyfuse3.asyncio.enable() puts there
+    monkeypatch.setattr(pyfuse3, "trio", other)
+    with caplog.at_level(logging.WARNING, logger=requestloop.__name__):
+        assert requestloop.install(poll_us=50) is None
+    assert pyfuse3.trio is other
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_the_installed_pyfuse3_is_one_the_loop_supports() -> None:
+    # Fails on an upgrade of pyfuse3 before its worker loop (internal.pxi) was read: the daemon
+    # would run on pyfuse3's own loop, 1.7-1.8x slower for a cp -a.
+    assert pyfuse3.__version__ in requestloop.SUPPORTED_PYFUSE3, (
+        f"pyfuse3 {pyfuse3.__version__}: read its worker loop (see fs/requestloop.py), then "
+        "add it to SUPPORTED_PYFUSE3 and to pyproject.toml's pin"
+    )
+
+
+def test_the_pin_admits_exactly_the_supported_releases() -> None:
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    [pin] = [Requirement(d) for d in deps if Requirement(d).name == "pyfuse3"]
+    for version in requestloop.SUPPORTED_PYFUSE3:
+        assert pin.specifier.contains(version, prereleases=False), version
+    # Around them: the release before the first, and whatever follows the last.
+    for version in ("3.2.3", "3.5.0.post1", "3.5.1", "3.6.0", "4.0.0"):
+        assert not pin.specifier.contains(version, prereleases=True), version
+
+
+# A pyfuse3 filesystem of one directory, in its own process (a FUSE server that stopped
+# answering would hang whoever stats it): mounts with the loop installed, counts the calls of
+# the loop's Lock and wait_readable, stats the mount, prints the counts.
+SEAM_SCRIPT = """
+import json, os, sys
+import pyfuse3, trio
+from drekifs.fs import requestloop
+
+class Root(pyfuse3.Operations):
+    async def getattr(self, inode, ctx=None):
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino, attr.st_mode, attr.st_nlink = inode, 0o40755, 2
+        return attr
+
+loop = requestloop.install(50)
+shim, calls = loop.trio, {"Lock": 0, "wait_readable": 0, "seat": 0}
+lock, wait = shim.Lock, shim.lowlevel.wait_readable
+
+def counted_lock():
+    calls["Lock"] += 1
+    return lock()
+
+async def counted_wait(fd):
+    calls["wait_readable"] += 1
+    calls["seat"] += loop.seat.taken  # waited on the seat: pyfuse3 holds its lock there
+    await wait(fd)
+
+shim.Lock, shim.lowlevel.wait_readable = counted_lock, counted_wait
+pyfuse3.init(Root(), sys.argv[1], set(pyfuse3.default_options))
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pyfuse3.main, requestloop.MIN_TASKS)
+        await trio.to_thread.run_sync(os.stat, sys.argv[1])
+        pyfuse3.terminate()
+
+try:
+    trio.run(main)
+finally:
+    pyfuse3.close()
+print(json.dumps(calls))
+"""
+
+
+@pytest.mark.mounted
+def test_pyfuse3s_workers_wait_through_the_installed_loop(tmp_path: Path) -> None:
+    # The seam itself, in the pyfuse3 installed: its workers find the loop's Lock and
+    # wait_readable through the module global trio, and wait on the fd holding the seat.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", SEAM_SCRIPT, str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    finally:
+        force_unmount(mnt)
+    calls = json.loads(out)
+    assert calls["Lock"] == 1  # one lock per session
+    assert calls["wait_readable"] >= 2  # the kernel's INIT, then the GETATTR of the stat
+    assert calls["seat"] == calls["wait_readable"]
