@@ -9,11 +9,8 @@ clock.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
-import sys
 import time
 import tomllib
 import types
@@ -29,9 +26,7 @@ from packaging.requirements import Requirement
 from drekifs.fs import requestloop
 from drekifs.fs.requestloop import PATROL_S, YIELD_EVERY_NS, Poller, ReaderSeat, RequestLoop
 
-from .conftest import force_unmount
-
-PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 @pytest.fixture
@@ -376,64 +371,3 @@ def test_the_pin_admits_exactly_the_supported_releases() -> None:
 # A pyfuse3 filesystem of one directory, in its own process (a FUSE server that stopped
 # answering would hang whoever stats it): mounts with the loop installed, counts the calls of
 # the loop's Lock and wait_readable, stats the mount, prints the counts.
-SEAM_SCRIPT = """
-import json, os, sys
-import pyfuse3, trio
-from drekifs.fs import requestloop
-
-class Root(pyfuse3.Operations):
-    async def getattr(self, inode, ctx=None):
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino, attr.st_mode, attr.st_nlink = inode, 0o40755, 2
-        return attr
-
-loop = requestloop.install(50)
-shim, calls = loop.trio, {"Lock": 0, "wait_readable": 0, "seat": 0}
-lock, wait = shim.Lock, shim.lowlevel.wait_readable
-
-def counted_lock():
-    calls["Lock"] += 1
-    return lock()
-
-async def counted_wait(fd):
-    calls["wait_readable"] += 1
-    calls["seat"] += loop.seat.taken  # waited on the seat: pyfuse3 holds its lock there
-    await wait(fd)
-
-shim.Lock, shim.lowlevel.wait_readable = counted_lock, counted_wait
-pyfuse3.init(Root(), sys.argv[1], set(pyfuse3.default_options))
-
-async def main():
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pyfuse3.main, requestloop.MIN_TASKS)
-        await trio.to_thread.run_sync(os.stat, sys.argv[1])
-        pyfuse3.terminate()
-
-try:
-    trio.run(main)
-finally:
-    pyfuse3.close()
-print(json.dumps(calls))
-"""
-
-
-@pytest.mark.mounted
-def test_pyfuse3s_workers_wait_through_the_installed_loop(tmp_path: Path) -> None:
-    # The seam itself, in the pyfuse3 installed: its workers find the loop's Lock and
-    # wait_readable through the module global trio, and wait on the fd holding the seat.
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", SEAM_SCRIPT, str(mnt)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-    finally:
-        force_unmount(mnt)
-    calls = json.loads(out)
-    assert calls["Lock"] == 1  # one lock per session
-    assert calls["wait_readable"] >= 2  # the kernel's INIT, then the GETATTR of the stat
-    assert calls["seat"] == calls["wait_readable"]
