@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyfuse3
 import trio
 
-from drekifs.cli import demo_zone
+from drekifs.app.cli import demo_zone
 from drekifs.cluster.replication import Replication
 from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.fs.namespace import ROOT_INODE, Namespace

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-import drekifs.daemon
-from drekifs import cli, config
-from drekifs.daemon import MountConfig
+import drekifs.app.daemon
+from drekifs.app import cli, config
+from drekifs.app.daemon import MountConfig
 from drekifs.fs import requestloop
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -31,7 +31,7 @@ def mounted(monkeypatch: pytest.MonkeyPatch) -> list[MountConfig]:
         seen.append(mc)
         return 0
 
-    monkeypatch.setattr(drekifs.daemon, "mount", fake_mount)
+    monkeypatch.setattr(drekifs.app.daemon, "mount", fake_mount)
     return seen
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from drekifs.app.daemon import control_socket_path
 from drekifs.cluster.keyring import KeyRing, KeyRingError
-from drekifs.daemon import control_socket_path
 from drekifs.datadir import DataDirError, private_dir, tighten
 
 from .conftest import drekifs, force_unmount, free_port, is_mounted, wait_for

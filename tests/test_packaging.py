@@ -111,7 +111,7 @@ def test_mount_helper_mounts_from_a_config_file(tmp_path: Path) -> None:
 
 
 def test_the_sample_config_is_valid() -> None:
-    from drekifs import config
+    from drekifs.app import config
 
     values = config.load(PACKAGING / "drekifs.toml")
     # What the unit and the fstab line assume: /dreki, this node's data in /var/lib/drekifs.

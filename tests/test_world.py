@@ -31,7 +31,7 @@ def kinds(world: model.World) -> list[str]:
 
 
 def test_demo_world_is_the_drawing() -> None:
-    from drekifs.cli import demo_zone
+    from drekifs.app.cli import demo_zone
 
     world = world_from_zone(demo_zone())
     assert world.domain == "inf.random.sh"

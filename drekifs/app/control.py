@@ -27,8 +27,8 @@ from typing import Any
 
 import msgpack
 
-from .stores.record import DIR, FILE, KIND_NAMES, StoreError
-from .urn import URN, URNError
+from ..stores.record import DIR, FILE, KIND_NAMES, StoreError
+from ..urn import URN, URNError
 
 log = logging.getLogger(__name__)
 

@@ -114,7 +114,7 @@ def _stores(value: Any, base: Path) -> list[str]:
 
 
 def _dns(value: Any, base: Path) -> list[str]:
-    from .world.sources import parse_server
+    from ..world.sources import parse_server
 
     servers = _strings(value, base)
     for s in servers:

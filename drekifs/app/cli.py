@@ -14,8 +14,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .stores.record import TOMBSTONE_GRACE
-from .urn import URN, URNError, check_key_part
+from ..stores.record import TOMBSTONE_GRACE
+from ..urn import URN, URNError, check_key_part
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
@@ -61,8 +61,8 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
 
 
 def source_config(args: argparse.Namespace):
-    from .world.sources import parse_server
-    from .world.watch import SourceConfig
+    from ..world.sources import parse_server
+    from ..world.watch import SourceConfig
 
     world = args.world.lower().rstrip(".") if args.world else None
     zone = args.zone
@@ -134,7 +134,7 @@ def poll_us(text: str) -> int:
 
 
 def store_name(text: str) -> str:
-    from .urn import is_valid_store_name
+    from ..urn import is_valid_store_name
 
     if not is_valid_store_name(text) or text in ("global", "local"):
         raise argparse.ArgumentTypeError(
@@ -154,9 +154,9 @@ def _usage(message: str) -> int:
 def cmd_world(args: argparse.Namespace) -> int:
     import trio
 
-    from .world.render import render_errors, render_json, render_tree
-    from .world.resolve import SourceError
-    from .world.watch import fetch_world
+    from ..world.render import render_errors, render_json, render_tree
+    from ..world.resolve import SourceError
+    from ..world.watch import fetch_world
 
     config = source_config(args)
     try:
@@ -239,8 +239,8 @@ def mount_config(args: argparse.Namespace):
     config = source_config(args)
     if args.data_dir is None:
         args.data_dir = default_data_dir(config.domain, config.zone, args.node)
-    from .stores.keys import MAX_GLOBAL_VALUE
-    from .stores.record import MIN_TOMBSTONE_GRACE
+    from ..stores.keys import MAX_GLOBAL_VALUE
+    from ..stores.record import MIN_TOMBSTONE_GRACE
 
     options = [o for opt in args.o or [] for o in opt.split(",") if o]
     if args.tombstone_grace < MIN_TOMBSTONE_GRACE:
@@ -286,7 +286,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from .cluster.keyring import KeyRing
+    from ..cluster.keyring import KeyRing
 
     path = Path(args.file)
     if path.exists() and not args.force:
@@ -300,7 +300,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_keyring(args: argparse.Namespace) -> int:
     """Rotation, one step at a time, on the key ring file (peers reload it within seconds)."""
-    from .cluster.keyring import KeyRing, KeyRingError
+    from ..cluster.keyring import KeyRing, KeyRingError
 
     try:
         ring = KeyRing.load(args.file)
@@ -324,7 +324,7 @@ def cmd_keyring(args: argparse.Namespace) -> int:
 
 
 def _one_id(args: argparse.Namespace) -> str:
-    from .cluster.keyring import KeyRingError
+    from ..cluster.keyring import KeyRingError
 
     if not args.id:
         raise KeyRingError(f"'{args.action}' needs a key id")

@@ -20,17 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import control, datadir
-from .fs.inodes import StoreSlots
-from .fs.namespace import MAX_PATHS
-from .fs.requestloop import POLL_US
-from .stores.lmdbstore import LmdbStore
-from .stores.record import TOMBSTONE_GRACE
-from .stores.version import HybridClock
-from .world.model import SOURCE, TOO_LARGE, World
-from .world.resolve import SourceError
-from .world.snapshot import Snapshot
-from .world.watch import SourceConfig
+from .. import datadir
+from ..fs.inodes import StoreSlots
+from ..fs.namespace import MAX_PATHS
+from ..fs.requestloop import POLL_US
+from ..stores.lmdbstore import LmdbStore
+from ..stores.record import TOMBSTONE_GRACE
+from ..stores.version import HybridClock
+from ..world.model import SOURCE, TOO_LARGE, World
+from ..world.resolve import SourceError
+from ..world.snapshot import Snapshot
+from ..world.watch import SourceConfig
+from . import control
 
 log = logging.getLogger("drekifs")
 
@@ -209,11 +210,11 @@ class Daemon:
         import pyfuse3
         import trio
 
-        from . import logs
-        from .fs import requestloop
-        from .fs.namespace import Namespace
-        from .fs.operations import Operations
-        from .world.watch import WorldWatcher
+        from .. import logs
+        from ..fs import requestloop
+        from ..fs.namespace import Namespace
+        from ..fs.operations import Operations
+        from ..world.watch import WorldWatcher
 
         config = self.config
         self.watcher = watcher = WorldWatcher(config.source, config.data_dir, self._world_changed)
@@ -229,7 +230,7 @@ class Daemon:
         slots = StoreSlots(config.data_dir / "stores" / "slots.json")
         remote = None
         if self.peer is not None and self.node is not None:
-            from .fs.remote import RemoteStores
+            from ..fs.remote import RemoteStores
 
             remote = RemoteStores(self.node, slots, self.peer.client_of, config.max_local_value)
             self.peer.on_remote_change = remote.changed
@@ -342,9 +343,9 @@ class Daemon:
             return None
         if self.node is None or world.nodes[self.node].address is None:
             raise MountError(f"node {self.node} has no _node._dreki SRV record: it cannot listen")
-        from . import __version__
-        from .cluster.keyring import KeyRingError
-        from .cluster.peer import Peer
+        from .. import __version__
+        from ..cluster.keyring import KeyRingError
+        from ..cluster.peer import Peer
 
         local = self.stores["local"]
         try:
@@ -388,8 +389,8 @@ class Daemon:
         return node.name
 
     def _status_files(self):
-        from .fs import status
-        from .world.render import render_errors, render_json, render_tree
+        from ..fs import status
+        from ..world.render import render_errors, render_json, render_tree
 
         files = status.StatusFiles()
         memo: dict[str, tuple[Snapshot, bytes]] = {}
@@ -440,7 +441,7 @@ class Daemon:
             log.error("this node, %s, is no longer in the world", self.node)
 
     def _rebuild_namespace(self, changed: tuple[str, ...], snap: Snapshot | None = None) -> None:
-        from .fs.namespace import Namespace
+        from ..fs.namespace import Namespace
 
         snap = snap or self.watcher.snapshot
         ns = Namespace(snap, self.ops.status.names(), self._node_stores, self.started_ns)
@@ -449,7 +450,7 @@ class Daemon:
     async def _serve(self, nursery) -> None:
         import pyfuse3
 
-        from .fs import requestloop
+        from ..fs import requestloop
 
         await pyfuse3.main(min_tasks=requestloop.MIN_TASKS)
         # main() returns when the kernel ends the session: somebody unmounted us.
