@@ -12,6 +12,7 @@ import pytest
 import drekifs.app.daemon
 from drekifs.app import cli, config
 from drekifs.app.daemon import MountConfig
+from drekifs.app.options import parse_server
 from drekifs.fs import requestloop
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -288,3 +289,16 @@ def test_limits_past_what_replication_takes_are_refused(
 
 def test_the_largest_global_value_is_taken(tmp_path: Path, mounted: list[MountConfig]) -> None:
     assert mount("--max-global-value", "3932160", tmp_path) == 0
+
+
+def test_parse_server() -> None:
+    assert parse_server("127.0.0.1") == ("127.0.0.1", 53)
+    assert parse_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert parse_server("[::1]:5353") == ("::1", 5353)
+    assert parse_server("::1") == ("::1", 53)
+    for bad in ("host:0", "host:x", ":53"):
+        try:
+            parse_server(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)

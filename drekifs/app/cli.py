@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..stores.record import TOMBSTONE_GRACE
 from ..urn import URN, URNError, check_key_part
+from .options import LOG_LEVELS, parse_duration, parse_server, parse_size, poll_us, store_name
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
@@ -61,7 +62,6 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
 
 
 def source_config(args: argparse.Namespace):
-    from ..world.sources import parse_server
     from ..world.watch import SourceConfig
 
     world = args.world.lower().rstrip(".") if args.world else None
@@ -86,61 +86,6 @@ def source_config(args: argparse.Namespace):
         max_refresh=args.max_refresh,
         poll=args.min_refresh,
     )
-
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """12, 64k, 1M, 1MiB, 2G: bytes."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = t[-1:] if t[-1:] in _UNITS else ""
-    number = t[: len(t) - len(unit)]
-    if not number.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 1048576, 64k, 1MiB)")
-    return int(number) * _UNITS[unit]
-
-
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``12h``, ``7d``: seconds."""
-    t = text.strip().lower()
-    unit = t[-1:] if t[-1:] in _SECONDS else "s"
-    number = t[:-1] if t[-1:] in _SECONDS else t
-    try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration (e.g. 7d, 12h, 90s)"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration is not negative")
-    return value * _SECONDS[unit]
-
-
-MAX_POLL_US = 10_000
-
-
-def poll_us(text: str) -> int:
-    """Microseconds of polling, 0 to 10,000 (a longer poll only burns CPU)."""
-    t = text.strip().lower().removesuffix("us")
-    if not t.isdigit() or int(t) > MAX_POLL_US:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a poll time (microseconds, 0 to {MAX_POLL_US:,})"
-        )
-    return int(t)
-
-
-def store_name(text: str) -> str:
-    from ..urn import is_valid_store_name
-
-    if not is_valid_store_name(text) or text in ("global", "local"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a store name ([a-z0-9][a-z0-9_-]*, not global or local)"
-        )
-    return text
 
 
 def _usage(message: str) -> int:
@@ -193,9 +138,6 @@ def default_data_dir(world: str | None, zone: Path | None, node: str | None) -> 
     )
     world_part = world or (zone.stem if zone else "world")
     return base / world_part / (node.replace("/", "_") if node else "default")
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _defer_defaults(p: argparse.ArgumentParser) -> None:
