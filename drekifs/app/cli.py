@@ -332,14 +332,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _default_mount() -> Path:
-    from .daemon import drekifs_mounts
+    from .mounts import drekifs_mounts
 
     mounts = drekifs_mounts()
     return Path(next(iter(mounts))) if mounts else Path("/dreki")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from .daemon import MountError, unmount
+    from .mounts import unmount
+    from .service import MountError
 
     try:
         message = unmount(Path(args.mountpoint), timeout=args.timeout)
@@ -409,7 +410,7 @@ def cmd_urn(args: argparse.Namespace) -> int:
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    from .daemon import drekifs_mounts
+    from .mounts import drekifs_mounts
 
     try:
         urn = URN.parse(args.urn)
@@ -427,7 +428,7 @@ def cmd_path(args: argparse.Namespace) -> int:
 def control_socket(urn: URN, socket_path: str | None, mount: str | None) -> str:
     """The control socket of the daemon serving ``urn``'s world: given, or that of the mount
     given, or that of the only mount of that world on this machine."""
-    from .daemon import drekifs_mounts
+    from .mounts import drekifs_mounts
 
     if socket_path:
         return socket_path
