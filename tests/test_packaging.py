@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from drekifs.app import config
+
 from .conftest import DREKIFS
 
 PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
@@ -111,8 +113,6 @@ def test_mount_helper_mounts_from_a_config_file(tmp_path: Path) -> None:
 
 
 def test_the_sample_config_is_valid() -> None:
-    from drekifs.app import config
-
     values = config.load(PACKAGING / "drekifs.toml")
     # What the unit and the fstab line assume: /dreki, this node's data in /var/lib/drekifs.
     assert values["mountpoint"] == "/dreki"

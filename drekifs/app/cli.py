@@ -8,15 +8,29 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..stores.record import TOMBSTONE_GRACE
+from ..cluster.keyring import KeyRing, KeyRingError
+from ..stores.keys import MAX_GLOBAL_VALUE
+from ..stores.record import MIN_TOMBSTONE_GRACE, TOMBSTONE_GRACE
 from ..urn import URN, URNError, check_key_part
+from ..world.render import render_errors, render_json, render_tree
+from ..world.resolve import SourceError
+from .config import ConfigError, default_path, load
+from .control import ControlError, call
+from .mounts import drekifs_mounts, unmount
 from .options import LOG_LEVELS, parse_duration, parse_server, parse_size, poll_us, store_name
+from .service import MountError
+
+if TYPE_CHECKING:
+    from ..world.watch import SourceConfig
+    from .daemon import MountConfig
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
@@ -61,7 +75,10 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def source_config(args: argparse.Namespace):
+def source_config(args: argparse.Namespace) -> SourceConfig:
+    """The world's source, from the world options of ``drekifs mount`` and ``drekifs world``."""
+    # Here, not at the top: world.watch loads trio and dnspython, 110-130 ms of start-up that
+    # every other command would pay (python -X importtime).
     from ..world.watch import SourceConfig
 
     world = args.world.lower().rstrip(".") if args.world else None
@@ -97,10 +114,9 @@ def _usage(message: str) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
+    # Here, not at the top: trio and dnspython, 110-130 ms for every other command.
     import trio
 
-    from ..world.render import render_errors, render_json, render_tree
-    from ..world.resolve import SourceError
     from ..world.watch import fetch_world
 
     config = source_config(args)
@@ -156,8 +172,6 @@ def apply_config(args: argparse.Namespace) -> None:
     """Fill the mount options not given on the command line from the config file (--config,
     else $DREKIFS_CONFIG or /etc/drekifs/drekifs.toml when present), then from the built-in
     defaults. A bad config file is a usage error."""
-    from .config import ConfigError, default_path, load
-
     path = args.config or default_path()
     try:
         from_file = load(path) if path is not None else {}
@@ -171,8 +185,10 @@ def apply_config(args: argparse.Namespace) -> None:
             setattr(args, dest, from_file.get(dest, default))
 
 
-def mount_config(args: argparse.Namespace):
+def mount_config(args: argparse.Namespace) -> MountConfig:
     """The MountConfig of ``drekifs mount`` ARGS: command line, then config file, then defaults."""
+    # Here, not at the top: the daemon loads pyfuse3, trio, LMDB and the cluster, 150-200 ms
+    # that every other command would pay (python -X importtime).
     from .daemon import MountConfig
 
     apply_config(args)
@@ -181,9 +197,6 @@ def mount_config(args: argparse.Namespace):
     config = source_config(args)
     if args.data_dir is None:
         args.data_dir = default_data_dir(config.domain, config.zone, args.node)
-    from ..stores.keys import MAX_GLOBAL_VALUE
-    from ..stores.record import MIN_TOMBSTONE_GRACE
-
     options = [o for opt in args.o or [] for o in opt.split(",") if o]
     if args.tombstone_grace < MIN_TOMBSTONE_GRACE:
         raise SystemExit(
@@ -222,14 +235,13 @@ def mount_config(args: argparse.Namespace):
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .daemon import mount
+    # Here, not at the top: 150-200 ms, as in mount_config.
+    from . import daemon
 
-    return mount(mount_config(args))
+    return daemon.mount(mount_config(args))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from ..cluster.keyring import KeyRing
-
     path = Path(args.file)
     if path.exists() and not args.force:
         print(f"drekifs: {path} exists (--force to replace it)", file=sys.stderr)
@@ -242,8 +254,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_keyring(args: argparse.Namespace) -> int:
     """Rotation, one step at a time, on the key ring file (peers reload it within seconds)."""
-    from ..cluster.keyring import KeyRing, KeyRingError
-
     try:
         ring = KeyRing.load(args.file)
         if args.action == "add":
@@ -266,8 +276,6 @@ def cmd_keyring(args: argparse.Namespace) -> int:
 
 
 def _one_id(args: argparse.Namespace) -> str:
-    from ..cluster.keyring import KeyRingError
-
     if not args.id:
         raise KeyRingError(f"'{args.action}' needs a key id")
     return args.id
@@ -275,8 +283,6 @@ def _one_id(args: argparse.Namespace) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Members, stores, replication and world errors of a running daemon, at a glance."""
-    import json
-
     mountpoint = Path(args.mountpoint) if args.mountpoint else _default_mount()
     status = mountpoint / ".dreki"
     try:
@@ -332,16 +338,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _default_mount() -> Path:
-    from .mounts import drekifs_mounts
-
     mounts = drekifs_mounts()
     return Path(next(iter(mounts))) if mounts else Path("/dreki")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from .mounts import unmount
-    from .service import MountError
-
     try:
         message = unmount(Path(args.mountpoint), timeout=args.timeout)
     except MountError as e:
@@ -410,8 +411,6 @@ def cmd_urn(args: argparse.Namespace) -> int:
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    from .mounts import drekifs_mounts
-
     try:
         urn = URN.parse(args.urn)
     except URNError as e:
@@ -428,8 +427,6 @@ def cmd_path(args: argparse.Namespace) -> int:
 def control_socket(urn: URN, socket_path: str | None, mount: str | None) -> str:
     """The control socket of the daemon serving ``urn``'s world: given, or that of the mount
     given, or that of the only mount of that world on this machine."""
-    from .mounts import drekifs_mounts
-
     if socket_path:
         return socket_path
     if mount is None:
@@ -450,8 +447,6 @@ def control_socket(urn: URN, socket_path: str | None, mount: str | None) -> str:
 
 def cmd_store(args: argparse.Namespace) -> int:
     """get, put, rm and ls against a running daemon."""
-    from .control import ControlError, call
-
     try:
         urn = URN.parse(args.urn)
         sock = control_socket(urn, args.socket, args.mount)

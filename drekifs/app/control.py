@@ -101,6 +101,8 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
 
 async def serve(path: Path, handle: Callable[[dict], Awaitable[dict]]) -> None:
     """Serve the socket until cancelled; one task per connection."""
+    # Here, not at the top: drekifs get/put/rm/ls use this module's client, and trio would
+    # cost each of them 65-85 ms of start-up (python -X importtime).
     import trio
 
     path.unlink(missing_ok=True)
