@@ -238,6 +238,16 @@ def documented() -> dict[str, str]:
     return dict(rows)
 
 
+def test_every_mount_option_is_deferred() -> None:
+    """Each option but --config parses to None when not given, its own default kept apart:
+    how a flag given wins over the file, and the file over the default."""
+    p = mount_parser()
+    dests = {a.dest for a in p._actions if a.dest not in ("help", "config")}
+    assert set(p.get_default("mount_defaults")) == dests
+    assert all(p.get_default(dest) is None for dest in dests)
+    assert p.get_default("mount_defaults")["cache_timeout"] == 3600.0
+
+
 def test_docs_list_exactly_the_options() -> None:
     docs = documented()
     actions = {

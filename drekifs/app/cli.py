@@ -158,14 +158,11 @@ def default_data_dir(world: str | None, zone: Path | None, node: str | None) -> 
 
 def _defer_defaults(p: argparse.ArgumentParser) -> None:
     """Make the options' defaults None, so that a flag given can be told from one not given;
-    the built-in defaults go to ``args.mount_defaults``, used when the config file is silent."""
-    defaults = {}
-    for action in p._actions:
-        if action.dest in ("help", "config") or action.default is argparse.SUPPRESS:
-            continue
-        defaults[action.dest] = action.default
-        action.default = None
-    p.set_defaults(mount_defaults=defaults)
+    the built-in defaults go to ``args.mount_defaults``, used when the config file is silent.
+    (An empty command line parses to every option's default: all of them, by public API.)"""
+    defaults = vars(p.parse_args([]))
+    del defaults["config"]
+    p.set_defaults(**dict.fromkeys(defaults), mount_defaults=defaults)
 
 
 def apply_config(args: argparse.Namespace) -> None:
