@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyfuse3
 import trio
 
-from drekifs.cli import demo_zone
+from drekifs.app.cli import demo_zone
 from drekifs.cluster.replication import Replication
 from drekifs.fs.namespace import ROOT_INODE, Namespace
 from drekifs.fs.operations import Operations

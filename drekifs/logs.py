@@ -22,6 +22,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 INTERVAL = 10.0  # seconds: at most one line, plus one summary, per key and interval
 MAX_KEYS = 1000  # keys remembered; beyond, the oldest intervals are summarized early
 SUMMARY_EVERY = 1.0  # seconds between two passes of summarize()
@@ -111,8 +113,6 @@ class LogLimiter:
 async def summarize(every: float = SUMMARY_EVERY) -> None:
     """Write the summaries of ended intervals, once every ``every`` seconds (run by the
     daemon; cancel to stop: then every pending summary is written)."""
-    import trio
-
     try:
         while True:
             await trio.sleep(every)

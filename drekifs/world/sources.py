@@ -124,23 +124,6 @@ def world_from_zone(path: str | os.PathLike, world: str | None = None, **kw) -> 
 # -- DNS servers --------------------------------------------------------------------------------
 
 
-def parse_server(text: str) -> tuple[str, int]:
-    """HOST, HOST:PORT, [V6]:PORT or a bare IPv6 address."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":") or "53"
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, "53"
-    if not host:
-        raise ValueError(f"DNS server {text!r} has no host")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"DNS server {text!r}: bad port {port!r}")
-    return host, int(port)
-
-
 def system_servers() -> list[tuple[str, int]]:
     try:
         resolver = dns.resolver.Resolver()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from drekifs import control
+from drekifs.app import control
 
 from ..conftest import Shell, drekifs, free_port, wait_for
 from ..worlds import Zone

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from drekifs.daemon import drekifs_mounts, is_stale
+from drekifs.app.mounts import drekifs_mounts, is_stale
 
 from ..conftest import DREKIFS, drekifs, force_unmount, is_mounted, wait_for
 from ..worlds import BROKEN_VALID_PATHS, broken_world, small_world

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-import drekifs.daemon
-from drekifs import cli, config
-from drekifs.daemon import MountConfig
+import drekifs.app.daemon
+from drekifs.app import cli, config
+from drekifs.app.daemon import MountConfig
+from drekifs.app.options import parse_server
 from drekifs.fs import requestloop
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -31,7 +32,7 @@ def mounted(monkeypatch: pytest.MonkeyPatch) -> list[MountConfig]:
         seen.append(mc)
         return 0
 
-    monkeypatch.setattr(drekifs.daemon, "mount", fake_mount)
+    monkeypatch.setattr(drekifs.app.daemon, "mount", fake_mount)
     return seen
 
 
@@ -237,6 +238,16 @@ def documented() -> dict[str, str]:
     return dict(rows)
 
 
+def test_every_mount_option_is_deferred() -> None:
+    """Each option but --config parses to None when not given, its own default kept apart:
+    how a flag given wins over the file, and the file over the default."""
+    p = mount_parser()
+    dests = {a.dest for a in p._actions if a.dest not in ("help", "config")}
+    assert set(p.get_default("mount_defaults")) == dests
+    assert all(p.get_default(dest) is None for dest in dests)
+    assert p.get_default("mount_defaults")["cache_timeout"] == 3600.0
+
+
 def test_docs_list_exactly_the_options() -> None:
     docs = documented()
     actions = {
@@ -288,3 +299,16 @@ def test_limits_past_what_replication_takes_are_refused(
 
 def test_the_largest_global_value_is_taken(tmp_path: Path, mounted: list[MountConfig]) -> None:
     assert mount("--max-global-value", "3932160", tmp_path) == 0
+
+
+def test_parse_server() -> None:
+    assert parse_server("127.0.0.1") == ("127.0.0.1", 53)
+    assert parse_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert parse_server("[::1]:5353") == ("::1", 5353)
+    assert parse_server("::1") == ("::1", 53)
+    for bad in ("host:0", "host:x", ":53"):
+        try:
+            parse_server(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from drekifs.daemon import control_socket_path
+from drekifs.app.control import control_socket_path
 from drekifs.datadir import DataDirError, private_dir, tighten
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from drekifs.app import config
+
 PACKAGING = Path(__file__).resolve().parents[2] / "packaging"
 
 
 def test_the_sample_config_is_valid() -> None:
-    from drekifs import config
 
     values = config.load(PACKAGING / "drekifs.toml")
     # What the unit and the fstab line assume: /dreki, this node's data in /var/lib/drekifs.

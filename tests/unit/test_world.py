@@ -9,10 +9,11 @@ import dns.zone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drekifs.app.cli import demo_zone
 from drekifs.world import model, snapshot
 from drekifs.world.render import render_errors, render_json, render_tree
 from drekifs.world.resolve import SourceError, resolve_sync
-from drekifs.world.sources import ZoneAnswers, parse_server, world_from_zone
+from drekifs.world.sources import ZoneAnswers, world_from_zone
 
 from ..worlds import BROKEN_VALID_PATHS, Zone, broken_world, small_world
 
@@ -31,8 +32,6 @@ def kinds(world: model.World) -> list[str]:
 
 
 def test_demo_world_is_the_drawing() -> None:
-    from drekifs.cli import demo_zone
-
     world = world_from_zone(demo_zone())
     assert world.domain == "inf.random.sh"
     assert world.errors == []
@@ -171,19 +170,6 @@ def test_zone_file_errors_are_source_errors(tmp_path: Path) -> None:
     except SourceError as e:
         assert "--world" in str(e)
     assert world_from_zone(no_origin, "given.test").domain == "given.test"
-
-
-def test_parse_server() -> None:
-    assert parse_server("127.0.0.1") == ("127.0.0.1", 53)
-    assert parse_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
-    assert parse_server("[::1]:5353") == ("::1", 5353)
-    assert parse_server("::1") == ("::1", 53)
-    for bad in ("host:0", "host:x", ":53"):
-        try:
-            parse_server(bad)
-        except ValueError:
-            continue
-        raise AssertionError(bad)
 
 
 def test_json_round_trip_and_render() -> None:

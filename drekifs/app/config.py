@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .options import LOG_LEVELS, parse_duration, parse_server, parse_size, poll_us, store_name
+
 DEFAULT_PATH = Path("/etc/drekifs/drekifs.toml")
 ENV_VAR = "DREKIFS_CONFIG"
 
@@ -89,33 +91,17 @@ def _arg(
     return check
 
 
-def _size(value: Any, base: Path) -> int:
-    from .cli import parse_size
-
-    return _arg(parse_size, 'a size (like 1048576 or "1MiB")')(value, base)
-
-
-def _duration(value: Any, base: Path) -> float:
-    from .cli import parse_duration
-
-    return _arg(parse_duration, 'a duration (seconds, or like "7d")', fractions=True)(value, base)
-
-
-def _poll_us(value: Any, base: Path) -> int:
-    from .cli import poll_us
-
-    return _arg(poll_us, "microseconds (an integer)")(value, base)
+_size = _arg(parse_size, 'a size (like 1048576 or "1MiB")')
+_duration = _arg(parse_duration, 'a duration (seconds, or like "7d")', fractions=True)
+_poll_us = _arg(poll_us, "microseconds (an integer)")
+_store = _arg(store_name, "a store name")
 
 
 def _stores(value: Any, base: Path) -> list[str]:
-    from .cli import store_name
-
-    return [_arg(store_name, "a store name")(v, base) for v in _strings(value, base)]
+    return [_store(v, base) for v in _strings(value, base)]
 
 
 def _dns(value: Any, base: Path) -> list[str]:
-    from .world.sources import parse_server
-
     servers = _strings(value, base)
     for s in servers:
         parse_server(s)  # ValueError with the reason
@@ -123,8 +109,6 @@ def _dns(value: Any, base: Path) -> list[str]:
 
 
 def _log_level(value: Any, base: Path) -> str:
-    from .cli import LOG_LEVELS
-
     level = _string(value, base).upper()
     if level not in LOG_LEVELS:
         raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")

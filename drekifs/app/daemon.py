@@ -1,45 +1,48 @@
-"""The daemon's life: load the world, mount, serve, follow the world, unmount.
+"""The daemon's wiring: the world watcher, the stores, the peer, the namespace and the FUSE
+operations, put together and run in one trio nursery until unmounted.
 
-``drekifs mount`` forks (before any trio or FUSE state exists) and returns only when the child
-has proved the mount serves requests, by reading ``.dreki/pid`` through the kernel. The child
-then runs until unmounted: by ``drekifs umount`` / ``umount`` (the session ends and it exits) or
-by SIGTERM, SIGINT or SIGHUP (it unmounts itself). ``drekifs umount`` waits for it to exit.
+``mount`` makes the mount point and the data directory, then serves attached or in the
+background (app/service.py), returning once the mount serves requests: proved by reading
+``.dreki/pid`` through the kernel. The daemon then runs until unmounted: by ``drekifs umount`` /
+``umount`` (the session ends and it exits) or by SIGTERM, SIGINT or SIGHUP (it unmounts itself).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import control, datadir
-from .fs.inodes import StoreSlots
-from .fs.namespace import MAX_PATHS
-from .fs.requestloop import POLL_US
-from .stores.lmdbstore import LmdbStore
-from .stores.record import TOMBSTONE_GRACE
-from .stores.version import HybridClock
-from .world.model import SOURCE, TOO_LARGE, World
-from .world.resolve import SourceError
-from .world.snapshot import Snapshot
-from .world.watch import SourceConfig
+import pyfuse3
+import trio
+
+from .. import __version__, datadir, logs
+from ..cluster.keyring import KeyRingError
+from ..cluster.peer import Peer
+from ..fs import requestloop
+from ..fs.inodes import StoreSlots
+from ..fs.namespace import MAX_PATHS, Namespace
+from ..fs.operations import Operations
+from ..fs.remotestores import RemoteStores
+from ..fs.status import StatusFiles, counters_text, pid_text, stores_text
+from ..stores.lmdbstore import LmdbStore
+from ..stores.record import TOMBSTONE_GRACE
+from ..stores.version import HybridClock
+from ..world.model import SOURCE, TOO_LARGE, World
+from ..world.render import render_errors, render_json, render_tree
+from ..world.resolve import SourceError
+from ..world.snapshot import Snapshot
+from ..world.watch import SourceConfig, WorldWatcher
+from . import control, service
+from .mounts import prepare_mountpoint
+from .service import MountError, Ready
 
 log = logging.getLogger("drekifs")
-
-FS_TYPE = "fuse.drekifs"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-class MountError(Exception):
-    """Mounting cannot go on; the message says why, for the user."""
 
 
 @dataclass
@@ -58,133 +61,10 @@ class MountConfig:
     max_local_value: int = 64 << 20
     keyring: Path | None = None  # without one, this peer runs alone
     tombstone_grace: float = TOMBSTONE_GRACE
-    poll_us: int = POLL_US  # fs/requestloop.py: how long to poll /dev/fuse before sleeping
-
-
-# -- mount table ---------------------------------------------------------------------------------
-
-
-def _unescape_mountinfo(text: str) -> str:
-    return (
-        text.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
-
-
-def drekifs_mounts() -> dict[str, str]:
-    """Mount point -> source (the world's domain) of every drekifs mount of this machine."""
-    out: dict[str, str] = {}
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] == FS_TYPE:
-                    out[_unescape_mountinfo(parts[1])] = _unescape_mountinfo(parts[0])
-    except OSError:
-        pass
-    return out
-
-
-def is_stale(mountpoint: Path) -> bool:
-    """A mount whose daemon is gone. stat() alone can be answered from the kernel's cache;
-    listing the directory always asks the daemon."""
-    try:
-        os.stat(mountpoint)
-        if str(mountpoint) in drekifs_mounts():
-            os.listdir(mountpoint)
-    except OSError as e:
-        # ENOTCONN once the device is closed; ECONNABORTED on some kernels after an abort.
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
-
-
-def lazy_unmount(mountpoint: Path) -> None:
-    """Detach a mount whose daemon is gone ("Transport endpoint is not connected")."""
-    for cmd in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
-        try:
-            if subprocess.run(cmd, capture_output=True).returncode == 0:
-                return
-        except FileNotFoundError:
-            continue
-
-
-def daemon_pid(mountpoint: Path) -> int:
-    return int((mountpoint / ".dreki" / "pid").read_text().strip())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie nobody reaps (no init in a container) has exited all the same
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def unmount(mountpoint: Path, timeout: float = 60.0) -> str:
-    """Unmount cleanly and wait for the daemon to exit. Returns what was done."""
-    mountpoint = Path(os.path.abspath(mountpoint))
-    if is_stale(mountpoint):
-        lazy_unmount(mountpoint)
-        return f"{mountpoint}: the daemon was gone; stale mount removed"
-    if str(mountpoint) not in drekifs_mounts():
-        raise MountError(f"{mountpoint} is not a drekifs mount")
-    try:
-        pid = daemon_pid(mountpoint)
-    except (OSError, ValueError) as e:
-        raise MountError(f"{mountpoint}: cannot read the daemon's pid: {e}") from None
-    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
-    if result.returncode != 0:
-        if "busy" in result.stderr.lower():
-            raise MountError(f"{mountpoint} is busy: a process still uses it (see fuser -m)")
-        result = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            raise MountError(
-                f"{mountpoint} unmounted, but daemon {pid} still runs after {timeout}s"
-            )
-        time.sleep(0.02)
-    report = read_exit_report(pid)
-    if report:
-        raise MountError(
-            f"{mountpoint} unmounted, but daemon {pid} could not save everything:\n{report}"
-        )
-    return f"{mountpoint} unmounted; daemon {pid} exited"
+    poll_us: int = requestloop.POLL_US  # how long to poll /dev/fuse before sleeping
 
 
 # -- the daemon ----------------------------------------------------------------------------------
-
-
-def runtime_dirs() -> list[Path]:
-    """Where this uid's daemons put what cannot go in a data directory (a control socket whose
-    path would be too long, an exit report when the disk is full): ``$TMPDIR/drekifs-UID``,
-    then ``/tmp/drekifs-UID`` (without TMPDIR the same one)."""
-    name = f"drekifs-{os.getuid()}"
-    return list(
-        dict.fromkeys([Path(os.environ.get("TMPDIR") or "/tmp") / name, Path("/tmp") / name])
-    )
-
-
-def control_socket_path(data_dir: Path) -> Path:
-    """``<data-dir>/control.sock``, or, when that is too long for a socket, ``<pid>.sock`` in
-    the first runtime directory short enough: a directory this uid alone controls, checked
-    (datadir.private_dir). Raises DataDirError."""
-    path = data_dir / "control.sock"
-    if len(os.fsencode(path)) < 100:
-        return path
-    dirs = runtime_dirs()
-    short = next((d for d in dirs if len(os.fsencode(d)) <= 80), dirs[-1])  # /tmp's is short
-    return datadir.private_dir(short) / f"{os.getpid()}.sock"
 
 
 class Daemon:
@@ -198,23 +78,14 @@ class Daemon:
         self.external_unmount = False
         self.unsaved: list[str] = []  # what could not be saved at exit: the exit report
         try:
-            self.control_path = control_socket_path(config.data_dir)
+            self.control_path = control.control_socket_path(config.data_dir)
         except datadir.DataDirError as e:
             raise MountError(f"control socket: {e}") from None
         self.peer = None  # cluster.peer.Peer, with a key ring
         self.peer_error = False
         self._stores_seen: dict[str, tuple[str, ...]] = {}  # other nodes' stores, as announced
 
-    async def run(self, ready: Callable[[], None]) -> None:
-        import pyfuse3
-        import trio
-
-        from . import logs
-        from .fs import requestloop
-        from .fs.namespace import Namespace
-        from .fs.operations import Operations
-        from .world.watch import WorldWatcher
-
+    async def run(self, ready: Ready) -> None:
         config = self.config
         self.watcher = watcher = WorldWatcher(config.source, config.data_dir, self._world_changed)
         try:
@@ -229,8 +100,6 @@ class Daemon:
         slots = StoreSlots(config.data_dir / "stores" / "slots.json")
         remote = None
         if self.peer is not None and self.node is not None:
-            from .fs.remotestores import RemoteStores
-
             remote = RemoteStores(self.node, self.peer.client_of, config.max_local_value)
             self.peer.on_remote_change = remote.changed
         # Before init: pyfuse3 3.3.0 and 3.4.0 make their worker lock there.
@@ -337,17 +206,13 @@ class Daemon:
         theirs = self._stores_seen.get(node, ())
         return ("global", *sorted(set(theirs) | {"local"}))
 
-    def _make_peer(self, world: World):
+    def _make_peer(self, world: World) -> Peer | None:
         config = self.config
         if config.keyring is None:
             log.warning("no key ring (--keyring): this peer runs alone; other nodes are not served")
             return None
         if self.node is None or world.nodes[self.node].address is None:
             raise MountError(f"node {self.node} has no _node._dreki SRV record: it cannot listen")
-        from . import __version__
-        from .cluster.keyring import KeyRingError
-        from .cluster.peer import Peer
-
         local = self.stores["local"]
         try:
             return Peer(
@@ -389,11 +254,8 @@ class Daemon:
             )
         return node.name
 
-    def _status_files(self):
-        from .fs import status
-        from .world.render import render_errors, render_json, render_tree
-
-        files = status.StatusFiles()
+    def _status_files(self) -> StatusFiles:
+        files = StatusFiles()
         memo: dict[str, tuple[Snapshot, bytes]] = {}
 
         def per_world(name: str, render: Callable[[World], str]) -> Callable[[], bytes]:
@@ -416,13 +278,13 @@ class Daemon:
                 text += f"{TOO_LARGE}: more than {MAX_PATHS} paths; the rest is not served\n"
             return text
 
-        files.add("pid", status.pid_text)
+        files.add("pid", pid_text)
         files.add("control", lambda: f"{self.control_path}\n")
         files.add("world", per_world("world", render_tree))
         files.add("world.json", per_world("world.json", render_json))
         files.add("world-errors", errors, volatile=True)
-        files.add("requests", lambda: status.counters_text(self.ops.counts), volatile=True)
-        files.add("stores", lambda: status.stores_text(self.stores.values()), volatile=True)
+        files.add("requests", lambda: counters_text(self.ops.counts), volatile=True)
+        files.add("stores", lambda: stores_text(self.stores.values()), volatile=True)
         alone = "this peer runs alone (no key ring)\n"
         peer = self.peer
         files.add("members", lambda: peer.members_text() if peer else alone, volatile=True)
@@ -442,17 +304,11 @@ class Daemon:
             log.error("this node, %s, is no longer in the world", self.node)
 
     def _rebuild_namespace(self, changed: tuple[str, ...], snap: Snapshot | None = None) -> None:
-        from .fs.namespace import Namespace
-
         snap = snap or self.watcher.snapshot
         ns = Namespace(snap, self.ops.status.names(), self._node_stores, self.started_ns)
         self.ops.set_namespace(ns, changed_status=changed)
 
     async def _serve(self, nursery) -> None:
-        import pyfuse3
-
-        from .fs import requestloop
-
         await pyfuse3.main(min_tasks=requestloop.MIN_TASKS)
         # main() returns when the kernel ends the session: somebody unmounted us.
         self.external_unmount = True
@@ -476,8 +332,6 @@ class Daemon:
             await self.peer.leave()
 
     async def _on_signals(self, nursery) -> None:
-        import trio
-
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
@@ -487,17 +341,13 @@ class Daemon:
 
     async def _log_level_signals(self) -> None:
         """SIGUSR1: log everything (DEBUG) from now on; SIGUSR2: back to the configured level."""
-        import trio
-
         with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2) as signals:
             async for signum in signals:
                 level = "DEBUG" if signum == signal.SIGUSR1 else self.config.log_level.upper()
                 logging.getLogger().setLevel(level)
                 log.warning("log level now %s (%s)", level, signal.Signals(signum).name)
 
-    async def _announce_ready(self, ready: Callable[[], None]) -> None:
-        import trio
-
+    async def _announce_ready(self, ready: Ready) -> None:
         pid_file = self.config.mountpoint / ".dreki" / "pid"
 
         def check() -> str:
@@ -514,91 +364,16 @@ class Daemon:
 # -- starting it ---------------------------------------------------------------------------------
 
 
-def setup_logging(level: str, log_file: Path | None) -> None:
-    handler: logging.Handler
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def prepare_mountpoint(mountpoint: Path) -> None:
-    if is_stale(mountpoint):
-        log.warning("%s: stale mount of a dead daemon; removing it", mountpoint)
-        lazy_unmount(mountpoint)
-    if str(mountpoint) in drekifs_mounts():
-        try:
-            pid = daemon_pid(mountpoint)
-        except (OSError, ValueError):
-            pid = "?"
-        raise MountError(f"{mountpoint} is already a drekifs mount (daemon {pid})")
-    try:
-        mountpoint.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MountError(f"cannot create mount point {mountpoint}: {e}") from None
-    if not mountpoint.is_dir():
-        raise MountError(f"mount point {mountpoint} is not a directory")
-
-
-def claim_data_dir(data_dir: Path) -> int:
-    """Before any store or log file is opened: this process's files private from now on, and the
-    data directory locked for its life. Returns the lock's descriptor (kept open until exit)."""
-    os.umask(datadir.UMASK)
-    try:
-        return datadir.lock(data_dir)
-    except datadir.DataDirError as e:
-        raise MountError(str(e)) from None
-
-
-def tighten_data_dir(data_dir: Path) -> None:
-    """Modes made looser while the daemon was down (or by an older version): tightened, logged."""
-    changed = datadir.tighten(data_dir)
-    if changed:
-        shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if changed[10:] else "")
-        log.warning(
-            "data directory %s: tightened to 0700/0600 what others could open: %s",
-            data_dir,
-            shown,
-        )
-
-
-def exit_report_paths(pid: int) -> list[Path]:
-    """Where a daemon that could not save everything says so, for ``drekifs umount``."""
-    return [d / f"exit-{pid}" for d in runtime_dirs()]
-
-
-def read_exit_report(pid: int) -> str | None:
-    for path in exit_report_paths(pid):
-        with contextlib.suppress(OSError):
-            text = path.read_text()
-            path.unlink()
-            return text.strip()
-    return None
-
-
-def run_daemon(config: MountConfig, ready: Callable[[], None]) -> int:
+def run_daemon(config: MountConfig, ready: Ready) -> int:
     """Serve until unmounted; 0, or 1 when changes could not be saved at exit (then said in
     the log and in an exit report that ``drekifs umount`` prints)."""
-    import trio
-
     daemon = Daemon(config)
     trio.run(daemon.run, ready)
     if not daemon.unsaved:
         return 0
     report = "\n".join(daemon.unsaved)
     log.error("exiting with changes not saved:\n%s", report)
-    for path in exit_report_paths(os.getpid()):
-        try:
-            datadir.private_dir(path.parent)
-            path.write_text(report + "\n")
-            break
-        except (OSError, datadir.DataDirError) as e:
-            log.error("cannot write the exit report %s: %s", path, e)
+    service.write_exit_report(report)
     return 1
 
 
@@ -614,84 +389,13 @@ def mount(config: MountConfig) -> int:
     except OSError as e:
         print(f"drekifs: data directory {config.data_dir}: {e}", file=sys.stderr)
         return 1
+
+    def serve(ready: Ready) -> int:
+        return run_daemon(config, ready)
+
     if config.foreground:
-        try:
-            claim_data_dir(config.data_dir)
-        except MountError as e:
-            print(f"drekifs: {e}", file=sys.stderr)
-            return 1
-        setup_logging(config.log_level, config.log_file)
-        try:
-            tighten_data_dir(config.data_dir)
-            return run_daemon(config, lambda: _notify_ready(config))
-        except MountError as e:
-            log.error("%s", e)
-            return 1
-        except KeyboardInterrupt:
-            pass
-        return 0
-    return _mount_in_background(config)
-
-
-def _notify_ready(config: MountConfig) -> None:
-    log.info("serving %s", config.mountpoint)
-    sock = os.environ.get("NOTIFY_SOCKET")
-    if sock:  # systemd Type=notify
-        import socket
-
-        addr = "\0" + sock[1:] if sock.startswith("@") else sock
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.send(b"READY=1\nSTATUS=serving\n")
-
-
-def _mount_in_background(config: MountConfig) -> int:
-    """Fork; the parent waits for the child's word on a pipe and returns only once served."""
+        return service.run_attached(
+            config.data_dir, config.log_level, config.log_file, config.mountpoint, serve
+        )
     log_file = config.log_file or config.data_dir / "drekifs.log"
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(read_fd)
-        status = 1
-        try:
-            os.setsid()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1):
-                os.dup2(devnull, fd)
-            try:  # the daemon that serves holds the lock, and a refused one writes no log line
-                claim_data_dir(config.data_dir)
-            except MountError as e:
-                os.write(write_fd, f"error {e}\n".encode())
-                os._exit(1)
-            setup_logging(config.log_level, log_file)
-            tighten_data_dir(config.data_dir)
-
-            def ready() -> None:
-                try:
-                    os.write(write_fd, b"ready\n")
-                except OSError as e:  # the mount command went away (killed): serve all the same
-                    log.warning("the mount command did not hear it is served: %s", e)
-                os.dup2(devnull, 2)  # from now on, only the log file
-
-            status = run_daemon(config, ready)
-        except MountError as e:
-            log.error("%s", e)
-            os.write(write_fd, f"error {e}\n".encode())
-        except BaseException as e:  # everything reaches the waiting parent
-            log.exception("daemon failed")
-            with contextlib.suppress(OSError):
-                os.write(write_fd, f"error {type(e).__name__}: {e}\n".encode())
-        finally:
-            os._exit(status)
-    os.close(write_fd)
-    message = b""
-    with os.fdopen(read_fd, "rb") as r:
-        message = r.readline()
-    if message.startswith(b"ready"):
-        return 0
-    if message.startswith(b"error "):
-        print(f"drekifs: {message[6:].decode().strip()}", file=sys.stderr)
-    else:
-        print(f"drekifs: the daemon exited before serving; see {log_file}", file=sys.stderr)
-    os.waitpid(pid, 0)
-    return 1
+    return service.run_in_background(config.data_dir, config.log_level, log_file, serve)

@@ -27,8 +27,10 @@ from typing import Any
 
 import msgpack
 
-from .stores.record import DIR, FILE, KIND_NAMES, StoreError
-from .urn import URN, URNError
+from .. import datadir
+from ..stores.record import DIR, FILE, KIND_NAMES, StoreError
+from ..urn import URN, URNError
+from .service import runtime_dirs
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,18 @@ class ControlError(Exception):
 def _pack(obj: dict) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
     return _LEN.pack(len(body)) + body
+
+
+def control_socket_path(data_dir: Path) -> Path:
+    """``<data-dir>/control.sock``, or, when that is too long for a socket, ``<pid>.sock`` in
+    the first runtime directory short enough: a directory this uid alone controls, checked
+    (datadir.private_dir). Raises DataDirError."""
+    path = data_dir / "control.sock"
+    if len(os.fsencode(path)) < 100:
+        return path
+    dirs = runtime_dirs()
+    short = next((d for d in dirs if len(os.fsencode(d)) <= 80), dirs[-1])  # /tmp's is short
+    return datadir.private_dir(short) / f"{os.getpid()}.sock"
 
 
 # -- the client (plain sockets: the CLI has no event loop) ----------------------------------------
@@ -87,6 +101,8 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
 
 async def serve(path: Path, handle: Callable[[dict], Awaitable[dict]]) -> None:
     """Serve the socket until cancelled; one task per connection."""
+    # Here, not at the top: drekifs get/put/rm/ls use this module's client, and trio would
+    # cost each of them 65-85 ms of start-up (python -X importtime).
     import trio
 
     path.unlink(missing_ok=True)

@@ -8,14 +8,29 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .stores.record import TOMBSTONE_GRACE
-from .urn import URN, URNError, check_key_part
+from ..cluster.keyring import KeyRing, KeyRingError
+from ..stores.keys import MAX_GLOBAL_VALUE
+from ..stores.record import MIN_TOMBSTONE_GRACE, TOMBSTONE_GRACE
+from ..urn import URN, URNError, check_key_part
+from ..world.render import render_errors, render_json, render_tree
+from ..world.resolve import SourceError
+from .config import ConfigError, default_path, load
+from .control import ControlError, call
+from .mounts import drekifs_mounts, unmount
+from .options import LOG_LEVELS, parse_duration, parse_server, parse_size, poll_us, store_name
+from .service import MountError
+
+if TYPE_CHECKING:
+    from ..world.watch import SourceConfig
+    from .daemon import MountConfig
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
@@ -60,9 +75,11 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def source_config(args: argparse.Namespace):
-    from .world.sources import parse_server
-    from .world.watch import SourceConfig
+def source_config(args: argparse.Namespace) -> SourceConfig:
+    """The world's source, from the world options of ``drekifs mount`` and ``drekifs world``."""
+    # Here, not at the top: world.watch loads trio and dnspython, 110-130 ms of start-up that
+    # every other command would pay (python -X importtime).
+    from ..world.watch import SourceConfig
 
     world = args.world.lower().rstrip(".") if args.world else None
     zone = args.zone
@@ -88,61 +105,6 @@ def source_config(args: argparse.Namespace):
     )
 
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """12, 64k, 1M, 1MiB, 2G: bytes."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = t[-1:] if t[-1:] in _UNITS else ""
-    number = t[: len(t) - len(unit)]
-    if not number.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 1048576, 64k, 1MiB)")
-    return int(number) * _UNITS[unit]
-
-
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``12h``, ``7d``: seconds."""
-    t = text.strip().lower()
-    unit = t[-1:] if t[-1:] in _SECONDS else "s"
-    number = t[:-1] if t[-1:] in _SECONDS else t
-    try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration (e.g. 7d, 12h, 90s)"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration is not negative")
-    return value * _SECONDS[unit]
-
-
-MAX_POLL_US = 10_000
-
-
-def poll_us(text: str) -> int:
-    """Microseconds of polling, 0 to 10,000 (a longer poll only burns CPU)."""
-    t = text.strip().lower().removesuffix("us")
-    if not t.isdigit() or int(t) > MAX_POLL_US:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a poll time (microseconds, 0 to {MAX_POLL_US:,})"
-        )
-    return int(t)
-
-
-def store_name(text: str) -> str:
-    from .urn import is_valid_store_name
-
-    if not is_valid_store_name(text) or text in ("global", "local"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a store name ([a-z0-9][a-z0-9_-]*, not global or local)"
-        )
-    return text
-
-
 def _usage(message: str) -> int:
     print(f"drekifs: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -152,11 +114,10 @@ def _usage(message: str) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
+    # Here, not at the top: trio and dnspython, 110-130 ms for every other command.
     import trio
 
-    from .world.render import render_errors, render_json, render_tree
-    from .world.resolve import SourceError
-    from .world.watch import fetch_world
+    from ..world.watch import fetch_world
 
     config = source_config(args)
     try:
@@ -195,27 +156,19 @@ def default_data_dir(world: str | None, zone: Path | None, node: str | None) -> 
     return base / world_part / (node.replace("/", "_") if node else "default")
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
 def _defer_defaults(p: argparse.ArgumentParser) -> None:
     """Make the options' defaults None, so that a flag given can be told from one not given;
-    the built-in defaults go to ``args.mount_defaults``, used when the config file is silent."""
-    defaults = {}
-    for action in p._actions:
-        if action.dest in ("help", "config") or action.default is argparse.SUPPRESS:
-            continue
-        defaults[action.dest] = action.default
-        action.default = None
-    p.set_defaults(mount_defaults=defaults)
+    the built-in defaults go to ``args.mount_defaults``, used when the config file is silent.
+    (An empty command line parses to every option's default: all of them, by public API.)"""
+    defaults = vars(p.parse_args([]))
+    del defaults["config"]
+    p.set_defaults(**dict.fromkeys(defaults), mount_defaults=defaults)
 
 
 def apply_config(args: argparse.Namespace) -> None:
     """Fill the mount options not given on the command line from the config file (--config,
     else $DREKIFS_CONFIG or /etc/drekifs/drekifs.toml when present), then from the built-in
     defaults. A bad config file is a usage error."""
-    from .config import ConfigError, default_path, load
-
     path = args.config or default_path()
     try:
         from_file = load(path) if path is not None else {}
@@ -229,8 +182,10 @@ def apply_config(args: argparse.Namespace) -> None:
             setattr(args, dest, from_file.get(dest, default))
 
 
-def mount_config(args: argparse.Namespace):
+def mount_config(args: argparse.Namespace) -> MountConfig:
     """The MountConfig of ``drekifs mount`` ARGS: command line, then config file, then defaults."""
+    # Here, not at the top: the daemon loads pyfuse3, trio, LMDB and the cluster, 150-200 ms
+    # that every other command would pay (python -X importtime).
     from .daemon import MountConfig
 
     apply_config(args)
@@ -239,9 +194,6 @@ def mount_config(args: argparse.Namespace):
     config = source_config(args)
     if args.data_dir is None:
         args.data_dir = default_data_dir(config.domain, config.zone, args.node)
-    from .stores.keys import MAX_GLOBAL_VALUE
-    from .stores.record import MIN_TOMBSTONE_GRACE
-
     options = [o for opt in args.o or [] for o in opt.split(",") if o]
     if args.tombstone_grace < MIN_TOMBSTONE_GRACE:
         raise SystemExit(
@@ -280,14 +232,13 @@ def mount_config(args: argparse.Namespace):
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .daemon import mount
+    # Here, not at the top: 150-200 ms, as in mount_config.
+    from . import daemon
 
-    return mount(mount_config(args))
+    return daemon.mount(mount_config(args))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from .cluster.keyring import KeyRing
-
     path = Path(args.file)
     if path.exists() and not args.force:
         print(f"drekifs: {path} exists (--force to replace it)", file=sys.stderr)
@@ -300,8 +251,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_keyring(args: argparse.Namespace) -> int:
     """Rotation, one step at a time, on the key ring file (peers reload it within seconds)."""
-    from .cluster.keyring import KeyRing, KeyRingError
-
     try:
         ring = KeyRing.load(args.file)
         if args.action == "add":
@@ -324,8 +273,6 @@ def cmd_keyring(args: argparse.Namespace) -> int:
 
 
 def _one_id(args: argparse.Namespace) -> str:
-    from .cluster.keyring import KeyRingError
-
     if not args.id:
         raise KeyRingError(f"'{args.action}' needs a key id")
     return args.id
@@ -333,8 +280,6 @@ def _one_id(args: argparse.Namespace) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Members, stores, replication and world errors of a running daemon, at a glance."""
-    import json
-
     mountpoint = Path(args.mountpoint) if args.mountpoint else _default_mount()
     status = mountpoint / ".dreki"
     try:
@@ -390,15 +335,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _default_mount() -> Path:
-    from .daemon import drekifs_mounts
-
     mounts = drekifs_mounts()
     return Path(next(iter(mounts))) if mounts else Path("/dreki")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from .daemon import MountError, unmount
-
     try:
         message = unmount(Path(args.mountpoint), timeout=args.timeout)
     except MountError as e:
@@ -467,8 +408,6 @@ def cmd_urn(args: argparse.Namespace) -> int:
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    from .daemon import drekifs_mounts
-
     try:
         urn = URN.parse(args.urn)
     except URNError as e:
@@ -485,8 +424,6 @@ def cmd_path(args: argparse.Namespace) -> int:
 def control_socket(urn: URN, socket_path: str | None, mount: str | None) -> str:
     """The control socket of the daemon serving ``urn``'s world: given, or that of the mount
     given, or that of the only mount of that world on this machine."""
-    from .daemon import drekifs_mounts
-
     if socket_path:
         return socket_path
     if mount is None:
@@ -507,8 +444,6 @@ def control_socket(urn: URN, socket_path: str | None, mount: str | None) -> str:
 
 def cmd_store(args: argparse.Namespace) -> int:
     """get, put, rm and ls against a running daemon."""
-    from .control import ControlError, call
-
     try:
         urn = URN.parse(args.urn)
         sock = control_socket(urn, args.socket, args.mount)
