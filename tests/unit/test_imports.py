@@ -67,6 +67,11 @@ RULES = [
     Forbidden("drekifs.cluster", "drekifs.fs", "the cluster knows nothing of FUSE"),
     Forbidden("drekifs.stores", "drekifs.fs", "stores know nothing of FUSE"),
     Forbidden("drekifs.stores", "drekifs.cluster", "stores know nothing of the peers"),
+    *(
+        Forbidden("drekifs.world", other, "the world is DNS turned into data, nothing more")
+        for other in ("drekifs.fs", "drekifs.stores", "drekifs.cluster")
+    ),
+    Forbidden("drekifs.urn", PACKAGE, "the URN grammar stands alone", unless=("drekifs.urn",)),
 ]
 
 # Imports inside functions in the app shell: each one is measured start-up time of a command
