@@ -54,7 +54,7 @@ from drekifs.cluster.sim import SimWorld, addr_of
 from drekifs.fs.namespace import ROOT_INODE, Namespace
 from drekifs.fs.operations import Operations
 from drekifs.fs.status import StatusFiles
-from drekifs.stores.lmdbstore import LmdbStore
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.world import snapshot
 from drekifs.world.sources import world_from_zone
 

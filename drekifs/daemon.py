@@ -24,7 +24,7 @@ from . import control, datadir
 from .fs.inodes import StoreSlots
 from .fs.namespace import MAX_PATHS
 from .fs.requestloop import POLL_US
-from .stores.lmdbstore import LmdbStore
+from .stores.lmdb import LmdbStore
 from .stores.record import TOMBSTONE_GRACE
 from .stores.version import HybridClock
 from .world.model import SOURCE, TOO_LARGE, World

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from drekifs.cluster.replication import GlobalReplica, message_id
 from drekifs.stores.conflicts import CONFLICT_MARK, Action, decide
-from drekifs.stores.lmdbstore import LmdbStore, entry_key, split_key
+from drekifs.stores.keys import entry_key, split_key
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.record import DIR, FILE, TOMBSTONE, Record
 from drekifs.stores.version import HybridClock, Version
 

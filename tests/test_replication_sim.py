@@ -27,7 +27,8 @@ from drekifs.cluster.replsim import (
     run_seeded,
 )
 from drekifs.cluster.sim import SimWorld, addr_of
-from drekifs.stores.lmdbstore import LmdbStore, entry_key
+from drekifs.stores.keys import entry_key
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.record import DIR, FILE
 from drekifs.stores.version import Version
 

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from ..stores.base import Store
-from ..stores.lmdbstore import LmdbStore
+from ..stores.lmdb import LmdbStore
 from ..stores.record import TOMBSTONE_GRACE
 from ..supervise import Health, supervise
 from ..urn import is_valid_store_name

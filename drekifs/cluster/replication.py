@@ -27,7 +27,7 @@ import msgpack
 import trio
 
 from ..stores.keys import HASHED
-from ..stores.lmdbstore import LmdbStore
+from ..stores.lmdb import LmdbStore
 from ..stores.record import TOMBSTONE_GRACE, Record, StoreError
 from ..stores.version import Version
 from .antientropy import AntiEntropy, HashTree

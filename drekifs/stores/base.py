@@ -21,7 +21,7 @@ from .record import Record
 Key = tuple[bytes, ...]
 # watcher(entry key, origin, carried): called synchronously after every change of an entry (a
 # directory's times moving with its children excepted). The entry key is the store's own, bytes
-# (``location \0 parent \0 name``, replication's unit; lmdbstore.split_key gives the location
+# (``location \0 parent \0 name``, replication's unit; keys.split_key gives the location
 # and key). ``carried``: an entry below a renamed directory, moved with it (a new key and a
 # tombstone or nothing at the old one, the same entry id): replication needs each one, a cache
 # keyed by inode or by the directory's name nothing more than the directory's own two calls.

@@ -44,10 +44,10 @@ from pathlib import Path
 import lmdb
 import trio
 
-from . import unsaved
-from .base import Watcher
-from .conflicts import conflict_name, decide
-from .keys import (
+from .. import unsaved
+from ..base import Watcher
+from ..conflicts import conflict_name, decide
+from ..keys import (
     HASHED_HEAD,
     INLINE_HEAD,
     MAX_PATH,
@@ -67,8 +67,8 @@ from .keys import (
     path_bytes,
     split_key,
 )
-from .record import DIR, FILE, NO_XATTRS, SYMLINK, TOMBSTONE, Record, StoreError
-from .version import LOGICAL_BITS, HybridClock, Version, first_version, version_digest
+from ..record import DIR, FILE, NO_XATTRS, SYMLINK, TOMBSTONE, Record, StoreError
+from ..version import LOGICAL_BITS, HybridClock, Version, first_version, version_digest
 
 log = logging.getLogger(__name__)
 
