@@ -2,9 +2,12 @@
 
 A store holds entries — files, directories, symlinks — at *locations* (a region's or node's DNS
 name), each addressed by a key: a tuple of byte strings, the path below the store's root.
-``LmdbStore`` implements it for the global store and this node's local stores (another node's
-local stores are reached over RPC, ``cluster/storerpc.py``, not through this interface). Nothing
-here knows of FUSE or paths on a mount.
+``LmdbStore`` (stores/lmdb) implements it for the global store and this node's local stores.
+Another node's stores are reached through :class:`~drekifs.stores.remote.RemoteStore`
+(stores/remote.py): the same operations in async form, which cluster/storerpc.py's
+``StoreClient`` implements by calls to the node that owns them. What replication needs of a
+store is :class:`~drekifs.stores.replica.Replica` (stores/replica.py). Nothing here knows of
+FUSE or paths on a mount.
 
 Errors are :class:`~drekifs.stores.record.StoreError` with the errno a filesystem would give.
 Every change takes an ``origin``: watchers are told who made it, so the mount that made a change
