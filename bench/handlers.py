@@ -55,7 +55,7 @@ from drekifs.fs.namespace import ROOT_INODE, Namespace
 from drekifs.fs.operations import Operations
 from drekifs.fs.requestloop import RequestLoop
 from drekifs.fs.status import StatusFiles
-from drekifs.stores.lmdbstore import LmdbStore
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.world import snapshot
 from drekifs.world.sources import world_from_zone
 from tests.harness.simnet import SimWorld, addr_of

@@ -30,7 +30,7 @@ from ..fs.namespace import MAX_PATHS, Namespace
 from ..fs.operations import Operations
 from ..fs.remotestores import RemoteStores
 from ..fs.status import StatusFiles, counters_text, pid_text, stores_text
-from ..stores.lmdbstore import LmdbStore
+from ..stores.lmdb import LmdbStore
 from ..stores.record import TOMBSTONE_GRACE
 from ..stores.version import HybridClock
 from ..world.model import SOURCE, TOO_LARGE, World

@@ -25,8 +25,8 @@ from typing import Any
 import trio
 
 from ..stores.base import Store
-from ..stores.lmdbstore import LmdbStore
 from ..stores.record import TOMBSTONE_GRACE
+from ..stores.replica import Replica
 from ..supervise import Health, supervise
 from ..urn import is_valid_store_name
 from ..world.model import World
@@ -112,7 +112,9 @@ class Peer:
         # One datagram handler slot on the transport: Plumtree's datagrams, then SWIM's.
         self._mux = DatagramMux(self.transport)
         self.replication: Replication | None = None
-        if "global" in stores and isinstance(stores["global"], LmdbStore):
+        # Replicated when the global store is a Replica (stores/replica.py: a runtime check of
+        # its members, so a new kind of store needs no registration here).
+        if "global" in stores and isinstance(stores["global"], Replica):
             self.replication = Replication(
                 node, self._mux, stores["global"], tombstone_grace=tombstone_grace
             )

@@ -27,8 +27,8 @@ import msgpack
 import trio
 
 from ..stores.keys import HASHED
-from ..stores.lmdbstore import LmdbStore
 from ..stores.record import TOMBSTONE_GRACE, Record, StoreError
+from ..stores.replica import Replica
 from ..stores.version import Version
 from .antientropy import AntiEntropy, HashTree
 from .net import Network, PeerAddr
@@ -104,7 +104,7 @@ def entry_message(key: bytes, rec: Record, value: bytes | None) -> tuple[bytes, 
 class GlobalReplica:
     """The global store as Plumtree's MessageStore and anti-entropy's EntrySource."""
 
-    def __init__(self, store: LmdbStore) -> None:
+    def __init__(self, store: Replica) -> None:
         self.store = store
         self.merged = 0  # entries from peers that changed something here
         self.refused = 0  # entries from peers this store would not take (each logged)
@@ -201,7 +201,7 @@ class Replication:
         self,
         name: str,
         net: Network,
-        store: LmdbStore,
+        store: Replica,
         tombstone_grace: float = TOMBSTONE_GRACE,
     ) -> None:
         self.name = name

@@ -2,9 +2,12 @@
 
 A store holds entries — files, directories, symlinks — at *locations* (a region's or node's DNS
 name), each addressed by a key: a tuple of byte strings, the path below the store's root.
-``LmdbStore`` implements it for the global store and this node's local stores (another node's
-local stores are reached over RPC, ``cluster/storerpc.py``, not through this interface). Nothing
-here knows of FUSE or paths on a mount.
+``LmdbStore`` (stores/lmdb) implements it for the global store and this node's local stores.
+Another node's stores are reached through :class:`~drekifs.stores.remote.RemoteStore`
+(stores/remote.py): the same operations in async form, which cluster/storerpc.py's
+``StoreClient`` implements by calls to the node that owns them. What replication needs of a
+store is :class:`~drekifs.stores.replica.Replica` (stores/replica.py). Nothing here knows of
+FUSE or paths on a mount.
 
 Errors are :class:`~drekifs.stores.record.StoreError` with the errno a filesystem would give.
 Every change takes an ``origin``: watchers are told who made it, so the mount that made a change
@@ -21,7 +24,7 @@ from .record import Record
 Key = tuple[bytes, ...]
 # watcher(entry key, origin, carried): called synchronously after every change of an entry (a
 # directory's times moving with its children excepted). The entry key is the store's own, bytes
-# (``location \0 parent \0 name``, replication's unit; lmdbstore.split_key gives the location
+# (``location \0 parent \0 name``, replication's unit; keys.split_key gives the location
 # and key). ``carried``: an entry below a renamed directory, moved with it (a new key and a
 # tombstone or nothing at the old one, the same entry id): replication needs each one, a cache
 # keyed by inode or by the directory's name nothing more than the directory's own two calls.
@@ -38,17 +41,17 @@ class Store(Protocol):
     changes: int  # changes made so far: anything read before is stale once it moves
 
     # -- stat, get, list -------------------------------------------------------------------
-    def get(self, loc: str, key: Key) -> Record | None:
-        """The live entry at ``key`` (stat); the root (empty key) always exists."""
+    def get(self, loc: str, parts: Key) -> Record | None:
+        """The live entry at ``parts`` (stat); the root (empty key) always exists."""
 
     def read(self, eid: int, offset: int = 0, size: int | None = None) -> bytes:
         """A file's bytes (get), by entry id, sliced."""
 
-    def children(self, loc: str, key: Key) -> dict[bytes, Record]:
+    def children(self, loc: str, parts: Key) -> dict[bytes, Record]:
         """The live entries of a directory (list a prefix, one level)."""
 
     def children_page(
-        self, loc: str, key: Key, after: bytes, n: int
+        self, loc: str, parts: Key, after: bytes, n: int
     ) -> tuple[list[tuple[bytes, Record]], bool]:
         """Up to ``n`` live entries of a directory named after ``after`` (bytes order), and
         whether more follow: a long listing page by page, each costing its page only."""
@@ -60,7 +63,7 @@ class Store(Protocol):
     def create(
         self,
         loc: str,
-        key: Key,
+        parts: Key,
         kind: int,
         perm: int,
         uid: int,
@@ -72,7 +75,7 @@ class Store(Protocol):
     def write_value(
         self,
         loc: str,
-        key: Key | None,
+        parts: Key | None,
         eid: int,
         value: bytes,
         origin: object = None,
@@ -81,11 +84,11 @@ class Store(Protocol):
         **fields: object,
     ) -> Record | None:
         """A file's bytes (and metadata ``fields``), one new version; None when the entry is
-        gone. ``key`` None: wherever the entry ``eid`` is now at ``loc`` (renamed or not)."""
+        gone. ``parts`` None: wherever the entry ``eid`` is now at ``loc`` (renamed or not)."""
 
-    def update(self, loc: str, key: Key, origin: object = None, **fields: object) -> Record: ...
+    def update(self, loc: str, parts: Key, origin: object = None, **fields: object) -> Record: ...
 
-    def remove(self, loc: str, key: Key, *, is_dir: bool, origin: object = None) -> Record: ...
+    def remove(self, loc: str, parts: Key, *, is_dir: bool, origin: object = None) -> Record: ...
 
     def rename(
         self, loc: str, src: Key, dst: Key, *, noreplace: bool = False, origin: object = None
@@ -94,14 +97,14 @@ class Store(Protocol):
     def set_xattr(
         self,
         loc: str,
-        key: Key,
+        parts: Key,
         name: bytes,
         value: bytes,
         flags: int = 0,
         origin: object = None,
     ) -> Record: ...
 
-    def remove_xattr(self, loc: str, key: Key, name: bytes, origin: object = None) -> Record: ...
+    def remove_xattr(self, loc: str, parts: Key, name: bytes, origin: object = None) -> Record: ...
 
     def check_size(self, size: int) -> None:
         """EFBIG when a value of ``size`` bytes would not fit."""

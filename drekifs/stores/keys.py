@@ -104,6 +104,16 @@ def is_hashed(dbkey: bytes) -> bool:
     return dbkey[:1] == HASHED
 
 
+def key_head(key: bytes) -> bytes:
+    """An entry key's head, ``loc \\0 parent \\0``: what ``heads`` keeps for a hashed db key."""
+    return key[: key.rfind(b"\0") + 1]
+
+
+def whole_key(head: bytes, dbkey: bytes) -> bytes:
+    """The entry key a hashed ``entries`` key stands for, given the head its digest names."""
+    return head + dbkey[HASHED_HEAD:]
+
+
 def path_bytes(parts: Parts) -> int:
     """Length of ``parts`` "/"-joined, without joining."""
     return sum(map(len, parts)) + len(parts) - 1 if parts else 0

@@ -14,7 +14,8 @@ import trio
 from drekifs.cluster.antientropy import HashTree, TreeShape
 from drekifs.cluster.rejoin import RETURN_EXCHANGES, came_back, exchange_with_returning
 from drekifs.cluster.replication import Replication, message_id
-from drekifs.stores.lmdbstore import LmdbStore, entry_key
+from drekifs.stores.keys import entry_key
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.record import DIR, FILE
 from drekifs.stores.version import Version
 

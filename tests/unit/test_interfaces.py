@@ -15,7 +15,10 @@ from drekifs.fs.localstores import LocalStores
 from drekifs.fs.remotestores import RemoteStores
 from drekifs.fs.tree import Tree
 from drekifs.fs.worlddirs import WorldDirs
+from drekifs.stores.base import Store
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.remote import RemoteStore
+from drekifs.stores.replica import Replica
 
 
 def members(proto: type) -> dict[str, inspect.Signature]:
@@ -47,3 +50,8 @@ def test_every_tree_answers_every_request(tree: type) -> None:
 
 def test_the_rpc_client_is_a_remote_store() -> None:
     check(StoreClient, RemoteStore)
+
+
+def test_the_lmdb_store_is_a_store_and_a_replica() -> None:
+    check(LmdbStore, Store)
+    check(LmdbStore, Replica)

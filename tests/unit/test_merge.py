@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from drekifs.cluster.replication import GlobalReplica, message_id
 from drekifs.stores.conflicts import CONFLICT_MARK, Action, decide
-from drekifs.stores.lmdbstore import LmdbStore, entry_key, split_key
+from drekifs.stores.keys import entry_key, split_key
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.record import DIR, FILE, TOMBSTONE, Record
+from drekifs.stores.replica import Replica
 from drekifs.stores.version import HybridClock, Version
 
 LOC = "w.test"
@@ -44,6 +46,12 @@ def ship(src: LmdbStore, dst: LmdbStore, parts: tuple[bytes, ...]) -> bool:
 
 def names(store: LmdbStore, parts: tuple[bytes, ...] = ()) -> list[bytes]:
     return sorted(store.children(LOC, parts))
+
+
+def test_the_lmdb_store_is_a_replica(tmp_path: Path) -> None:
+    """The peer replicates the global store because it is a Replica (a runtime check of its
+    members): one renamed or lost would turn replication off without a word."""
+    assert isinstance(replica(tmp_path, "a"), Replica)
 
 
 def test_replace_then_ignore_then_write_over(tmp_path: Path) -> None:

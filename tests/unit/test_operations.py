@@ -16,7 +16,8 @@ from drekifs.fs import inodes
 from drekifs.fs.namespace import ROOT_INODE, WORLD_INODE_BASE, Kind, Namespace, diff, world_inode
 from drekifs.fs.operations import Operations
 from drekifs.fs.status import StatusFiles
-from drekifs.stores.lmdbstore import LmdbStore, entry_key
+from drekifs.stores.keys import entry_key
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.record import FILE, Record
 from drekifs.world import snapshot
 

@@ -11,8 +11,10 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drekifs.stores import keys, lmdbstore
-from drekifs.stores.lmdbstore import LmdbStore, children_prefix, entry_key, split_key
+from drekifs.stores import keys
+from drekifs.stores.keys import children_prefix, entry_key, split_key
+from drekifs.stores.lmdb import LmdbStore
+from drekifs.stores.lmdb import core as lmdb_core
 from drekifs.stores.record import DIR, FILE, SYMLINK, Record, StoreError
 from drekifs.stores.version import HybridClock, Version
 
@@ -200,7 +202,7 @@ async def test_a_heavy_group_commits_without_waiting_out_the_window(
 ) -> None:
     """The writer gathers changes for a window; a group holding GROUP_BYTES of values commits
     at once, so a fast writer cannot pile up more than that in memory."""
-    monkeypatch.setattr(lmdbstore, "GROUP_BYTES", 64 << 10)
+    monkeypatch.setattr(lmdb_core, "GROUP_BYTES", 64 << 10)
     store = open_store(tmp_path / "s")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store.run_writer, 30.0)  # a window no test waits out

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from drekifs.stores import keys
 from drekifs.stores.keys import MAX_PATH, MAX_XATTR_BYTES, MAX_XATTR_NAMES, db_key, entry_key
-from drekifs.stores.lmdbstore import LmdbStore
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.record import DIR, FILE, SYMLINK, StoreError
 from drekifs.stores.version import HybridClock
 

@@ -11,7 +11,7 @@ import pytest
 
 from drekifs.cluster.net import PeerUnreachable, RemoteError
 from drekifs.cluster.storerpc import CHUNK, PAGE, StoreClient, StoreService
-from drekifs.stores.lmdbstore import LmdbStore
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.record import DIR, FILE, StoreError
 
 NODE = "b.w.test"

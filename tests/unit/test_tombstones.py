@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from drekifs.cluster.replication import Replication
-from drekifs.stores.lmdbstore import LmdbStore, entry_key
+from drekifs.stores.keys import entry_key
+from drekifs.stores.lmdb import LmdbStore
 from drekifs.stores.record import FILE, TOMBSTONE
 from drekifs.stores.version import LOGICAL_BITS, Version
 
