@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -227,3 +228,30 @@ def test_the_store_keeps_its_instance_dict_small(tmp_path: Path) -> None:
     read of the store costs more (+1.5% instructions per cp'd file): new ones go to _Slots."""
     s = open_store(tmp_path)
     assert len(vars(s)) < 30, sorted(vars(s))
+
+
+async def test_a_commit_cancelled_while_waiting_for_a_thread_keeps_its_group(
+    tmp_path: Path,
+) -> None:
+    # A daemon stopping cancels its writer; a commit waiting for a worker thread then (the
+    # thread limiter is full) must not strand its group between pending and disk, or the
+    # exit's sync spins forever and the changes never land.
+    store = open_store(tmp_path / "s")
+    store.create(LOC, (b"f",), FILE, 0o644, 0, 0)
+    limiter = trio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    limiter.total_tokens = 1
+    try:
+        async with trio.open_nursery() as nursery, limiter:  # every worker thread busy
+            nursery.start_soon(store.commit)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    finally:
+        limiter.total_tokens = tokens
+    with trio.fail_after(10):
+        await store.sync()
+    assert store.committed == store.changes
+    assert await store.close() is None
+    reopened = open_store(tmp_path / "s")
+    assert reopened.get(LOC, (b"f",)) is not None
+    await reopened.close()

@@ -75,7 +75,11 @@ class GroupCommit(LmdbCore):
             self._inflight = batch
             upto = self.changes
             try:
-                await trio.to_thread.run_sync(self._write, batch)
+                # Shielded: a group out of pending lands or goes back. Cancelled while waiting
+                # for a worker thread (the daemon stopping), it was stranded in flight, and the
+                # exit's sync spun forever (test_store: ..._cancelled_while_waiting_...).
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._write, batch)
             except lmdb.Error as e:
                 # Keep the group: it goes back under anything changed since, and is retried.
                 self._pending = merge_layers(batch, self._pending)
@@ -83,6 +87,10 @@ class GroupCommit(LmdbCore):
                 self.commit_error = str(e)
                 log.error("store %s: cannot commit %d changes: %s", self.name, len(batch), e)
                 raise StoreError(errno.ENOSPC if "MAP_FULL" in str(e) else errno.EIO, str(e)) from e
+            except BaseException:
+                self._pending = merge_layers(batch, self._pending)  # anything else: kept too
+                self._inflight = Layer()
+                raise
             self._inflight = Layer()
             for path in self._kept:  # taken up, and now on disk
                 path.unlink(missing_ok=True)
