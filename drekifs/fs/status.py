@@ -7,6 +7,7 @@ invalidated when its source changes).
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,8 +45,6 @@ def counters_text(counts: dict[str, int]) -> str:
 def stores_text(stores) -> str:
     """One line per store: name, entries (tombstones included), bytes in live values, changes
     since start (each one a new version), changes not yet on disk, last write."""
-    import datetime
-
     lines = []
     for store in stores:
         st = store.stats()

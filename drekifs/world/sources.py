@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import dns.asyncquery
 import dns.exception
 import dns.flags
 import dns.message
@@ -22,9 +23,20 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.zone
+import trio
 
 from .model import Address, World
-from .resolve import NODATA, NXDOMAIN, OK, Answer, Query, SourceError, SrvRecord, resolve_sync
+from .resolve import (
+    NODATA,
+    NXDOMAIN,
+    OK,
+    Answer,
+    Query,
+    SourceError,
+    SrvRecord,
+    resolve,
+    resolve_sync,
+)
 
 MAX_CNAME_CHAIN = 8
 
@@ -147,8 +159,6 @@ class DnsAnswers:
         self.tries = tries
 
     async def __call__(self, q: Query) -> Answer:
-        import dns.asyncquery  # needs an event loop library; keep the module importable without
-
         request = dns.message.make_query(q.name + ".", q.rdtype, want_dnssec=False)
         problems: list[str] = []
         for _ in range(self.tries):
@@ -183,10 +193,6 @@ class DnsAnswers:
 
 async def world_from_dns(domain: str, answers: DnsAnswers, concurrency: int = 32, **kw) -> World:
     """Resolve over DNS, one breadth-first level at a time, ``concurrency`` queries in flight."""
-    import trio
-
-    from .resolve import resolve
-
     limiter = trio.CapacityLimiter(concurrency)
     gen = resolve(domain, **kw)
 
