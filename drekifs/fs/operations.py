@@ -63,7 +63,10 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def request(fn: F) -> F:
-    """Count the request; map any non-FUSE exception to EIO with a line naming the URN."""
+    """Count the request; map any non-FUSE exception to EIO with a line naming the URN.
+
+    ``fn`` may be a plain function that checks the request and returns its tree's coroutine:
+    a coroutine fewer per request than an ``async def`` awaiting it (docs/decisions.md)."""
     op = fn.__name__
 
     @functools.wraps(fn)
@@ -90,6 +93,10 @@ def request(fn: F) -> F:
             raise FUSEError(errno.EIO) from None
 
     return handler  # type: ignore[return-value]
+
+
+async def nothing() -> None:
+    """What a request returning its tree's coroutine returns when there is nothing to do."""
 
 
 def check_name(name: bytes) -> None:
@@ -241,47 +248,49 @@ class Operations(pyfuse3.Operations):
     # -- names and attributes --------------------------------------------------------------
 
     @request
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+    def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any
+    ) -> Awaitable[pyfuse3.EntryAttributes]:
         check_name(name)
-        return await self.tree_of(parent_inode).lookup(parent_inode, name)
+        return self.tree_of(parent_inode).lookup(parent_inode, name)
 
     @request
-    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        return await self.tree_of(inode).getattr(inode)
+    def getattr(self, inode: int, ctx: Any) -> Awaitable[pyfuse3.EntryAttributes]:
+        return self.tree_of(inode).getattr(inode)
 
     @request
     async def forget(self, inode_list: Any) -> None:
         pass  # inodes are derived (namespace, store entry ids): nothing to free
 
     @request
-    async def setattr(
+    def setattr(
         self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
-    ) -> pyfuse3.EntryAttributes:
-        return await self.tree_of(inode).setattr(inode, attr, fields)
+    ) -> Awaitable[pyfuse3.EntryAttributes]:
+        return self.tree_of(inode).setattr(inode, attr, fields)
 
     @request
-    async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return await self.tree_of(inode).readlink(inode)
+    def readlink(self, inode: int, ctx: Any) -> Awaitable[bytes]:
+        return self.tree_of(inode).readlink(inode)
 
     # -- creating and removing -------------------------------------------------------------
 
     @request
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+    def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Awaitable[Any]:
         check_name(name)
-        return await self.tree_of(parent_inode).make(parent_inode, name, DIR, mode, ctx)
+        return self.tree_of(parent_inode).make(parent_inode, name, DIR, mode, ctx)
 
     @request
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+    def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         if not stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # no devices, FIFOs or sockets in a store
         check_name(name)
-        return await self.tree_of(parent_inode).make(parent_inode, name, FILE, mode, ctx)
+        return self.tree_of(parent_inode).make(parent_inode, name, FILE, mode, ctx)
 
     @request
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+    def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         check_name(name)
         tree = self.tree_of(parent_inode)
-        return await tree.make(parent_inode, name, SYMLINK, 0o777, ctx, target)
+        return tree.make(parent_inode, name, SYMLINK, 0o777, ctx, target)
 
     @request
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
@@ -302,12 +311,12 @@ class Operations(pyfuse3.Operations):
         return info, attrs
 
     @request
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.tree_of(parent_inode).remove(parent_inode, name, False)
+    def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> Awaitable[None]:
+        return self.tree_of(parent_inode).remove(parent_inode, name, False)
 
     @request
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.tree_of(parent_inode).remove(parent_inode, name, True)
+    def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> Awaitable[None]:
+        return self.tree_of(parent_inode).remove(parent_inode, name, True)
 
     @request
     async def rename(
@@ -346,9 +355,9 @@ class Operations(pyfuse3.Operations):
         return self._new_handle(tree, await tree.opendir(inode))
 
     @request
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    def readdir(self, fh: int, start_id: int, token: Any) -> Awaitable[None]:
         tree, handle = self._handle(fh)
-        await tree.readdir(handle, start_id, token)
+        return tree.readdir(handle, start_id, token)
 
     @request
     async def releasedir(self, fh: int) -> None:
@@ -370,19 +379,19 @@ class Operations(pyfuse3.Operations):
         return info
 
     @request
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> Awaitable[bytes]:
         tree, handle = self._handle(fh)
-        return await tree.read(handle, off, size)
+        return tree.read(handle, off, size)
 
     @request
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, off: int, buf: bytes) -> Awaitable[int]:
         tree, handle = self._handle(fh)
-        return await tree.write(handle, off, buf)
+        return tree.write(handle, off, buf)
 
     @request
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    def fsync(self, fh: int, datasync: bool) -> Awaitable[None]:
         tree, handle = self._handle(fh)
-        await tree.fsync(handle)
+        return tree.fsync(handle)
 
     @request
     async def flush(self, fh: int) -> None:
@@ -396,42 +405,43 @@ class Operations(pyfuse3.Operations):
             await found[0].flush(found[1])
 
     @request
-    async def release(self, fh: int) -> None:
+    def release(self, fh: int) -> Awaitable[None]:
         found = self._handles.pop(fh, None)
-        if found is not None:
-            await found[0].release(found[1])
+        if found is None:
+            return nothing()
+        return found[0].release(found[1])
 
     # -- extended attributes ---------------------------------------------------------------
 
     @request
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    def getxattr(self, inode: int, name: bytes, ctx: Any) -> Awaitable[bytes]:
         # Asked for security.capability before every write: answer without looking anything up.
         if not name.startswith(b"user."):
             raise FUSEError(errno.ENODATA)
-        return await self.tree_of(inode).getxattr(inode, name)
+        return self.tree_of(inode).getxattr(inode, name)
 
     @request
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+    def listxattr(self, inode: int, ctx: Any) -> Awaitable[list[bytes]]:
         # The user.dreki.* attributes are computed, read by name, and not listed: rsync -X,
         # cp -a and tar --xattrs copy what is listed, and would carry them to other files
         # (or try to remove them here).
-        return await self.tree_of(inode).listxattr(inode)
+        return self.tree_of(inode).listxattr(inode)
 
     @request
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> Awaitable[None]:
         if name.startswith(ACL_PREFIX):
             raise QuietError(errno.EOPNOTSUPP)  # cp -a tries on every file: refuse, it carries on
         if name.startswith(b"user.dreki."):
             raise FUSEError(errno.EPERM)
-        await self.tree_of(inode).setxattr(inode, name, value)
+        return self.tree_of(inode).setxattr(inode, name, value)
 
     @request
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+    def removexattr(self, inode: int, name: bytes, ctx: Any) -> Awaitable[None]:
         if name.startswith(ACL_PREFIX):
             raise FUSEError(errno.EOPNOTSUPP)
         if name.startswith(b"user.dreki."):
             raise FUSEError(errno.EPERM)
-        await self.tree_of(inode).removexattr(inode, name)
+        return self.tree_of(inode).removexattr(inode, name)
 
     # -- the filesystem --------------------------------------------------------------------
 
