@@ -31,11 +31,11 @@ import trio.testing
 from drekifs.cluster.antientropy import (
     AntiEntropy,
     HashTree,
-    MemorySource,
     SyncResult,
     TreeShape,
     version_digest,
 )
+from tests.harness.memsource import MemorySource
 from tests.harness.simnet import SimWorld
 
 A, B = ("10.0.0.1", 7946), ("10.0.0.2", 7946)

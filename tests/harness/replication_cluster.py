@@ -31,7 +31,6 @@ import trio
 import trio.testing
 
 from drekifs.cluster.antientropy import AntiEntropy, AntiEntropyConfig, HashTree, TreeShape
-from drekifs.cluster.antientropy.memsource import Entry, MemorySource
 from drekifs.cluster.net import PeerAddr, PeerUnreachable, RemoteError
 from drekifs.cluster.plumtree import Broadcast, PlumtreeConfig
 from drekifs.cluster.rejoin import (
@@ -43,6 +42,7 @@ from drekifs.cluster.rejoin import (
 )
 from drekifs.cluster.replication import message_id, split_message_id
 from drekifs.stores.version import HybridClock, Version
+from tests.harness.memsource import Entry, MemorySource
 from tests.harness.plumtree_cluster import LossyCalls
 from tests.harness.simnet import SimWorld, addr_of
 

@@ -20,7 +20,6 @@ from drekifs.cluster.antientropy import (
     AntiEntropyConfig,
     HashTree,
     Malformed,
-    MemorySource,
     SyncResult,
     TreeShape,
     hashtree,
@@ -28,6 +27,7 @@ from drekifs.cluster.antientropy import (
 )
 from drekifs.cluster.net import PeerUnreachable, RemoteError
 
+from ..harness.memsource import MemorySource
 from ..harness.simnet import SimWorld
 
 SMALL = TreeShape(fanout_bits=2, depth=3)  # 64 buckets: several keys share one

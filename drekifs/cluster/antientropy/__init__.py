@@ -3,13 +3,12 @@
 A :class:`HashTree` over (entry key -> version digest), updated in O(1) per write, and
 :class:`AntiEntropy`, which periodically compares trees with one random peer over a
 :class:`~drekifs.cluster.net.Network` and repairs both sides, exchanging bytes in proportion to
-the difference. The store plugs in as an :class:`EntrySource`; :class:`MemorySource` is a
-dict-backed one for tests and simulations.
+the difference. The store plugs in as an :class:`EntrySource` (a dict-backed one for tests and
+simulations is ``tests/harness/memsource.py``).
 """
 
 from drekifs.cluster.antientropy.config import AntiEntropyConfig
 from drekifs.cluster.antientropy.hashtree import HashTree, TreeShape
-from drekifs.cluster.antientropy.memsource import MemorySource
 from drekifs.cluster.antientropy.source import EntrySource, version_digest
 from drekifs.cluster.antientropy.sync import AntiEntropy, SyncResult
 from drekifs.cluster.antientropy.wire import Malformed
@@ -20,7 +19,6 @@ __all__ = [
     "EntrySource",
     "HashTree",
     "Malformed",
-    "MemorySource",
     "SyncResult",
     "TreeShape",
     "version_digest",
