@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -364,9 +365,22 @@ class Daemon:
 # -- starting it ---------------------------------------------------------------------------------
 
 
+def raise_descriptor_limit() -> None:
+    """Raise the soft limit of open descriptors to the hard one: the transport holds up to
+    ``max_handshakes + max_conns`` (5,120) accepted connections, over the usual soft limit of
+    1,024 (cluster/limits.py; cluster/peer.py fits them to what is left)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, e)
+
+
 def run_daemon(config: MountConfig, ready: Ready) -> int:
     """Serve until unmounted; 0, or 1 when changes could not be saved at exit (then said in
     the log and in an exit report that ``drekifs umount`` prints)."""
+    raise_descriptor_limit()
     daemon = Daemon(config)
     trio.run(daemon.run, ready)
     if not daemon.unsaved:

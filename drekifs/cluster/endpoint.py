@@ -46,6 +46,15 @@ class Endpoint:
         if not self._logged.log(logging.WARNING, (proto, reason, host), msg, proto, host, reason):
             log.debug("%s from %s dropped: %s", proto, addr_text(peer), reason)
 
+    def refuse(self, why: str, who: str, text: str) -> None:
+        """Count a connection refused or evicted (``tcp.refused.<why>``) and log it: one
+        WARNING a minute per reason (naming the last one's source), then a count of the
+        repeats, so that an operator sees lock-outs and a flood does not flood the log."""
+        self.counters[f"tcp.refused.{why}"] += 1
+        msg = "connection from %s refused: %s (more of it counted in .dreki/cluster)"
+        if not self._logged.log(logging.WARNING, ("tcp.refused", why), msg, who, text):
+            log.debug("connection from %s refused: %s", who, text)
+
 
 async def next_frame(stream: trio.SocketStream, decoder: FrameDecoder) -> bytes | None:
     """The next frame's body; None when the stream ends between frames; Malformed (OVERSIZED,

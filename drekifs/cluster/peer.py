@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from ..supervise import Health, supervise
 from ..urn import is_valid_store_name
 from ..world.model import World
 from .keyring import KeyRing, KeyRingError
+from .limits import Limits
 from .net import PeerAddr, RemoteError
 from .rejoin import came_back, exchange_with_returning
 from .replication import Replication
@@ -39,6 +41,10 @@ from .swim import Membership, SwimConfig
 from .transport import Transport
 
 log = logging.getLogger(__name__)
+
+# Descriptors kept for what is not an accepted connection: LMDB, FUSE, logs, the control
+# socket... (outgoing connections, one per peer at most, are added to it).
+RESERVED_DESCRIPTORS = 256
 
 KEYRING_POLL = 2.0  # seconds between looks at the key ring file
 DOWN_STATES = frozenset({"dead", "left"})
@@ -100,7 +106,10 @@ class Peer:
             raise KeyRingError(f"node {node} has no _node._dreki SRV address")
         self.port = node_rec.address.port
         self.transport = Transport(
-            world.domain, self.keyring, (_bind_host(node_rec.address.host), self.port)
+            world.domain,
+            self.keyring,
+            (_bind_host(node_rec.address.host), self.port),
+            limits=_limits_for(len(world.nodes)),
         )
         local_stores = {n: s for n, s in stores.items() if n != "global"}
         self.service = StoreService(node, local_stores, self._addr_of_subscriber)
@@ -392,3 +401,23 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_mode)
+
+
+def _limits_for(nodes: int) -> Limits:
+    """The default limits, fitted to the descriptors this process may open (the daemon raises
+    its soft limit to the hard one at start, app/daemon.py)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return Limits()
+    limits = Limits().fitted(soft - RESERVED_DESCRIPTORS - nodes)
+    if limits != Limits():
+        log.warning(
+            "%d descriptors allowed (ulimit -n): only %d handshakes and %d connections "
+            "accepted at once; raise the hard limit for the defaults (%d and %d)",
+            soft,
+            limits.max_handshakes,
+            limits.max_conns,
+            Limits().max_handshakes,
+            Limits().max_conns,
+        )
+    return limits

@@ -4,8 +4,10 @@ their requests concurrently, within :class:`~drekifs.cluster.limits.Limits`.
 A connection gets a handshake timeout to send its hello and its proof of key (a small sealed
 frame, see frames.py), and is only then allowed frames of ``max_frame`` bytes; it is closed
 after the idle timeout with nothing in flight. Its requests run as tasks in the connection's
-nursery; past the per-connection or per-host limit of requests in flight, the connection is not
-read until one finishes (backpressure on the client, nothing refused). Anything wrong on a
+nursery; past the per-connection or per-peer limit of requests in flight, the connection is not
+read until one finishes (backpressure on the client, nothing refused). Which connections are
+kept, in the handshake and after it, is admission.py's decision: a handshake is evicted for a
+newer one rather than a new connection refused. Anything wrong on a
 connection — junk, a bad frame, a replay — is counted and ends that connection only.
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 import trio
 
 from . import frames
+from .admission import EVICTED, OVER_HOST, OVER_PEER, OVER_TOTAL, Admission, Ticket
 from .endpoint import BROKEN, Endpoint, next_frame, read_exact
 from .frames import FrameDecoder, Malformed, Session
 from .keyring import OVERHEAD
@@ -29,11 +32,17 @@ log = logging.getLogger(__name__)
 
 ACCEPT_PAUSE = 0.1  # after accept() fails for want of descriptors or memory
 MAX_ERROR_MESSAGE = 1000  # characters of an error message sent back
+_OVER = {
+    OVER_TOTAL: "max_conns authenticated connections reached",
+    OVER_HOST: "max_conns_per_host authenticated connections from its address reached",
+    OVER_PEER: "max_conns_per_peer connections of this peer reached",
+    EVICTED: "evicted for a newer handshake",
+}
 
 
 @dataclass(eq=False)
-class _Host:
-    """What one remote IP address holds of this server."""
+class _Peer:
+    """What one authenticated peer (address and declared port) has running on this server."""
 
     conns: int = 0
     running: int = 0  # requests being served, all its connections together
@@ -48,7 +57,7 @@ class _Connection:
     outbox: Outbox
     session: Session
     peer: PeerAddr  # the client's IP and the listening port it declared
-    host: _Host
+    running_of_peer: _Peer
     last_frame: float  # trio time of the last request
     send_seq: int = 0
     recv_seq: int = 1  # the proof was 0
@@ -60,55 +69,53 @@ class Server:
         self.ep = ep
         self.handlers: dict[str, CallHandler] = {}
         self.inline: set[str] = set()  # methods answered in the connection's reader task
-        self._hosts: dict[str, _Host] = {}
-        self._conns = 0
+        self.admission = Admission(ep.limits)
+        self._peers: dict[PeerAddr, _Peer] = {}
 
     def connections(self) -> int:
-        return self._conns
+        return self.admission.authenticated() + self.admission.handshakes()
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        limits, counters = self.ep.limits, self.ep.counters
+        counters = self.ep.counters
         while True:
             try:
                 stream = await listener.accept()
-            except OSError as e:  # out of descriptors or memory: let some connections close
+            except OSError as e:  # out of descriptors or memory
                 counters["tcp.accept-error"] += 1
                 log.warning("accept failed: %s", e)
-                await trio.sleep(ACCEPT_PAUSE)
+                # A handshake's descriptor is worth less than a new connection's: free one.
+                evicted = self.admission.evict_oldest()
+                if evicted is None:
+                    await trio.sleep(ACCEPT_PAUSE)  # let some connections close
+                else:
+                    self._evicted(evicted)
                 continue
             try:
                 host = stream.socket.getpeername()[0]
             except OSError:  # gone already
                 await trio.aclose_forcefully(stream)
                 continue
-            h = self._hosts.get(host)
-            if self._conns >= limits.max_conns:
-                counters["tcp.refused.total"] += 1
-            elif h is not None and h.conns >= limits.max_conns_per_host:
-                counters["tcp.refused.limit"] += 1
-            else:
-                if h is None:
-                    h = self._hosts[host] = _Host()
-                h.conns += 1
-                self._conns += 1
-                counters["tcp.accepted"] += 1
-                nursery.start_soon(self._connection, stream, host, h)
-                continue
-            log.debug("connection from %s refused: over the limits", host)
-            await trio.aclose_forcefully(stream)
+            ticket, evicted = self.admission.arrive(host)
+            if evicted is not None:
+                self._evicted(evicted)
+            ticket.handle = trio.CancelScope()  # cancelled, even before it starts, to evict
+            counters["tcp.accepted"] += 1
+            nursery.start_soon(self._connection, stream, ticket)
 
-    async def _connection(self, stream: trio.SocketStream, host: str, h: _Host) -> None:
+    def _evicted(self, ticket: Ticket) -> None:
+        ticket.handle.cancel()
+        self.ep.refuse("handshake-evicted", ticket.host, "max_handshakes reached")
+
+    async def _connection(self, stream: trio.SocketStream, ticket: Ticket) -> None:
         try:
-            await self._serve(stream, host, h)
+            with ticket.handle:
+                await self._serve(stream, ticket)
         finally:
-            self._conns -= 1
-            h.conns -= 1
-            if h.conns == 0:
-                del self._hosts[host]
+            self.admission.leave(ticket)
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, host: str, h: _Host) -> None:
-        ep = self.ep
+    async def _serve(self, stream: trio.SocketStream, ticket: Ticket) -> None:
+        ep, host = self.ep, ticket.host
         decoder = FrameDecoder(frames.AUTH_FRAME_MAX)  # until the client has proved its key
         try:
             with trio.move_on_after(ep.limits.handshake_timeout) as handshake:
@@ -130,16 +137,29 @@ class Server:
         except BROKEN:
             ep.counters["tcp.closed.reset"] += 1
             return
+        over = self.admission.authenticate(ticket, peer)
+        if over is not None:
+            ep.refuse(over, addr_text(peer), _OVER[over])
+            return
         decoder.max_frame = ep.max_frame
-        with trio.CancelScope() as scope:
-            outbox = Outbox(stream.socket, lambda why: self._write_failed(why, peer, scope))
-            conn = _Connection(stream, outbox, session, peer, h, trio.current_time())
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(outbox.run, ep.limits.send_timeout)
-                    await self._serve_requests(conn, decoder, nursery)
-            finally:
-                outbox.close()
+        p = self._peers.get(peer)
+        if p is None:
+            p = self._peers[peer] = _Peer()
+        p.conns += 1
+        try:
+            with trio.CancelScope() as scope:
+                outbox = Outbox(stream.socket, lambda why: self._write_failed(why, peer, scope))
+                conn = _Connection(stream, outbox, session, peer, p, trio.current_time())
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(outbox.run, ep.limits.send_timeout)
+                        await self._serve_requests(conn, decoder, nursery)
+                finally:
+                    outbox.close()
+        finally:
+            p.conns -= 1
+            if p.conns == 0:
+                del self._peers[peer]
 
     def _write_failed(self, why: str, peer: PeerAddr, connection: trio.CancelScope) -> None:
         if why == STALLED:
@@ -168,16 +188,16 @@ class Server:
     ) -> None:
         """Start serving each request; return at the end of the stream or when idle; raise
         Malformed on a frame to drop."""
-        ep, h, aad = self.ep, conn.host, conn.session.request_aad
+        ep, h, aad = self.ep, conn.running_of_peer, conn.session.request_aad
         idle = ep.limits.idle_timeout
-        per_conn, per_host = ep.limits.max_inflight_per_conn, ep.limits.max_inflight_per_host
+        per_conn, per_peer = ep.limits.max_inflight_per_conn, ep.limits.max_inflight_per_peer
         checked = conn.last_frame
         while True:
             # The deadline is not pushed back at every frame (that costs more than the rest of
             # a request's reading): when it passes, the time of the last frame decides.
             with trio.CancelScope(deadline=max(conn.last_frame, checked) + idle):
                 while True:
-                    while conn.running >= per_conn or h.running >= per_host:
+                    while conn.running >= per_conn or h.running >= per_peer:
                         ep.counters["tcp.backpressure"] += 1
                         await h.finished.wait()
                     body = await next_frame(conn.stream, decoder)
@@ -213,7 +233,7 @@ class Server:
             conn.outbox.write(frames.frame(sealed))
         finally:
             conn.running -= 1
-            h = conn.host
+            h = conn.running_of_peer
             h.running -= 1
             h.finished.set()
             h.finished = trio.Event()

@@ -15,7 +15,8 @@ Counters (``stats()["counters"]``)::
     rpc.served  rpc.remote-error  rpc.eio  rpc.timeout                calls served
     rpc.unknown-method  rpc.reply-too-large
     tcp.connected  tcp.connect-failed  tcp.late-replies               outgoing connections
-    tcp.accepted  tcp.refused.limit  tcp.refused.total  tcp.accept-error   incoming ones
+    tcp.accepted  tcp.accept-error                                     incoming ones
+    tcp.refused.{handshake-evicted,total,host,peer,evicted}           (admission.py)
     tcp.closed.idle  tcp.closed.reset  tcp.backpressure
     tcp.dropped.{junk,truncated,oversized,foreign-key,bad-auth,not-msgpack,shape,replay,
                  handshake-timeout,send-timeout}
@@ -51,7 +52,7 @@ from .rpcserver import Server
 
 log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn; see limits.max_handshakes
 BIND_ATTEMPTS = 20  # with port 0: ports tried to find one free for both TCP and UDP
 UDP_RECEIVE_BYTES = 1 << 16  # more than any datagram, so an oversized one shows as such
 

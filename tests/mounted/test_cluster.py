@@ -29,12 +29,17 @@ pytestmark = pytest.mark.mounted
 NODES = ("a", "b", "c")
 
 
-def three_nodes() -> tuple[Zone, dict[str, int]]:
-    ports = {n: free_port() for n in NODES}
-    zone = Zone().region("@", ["dc"]).region("dc", list(NODES))
-    for n in NODES:
+def localhost_nodes(nodes: tuple[str, ...]) -> tuple[Zone, dict[str, int]]:
+    """A zone of ``nodes`` in one region, all on localhost, on free ports; and the ports."""
+    ports = {n: free_port() for n in nodes}
+    zone = Zone().region("@", ["dc"]).region("dc", list(nodes))
+    for n in nodes:
         zone.node(n, port=ports[n], host="localhost.")
     return zone, ports
+
+
+def three_nodes() -> tuple[Zone, dict[str, int]]:
+    return localhost_nodes(NODES)
 
 
 def members(mnt: Path) -> dict[str, str]:
@@ -315,10 +320,7 @@ def test_concurrent_writes_converge_with_a_conflict_copy(cluster) -> None:
 @pytest.fixture
 def two_peers(tmp_path, zone_file, mount_world):
     """Peers a and b replicating ``global``, each mounted."""
-    ports = {n: free_port() for n in ("a", "b")}
-    zone = Zone().region("@", ["dc"]).region("dc", ["a", "b"])
-    for n in ("a", "b"):
-        zone.node(n, port=ports[n], host="localhost.")
+    zone, _ = localhost_nodes(("a", "b"))
     path = zone_file(zone)
     ring = tmp_path / "ring"
     drekifs("keygen", ring)
