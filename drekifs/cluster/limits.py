@@ -20,8 +20,13 @@ class Limits:
     # -- time ------------------------------------------------------------------------------
     connect_timeout: float = 5.0
     """An outgoing connection must be open, and the server's hello in, within this."""
-    handshake_timeout: float = 5.0
-    """An accepted connection must send its hello and its proof of key within this."""
+    handshake_timeout: float = 30.0
+    """An accepted connection must send its hello and its proof of key within this. Not what
+    protects real peers from connections that never authenticate (eviction does, see
+    max_handshakes); it only takes back what a dead client left. Shorter is worse under a
+    flood: each timeout is a connection the flood opens again, and a new connection waits
+    behind those re-opened in the accept queue (bench/admission.py, 2,540 held: p99 of a new
+    connection's first call 3.5 ms at 30 s, 201-474 ms at 5 s, 695 ms at 1 s)."""
     idle_timeout: float = 120.0
     """An accepted connection that completes no frame for this long, with no request of its
     own in flight, is closed. Outgoing connections close themselves after half of it, so a

@@ -161,8 +161,7 @@ class Transport:
                 self._nursery = self._caller.nursery = nursery
                 self._state = "serving"
                 self._udp = udp
-                listener = trio.SocketListener(trio.socket.from_stdlib_socket(tcp))
-                nursery.start_soon(self._server.accept_loop, listener, nursery)
+                nursery.start_soon(self._server.accept_loop, tcp, nursery)
                 nursery.start_soon(self._caller.expire_calls)
                 nursery.start_soon(self._receive_datagrams, trio.socket.from_stdlib_socket(udp))
                 log.info("transport of %s serving on %s port %d", self.world, *self.addr)
