@@ -42,7 +42,7 @@ class Limits:
     """Accepted connections that have not proved a key yet, all addresses together. Full, a
     new connection evicts the oldest handshake rather than being refused, so connections that
     never authenticate cannot keep a peer out; they only make the server churn once there are
-    more of them than this. Costs one descriptor and ~10 KiB of the daemon's memory each
+    more of them than this. Costs one descriptor and ~7.5 KiB of the daemon's memory each
     (measured: 2,540 held, docs/decisions.md "Admission (issue 17)"). Sized to hold a few
     thousand without churn: under churn the accept queue fills and a real peer's SYN may wait
     for its retransmission (1 s), where held connections cost nothing but memory."""
