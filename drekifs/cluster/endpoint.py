@@ -46,6 +46,16 @@ class Endpoint:
         if not self._logged.log(logging.WARNING, (proto, reason, host), msg, proto, host, reason):
             log.debug("%s from %s dropped: %s", proto, addr_text(peer), reason)
 
+    def drop_handshake(self, reason: str, host: str) -> None:
+        """As :meth:`drop`, for a connection that has not proved a key: logged once a minute
+        per reason rather than per sender, since addresses cost a flood nothing (160 of
+        them made 160 lines a minute)."""
+        self.counters[f"tcp.dropped.{reason}"] += 1
+        msg = "tcp handshake from %s dropped: %s (more of it counted in .dreki/cluster)"
+        key = ("tcp handshake", reason)
+        if not self._logged.log(logging.WARNING, key, msg, host, reason):
+            log.debug("tcp handshake from %s dropped: %s", host, reason)
+
     def refuse(self, why: str, who: str, text: str) -> None:
         """Count a connection refused or evicted (``tcp.refused.<why>``) and log it: one
         WARNING a minute per reason (naming the last one's source), then a count of the

@@ -162,13 +162,13 @@ class Server:
                 session = Session.of(ep.world, client_hello, hello)
                 proof = await next_frame(stream, decoder)
             if handshake.cancelled_caught:
-                ep.drop("tcp", "handshake-timeout", host)
+                ep.drop_handshake("handshake-timeout", host)
                 return
             if proof is None:
                 raise Malformed(frames.TRUNCATED)
             frames.check_proof(ep.keys.open(proof, session.request_aad))
         except Malformed as e:
-            ep.drop("tcp", e.reason, host)
+            ep.drop_handshake(e.reason, host)
             return
         except BROKEN:
             ep.counters["tcp.closed.reset"] += 1

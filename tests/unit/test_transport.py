@@ -708,7 +708,7 @@ def test_frames_do_not_open_in_the_other_direction_or_connection() -> None:
             keys.open(request, aad)
 
 
-async def test_silent_connections_cannot_keep_a_peer_out(nursery) -> None:
+async def test_silent_connections_cannot_keep_a_peer_out(nursery, caplog) -> None:
     ring = KeyRing.generate()
     tight = Limits(max_handshakes=5, max_handshakes_per_host=3, handshake_timeout=1.0)
     b = await start(nursery, ring, limits=tight)
@@ -739,6 +739,10 @@ async def test_silent_connections_cannot_keep_a_peer_out(nursery) -> None:
     # The silent ones left get nowhere: closed after the handshake timeout.
     await eventually(lambda: b.counters["tcp.dropped.handshake-timeout"] == 4, "timeouts", 3)
     assert b._server.admission.handshakes() == 0
+    # Said where an operator looks: one WARNING per reason, however many addresses.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("refused: max_handshakes reached" in m for m in warnings) == 1
+    assert sum("dropped: handshake-timeout" in m for m in warnings) == 1
     for s in silent:
         s.close()
     assert await a.call(b.addr, "echo", 2, timeout=2) == 2  # the pooled one still serves
