@@ -56,6 +56,10 @@ class Endpoint:
         if not self._logged.log(logging.WARNING, key, msg, host, reason):
             log.debug("tcp handshake from %s dropped: %s", host, reason)
 
+    def warn(self, key: object, msg: str, *args: object) -> None:
+        """A WARNING, once a minute per ``key`` (then a count of the repeats)."""
+        self._logged.log(logging.WARNING, key, msg, *args)
+
     def refuse(self, why: str, who: str, text: str) -> None:
         """Count a connection refused or evicted (``tcp.refused.<why>``) and log it: one
         WARNING a minute per reason (naming the last one's source), then a count of the

@@ -5,10 +5,10 @@ A connection gets a handshake timeout to send its hello and its proof of key (a 
 frame, see frames.py), and is only then allowed frames of ``max_frame`` bytes; it is closed
 after the idle timeout with nothing in flight. Its requests run as tasks in the connection's
 nursery; past the per-connection or per-peer limit of requests in flight, the connection is not
-read until one finishes (backpressure on the client, nothing refused). Which connections are
-kept, in the handshake and after it, is admission.py's decision: a handshake is evicted for a
-newer one rather than a new connection refused. Anything wrong on a
-connection — junk, a bad frame, a replay — is counted and ends that connection only.
+read until one finishes (backpressure on the client, nothing refused). Anything wrong on a
+connection — junk, a bad frame, a replay — is counted and ends that connection only. Which
+connections are kept, in the handshake and after it, is admission.py's decision: a handshake
+is evicted for a newer one rather than a new connection refused.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ _OVER = {
     OVER_TOTAL: "max_conns authenticated connections reached",
     OVER_HOST: "max_conns_per_host authenticated connections from its address reached",
     OVER_PEER: "max_conns_per_peer connections of this peer reached",
-    EVICTED: "evicted for a newer handshake",
 }
 
 
@@ -119,7 +118,7 @@ class Server:
                         continue
                     # Out of descriptors or memory.
                     counters["tcp.accept-error"] += 1
-                    self.ep.refuse("accept-error", "?", f"accept failed: {e}")
+                    self.ep.warn(("tcp accept", e.errno), "accept failed: %s", e)
                     # A handshake's descriptor is worth less than a new connection's.
                     evicted = self.admission.evict_oldest()
                     if evicted is None:
@@ -174,6 +173,8 @@ class Server:
             ep.counters["tcp.closed.reset"] += 1
             return
         over = self.admission.authenticate(ticket, peer)
+        if over == EVICTED:  # meanwhile: counted and logged as such
+            return
         if over is not None:
             ep.refuse(over, addr_text(peer), _OVER[over])
             return

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import json
 import logging
 import random
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -786,6 +789,62 @@ async def test_requests_in_flight_are_bounded_by_not_reading(nursery) -> None:
             calls.start_soon(one, n)
     assert sorted(results) == list(range(20)) and peak == 3
     assert b.counters["tcp.backpressure"] > 0
+
+
+# A server in a process of its own, allowed few descriptors: argv[1] is its key (base64).
+_FEW_DESCRIPTORS_SERVER = """
+import base64, resource, sys, trio
+from drekifs.cluster.keyring import KeyRing
+from drekifs.cluster.limits import Limits
+from drekifs.cluster.transport import Transport
+
+async def main():
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    ring = KeyRing((base64.b64decode(sys.argv[1]),))
+    t = Transport("inf.random.sh", ring, ("127.0.0.1", 0), limits=Limits(handshake_timeout=60))
+    async def echo(peer, args):
+        return args
+    t.register("echo", echo)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(t.serve)
+        print(t.addr[1], flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+async def test_out_of_descriptors_a_handshake_makes_room(nursery) -> None:
+    """A server whose descriptors are all held by connections that never authenticate still
+    takes a real peer: accept() failing for want of one closes the oldest handshake."""
+    ring = KeyRing.generate()
+    key = base64.b64encode(ring.primary).decode()
+    server = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _FEW_DESCRIPTORS_SERVER, key],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    silent = []
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        port = int(await server.stdout.receive_some(100))
+        for i in range(100):  # more than 64 descriptors' worth, held open
+            s = trio.socket.socket()
+            await s.bind((f"127.0.1.{1 + i % 50}", 0))
+            await s.connect((LOCAL, port))
+            silent.append(s)
+        a = await start(nursery, ring)
+        assert await a.call((LOCAL, port), "echo", "in", timeout=3) == "in"
+    finally:
+        for s in silent:
+            s.close()
+        with contextlib.suppress(trio.BrokenResourceError):
+            await server.stdin.aclose()
+        with trio.move_on_after(5):
+            await server.wait()
+        server.kill()
 
 
 async def test_a_client_that_reads_no_replies_is_dropped(nursery) -> None:
