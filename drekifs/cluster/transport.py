@@ -16,7 +16,7 @@ Counters (``stats()["counters"]``)::
     rpc.unknown-method  rpc.reply-too-large
     tcp.connected  tcp.connect-failed  tcp.late-replies               outgoing connections
     tcp.accepted  tcp.accept-error                                     incoming ones
-    tcp.refused.{handshake-evicted,total,host,peer,evicted}           (admission.py)
+    tcp.refused.{handshake-evicted,total,host,peer}                   (admission.py)
     tcp.closed.idle  tcp.closed.reset  tcp.backpressure
     tcp.dropped.{junk,truncated,oversized,foreign-key,bad-auth,not-msgpack,shape,replay,
                  handshake-timeout,send-timeout}
