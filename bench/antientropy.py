@@ -232,19 +232,23 @@ def tree_memory(keys: int, seed: int) -> None:
 
 
 def million_runs(keys: int, seed: int) -> list[Row]:
-    """Divergences over a million keys: base values small and shared (memory), so the
-    protocol bytes are nearly all hashes and bucket listings."""
+    """Divergences over a million keys: base values of one size and shared (memory), so the
+    protocol bytes are nearly all hashes, bucket listings and the differing entries."""
     rng = random.Random(seed)
-    value = b"v" * 200
-    started = time.perf_counter()
-    a, b = two_stores(keys, rng, lambda: value)
-    print(f"\ntwo stores of {keys:,} keys: {time.perf_counter() - started:.1f} s")
     rows = []
-    base = keys
-    for n, values in ((1, LARGE), (10, LARGE), (10, TINY)):
-        common = dict(keys=keys, base=base, values=values, seed=seed, rng=rng)
-        rows.append(divergence_run(a, b, n, **common))
-        base += n
+    for values, cases in ((LARGE, (1, 10)), (TINY, (1, 10))):
+        value = b"v" * ((values[0] + values[1]) // 2)
+        started = time.perf_counter()
+        a, b = two_stores(keys, rng, lambda v=value: v)
+        took = time.perf_counter() - started
+        print(f"\ntwo stores of {keys:,} keys of {len(value)} B: {took:.1f} s")
+        base = keys
+        for n in cases:
+            common = dict(keys=keys, base=base, values=values, seed=seed, rng=rng)
+            rows.append(divergence_run(a, b, n, **common))
+            base += n
+        del a, b
+        gc.collect()
     return rows
 
 
