@@ -138,6 +138,53 @@ def test_incremental_tree_equals_a_fresh_build(operations: list) -> None:
         assert tree.root() == bytes(16)
 
 
+# Keys that are prefixes and substrings of each other, of their length bytes and of digests:
+# the packed records of one bucket must never mistake one for another.
+tricky_keys = st.sampled_from(
+    [b"", b"a", b"aa", b"aaa", b"\x00", b"\x00\x01a", b"\x00\x02aa", b"a\x00\x01", b"d" * 3]
+) | st.binary(max_size=4)
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), tricky_keys, st.sampled_from([b"a" * 16, b"d" * 16, bytes(16)])),
+        max_size=40,
+    )
+)
+@settings(max_examples=80, deadline=None)
+def test_packed_buckets_behave_as_a_dict(operations: list) -> None:
+    """Two buckets only (most keys share one): set, remove, get, items and short ids agree
+    with a dict, and the node hashes with a tree built from the dict."""
+    shape = TreeShape(fanout_bits=1, depth=1)
+    tree = HashTree(shape)
+    state: dict[bytes, bytes] = {}
+    for is_set, key, digest in operations:
+        if is_set:
+            tree.set(key, digest)
+            state[key] = digest
+        else:
+            tree.remove(key)
+            state.pop(key, None)
+        assert tree.get(key) == state.get(key)
+    assert dict(tree.items()) == state and len(tree) == len(state)
+    for key in {k for _, k, _ in operations}:
+        assert tree.get(key) == state.get(key)
+    for bucket in range(shape.leaves):
+        for window in range(hashtree.WINDOWS):
+            pairs = tree.short_ids(bucket, window)
+            assert len(pairs) == len(tree.bucket_items(bucket))
+            for item, key in pairs:
+                full = hashtree.item_hash(key, state[key])
+                assert item == full[window * 4 : window * 4 + 4]
+                assert tree.item_id(key) == full[: hashtree.ITEM_ID_BYTES]
+    fresh = HashTree(shape)
+    for key, digest in state.items():
+        fresh.set(key, digest)
+    assert [tree.node(1, i) for i in range(2)] == [fresh.node(1, i) for i in range(2)]
+    with pytest.raises(ValueError):
+        tree.set(b"k", b"short digest")
+
+
 def test_a_write_touches_one_path_only() -> None:
     """O(1) per write: a set or remove changes depth + 1 node hashes, whatever the size."""
     tree = HashTree()  # default shape: 65,536 buckets
@@ -371,10 +418,12 @@ async def test_bytes_grow_with_the_difference(autojump_clock: trio.testing.MockC
         result = await a.sync(addr(1))
         assert_converged(a, b)
         total = result.bytes_sent + result.bytes_received
-        # 10 entries pulled, the 5 that won here pushed; hashes of 10 paths, 10 small buckets.
+        # 10 entries pulled, the 5 that won here pushed; 4-byte hashes of 10 paths (64 bytes a
+        # node), 10 small buckets (4 bytes a pair). The first protocol's 16-byte hashes, one
+        # level a round trip, took 7 round trips and ~16 KB.
         assert result.pulled == 10 and result.pushed == 5
-        assert total < 15 * 600 + 10_000
-        assert result.round_trips == 7  # root, 3 levels of nodes, leaves, export, merge
+        assert total < 15 * 600 + 2500
+        assert result.round_trips == 4  # start, down, leaves, merge
         assert result.changed_here == 5 and result.changed_there == 5
 
 
@@ -460,6 +509,30 @@ async def test_malformed_requests_are_refused(autojump_clock: trio.testing.MockC
             ("ae.merge", {"entries": [[b"k", [1, 2, 3]]]}),  # the store refuses it
             ("ae.merge", {"entries": [[b"k", "junk"]]}),
             ("ae.merge", [1, 2]),
+            # The second protocol:
+            ("ae2.start", {"shape": [4, 4], "root": bytes(16), "w": 0, "hashes": bytes(16)}),
+            ("ae2.start", {"shape": [2, 3], "root": bytes(16), "w": 4, "hashes": bytes(16)}),
+            ("ae2.start", {"shape": [2, 3], "root": bytes(16), "w": 0, "hashes": bytes(15)}),
+            ("ae2.down", {"w": 0, "level": 0, "nodes": [0], "hashes": bytes(16)}),  # start's
+            ("ae2.down", {"w": 0, "level": 3, "nodes": [0], "hashes": bytes(16)}),  # leaves
+            ("ae2.down", {"w": 0, "level": 1, "nodes": [4], "hashes": bytes(16)}),
+            ("ae2.down", {"w": 0, "level": 2, "nodes": [0, 1], "hashes": bytes(16)}),
+            ("ae2.down", {"w": 0, "level": 2, "nodes": list(range(16)), "hashes": bytes(1024)}),
+            ("ae2.leaves", {"w": 0, "buckets": [64], "counts": [0], "ids": b""}),
+            ("ae2.leaves", {"w": 0, "buckets": [0], "counts": [1, 1], "ids": bytes(8)}),
+            ("ae2.leaves", {"w": 0, "buckets": [0], "counts": [2], "ids": bytes(4)}),
+            (  # ids out of order
+                "ae2.leaves",
+                {"w": 0, "buckets": [0], "counts": [2], "ids": b"zzzzaaaa", "after": None},
+            ),
+            (
+                "ae2.leaves",
+                {"w": 0, "buckets": [0], "counts": [0], "ids": b"", "after": b"x", "upto": None},
+            ),
+            (  # more ids than a request may carry
+                "ae2.leaves",
+                {"w": 0, "buckets": [0], "counts": [70_000], "ids": bytes(280_000)},
+            ),
         ]
         for method, args in junk:
             with pytest.raises(RemoteError) as info:
@@ -495,6 +568,15 @@ def junk_peer(world: SimWorld, replies: dict[str, Any]) -> None:
 
 
 SHALLOW = TreeShape(fanout_bits=2, depth=1)  # the root's children are the leaf buckets
+
+
+def lone_peer(world: SimWorld) -> tuple[MemorySource, AntiEntropy]:
+    """A peer at addr(0) holding one pair, in a tree whose root has the leaf buckets below."""
+    source = MemorySource(HashTree(SHALLOW))
+    source.put(b"mine", 1, "a", b"v")
+    return source, AntiEntropy("a", world.network(addr(0)), source.tree, source, config=CONFIG)
+
+
 ROOT = {"root": b"\x01" * 16, "children": b"\x01" * 64}  # every bucket differs
 LISTING = {"ids": b"12345678", "counts": [1, 0, 0, 0], "next": None}
 BAD_REPLIES = [
@@ -536,18 +618,101 @@ BAD_REPLIES = [
 ]
 
 
-@pytest.mark.parametrize("replies", BAD_REPLIES)
+START = {"bits": b"\xf0", "hashes": None}  # SHALLOW: every bucket differs (see below)
+LISTED = {"entries": [], "lack": b"", "next": None}
+BAD_REPLIES_V2 = [
+    {"ae2.start": "nonsense"},
+    {"ae2.start": {"bits": b"\xf0\x00", "hashes": None}},  # a bitmap of the wrong size
+    {"ae2.start": {"bits": b"\xf8", "hashes": None}},  # a bit past the children
+    {"ae2.start": {"bits": b"\xf0", "hashes": bytes(16)}},  # hashes below the leaves
+    {"ae2.start": START, "ae2.leaves": {"entries": [], "lack": b"\x00\x00", "next": None}},
+    {  # entries nobody asked for (only our pair's bucket is asked)
+        "ae2.start": START,
+        "ae2.leaves": {
+            "entries": [[b"k%d" % i, [1, "x", b""]] for i in range(8)],
+            "lack": b"\x00",
+            "next": None,
+        },
+    },
+    {  # a continuation that makes no progress
+        "ae2.start": START,
+        "ae2.leaves": {"entries": [[b"mine", [2, "x", b""]]], "lack": b"", "next": [0, None]},
+    },
+    {  # a continuation with no entries
+        "ae2.start": START,
+        "ae2.leaves": {"entries": [], "lack": b"", "next": [1, None]},
+    },
+    {  # the store refuses the entry
+        "ae2.start": START,
+        "ae2.leaves": {"entries": [[b"mine", [-1, "x", b""]]], "lack": b"\x00", "next": None},
+    },
+    {"ae2.start": START, "ae2.leaves": LISTED, "ae.merge": {"changed": 5}},
+]
+
+
+async def test_a_peer_of_the_first_protocol_still_converges(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An older peer answers ae2.* with ENOSYS: the exchange falls back to the first protocol
+    (which this peer still serves, too)."""
+    async with SimWorld(seed=12) as world:
+        a, b = peers(world, 2)
+        for method in ("ae2.start", "ae2.down", "ae2.leaves"):
+
+            async def unknown(_src: Any, _args: Any, method: str = method) -> Any:
+                raise RemoteError(errno.ENOSYS, f"no method {method}")
+
+            b.net.register(method, unknown)
+        for k in range(60):
+            store(a if k % 3 else b).put(b"k%d" % k, k + 1, "x", b"v%d" % k)
+        result = await a.sync(addr(1))
+        assert_converged(a, b)
+        assert a.counters["first_protocol"] == 1
+        assert result.round_trips == 1 + 6  # refused start; root, nodes x2, leaves, export, merge
+        assert (await b.sync(addr(0))).in_sync  # an old initiator (b) meets a new responder
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 80), st.integers(1, 9)), max_size=120),
+    st.sampled_from([PAGED, AntiEntropyConfig(reply_bytes=120, request_bytes=40, max_items=3)]),
+)
+@settings(max_examples=30, deadline=None)
+def test_big_buckets_are_listed_in_id_ranges(writes: list, config: Any) -> None:
+    """Four buckets of up to ~20 pairs, requests of 3-5 ids and replies of a few entries:
+    listings go in id ranges and entries in continuations, and one sync still converges."""
+    shape = TreeShape(fanout_bits=1, depth=2)
+
+    async def main() -> None:
+        async with SimWorld(seed=13) as world:
+            a, b = peers(world, 2, shape=shape, config=config)
+            for on_a, k, hlc in writes:
+                store(a if on_a else b).put(b"key%d" % k, hlc, "a" if on_a else "b", b"v" * hlc)
+            expected = lww(store(a), store(b))
+            await a.sync(addr(1))
+            assert_converged(a, b)
+            assert store(a).entries == expected
+            assert (await a.sync(addr(1))).in_sync
+
+    simulate(main)
+
+
+@pytest.mark.parametrize("replies", BAD_REPLIES + BAD_REPLIES_V2)
 async def test_malformed_replies_end_the_exchange(
     autojump_clock: trio.testing.MockClock, replies: dict
 ) -> None:
+    """Replies of both protocols (a peer that does not serve ae2.start gets the first)."""
     async with SimWorld(seed=10) as world:
-        source = MemorySource(HashTree(SHALLOW))
-        source.put(b"mine", 1, "a", b"v")
-        a = AntiEntropy("a", world.network(addr(0)), source.tree, source, config=CONFIG)
+        source, a = lone_peer(world)
+        if replies.get("ae2.start") is START:  # only our pair's bucket differs
+            bits = bytes([0x80 >> source.tree.bucket(b"mine")])
+            replies = {**replies, "ae2.start": {"bits": bits, "hashes": None}}
+        if "ae2.start" in replies and "ae.merge" in replies:  # the peer lacks our pair: push
+            replies["ae2.leaves"] = {**LISTED, "lack": b"\x80"}
         junk_peer(world, replies)
         with pytest.raises(Malformed):
             await a.sync(addr(1))
         assert source.entries == {b"mine": (1, "a", b"v")}
+        assert a.counters["first_protocol"] == int("ae2.start" not in replies)
         # The loop counts it and goes on.
         a.set_peers({"b": addr(1)})
         with trio.move_on_after(CONFIG.interval * 3.5):

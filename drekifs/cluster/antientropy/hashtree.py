@@ -13,11 +13,13 @@ path. XOR is safe here because a key occurs once per tree (no item can cancel a 
 hashes are keyed by the whole key and digest; an empty subtree hashes to zero. Equal sets give
 equal hashes whatever the order of writes, so two peers compare nodes directly.
 
-Keys per bucket are kept in memory (one dict per non-empty bucket: key -> digest): listing a
-differing bucket is then a dict read, not a range scan of the store (keys in a bucket are
-scattered all over the store's key order), and no store index has to be kept in step. The cost
-is the keys themselves plus about 100 bytes per key (see bench/antientropy.py for a 1M-key
-measurement); the store holds every global entry on every peer anyway.
+Keys per bucket are kept in memory, packed: one ``bytes`` per non-empty bucket holding its
+records back to back, ``[key length: 2 bytes][key][digest: 16 bytes]`` (no dict, no object per
+key). Listing a differing bucket is then a walk of one short string, not a range scan of the
+store (keys in a bucket are scattered all over the store's key order), and no store index has
+to be kept in step. The cost is the key plus 18 bytes per key, and 33 bytes per non-empty bucket
+(bench/antientropy.py measures it at 1M keys: docs/decisions.md, issue 17). A write copies its
+bucket's string (a few keys: at 1M keys ~15 records, about a kilobyte).
 
 Building at start: :meth:`HashTree.start_build`, then :meth:`HashTree.build` over the store's
 (key, digest) pairs in chunks (or :meth:`HashTree.build_async`, which yields to trio between
@@ -42,6 +44,13 @@ from dataclasses import dataclass
 import trio
 
 HASH_BYTES = 16
+DIGEST_BYTES = 16  # a version digest (stores/version.py)
+SHORT_BYTES = 4
+"""Node hashes and item ids in the second protocol are 4-byte windows of the full 16 bytes;
+the initiator takes another window (of HASH_BYTES // SHORT_BYTES) each exchange, so two hashes
+equal by chance in one window (odds 2**-32) are told apart in the next exchange."""
+WINDOWS = HASH_BYTES // SHORT_BYTES
+MAX_KEY_BYTES = 0xFFFF  # a record's key length takes two bytes
 ITEM_ID_BYTES = 8
 """A (key, digest) pair is named by the first 8 bytes of its item hash in bucket listings: two
 pairs of one bucket (a handful of keys) collide with odds of about 2**-60."""
@@ -90,8 +99,44 @@ def _item(khash: bytes, digest: bytes) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
+def item_hash(key: bytes, digest: bytes) -> bytes:
+    """The 16-byte item hash of a (key, digest) pair."""
+    return _item(key_hash(key), digest).to_bytes(HASH_BYTES, "big")
+
+
+def short(hashes: bytes, window: int) -> bytes:
+    """The ``window``-th 4-byte slice of each 16-byte hash in ``hashes`` (concatenated)."""
+    at = window * SHORT_BYTES
+    return b"".join(
+        hashes[i + at : i + at + SHORT_BYTES] for i in range(0, len(hashes), HASH_BYTES)
+    )
+
+
+def records(packed: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, digest) pairs of a bucket's packed records."""
+    at, end = 0, len(packed)
+    while at < end:
+        klen = packed[at] << 8 | packed[at + 1]
+        key_end = at + 2 + klen
+        yield packed[at + 2 : key_end], packed[key_end : key_end + DIGEST_BYTES]
+        at = key_end + DIGEST_BYTES
+
+
+def _find(packed: bytes, key: bytes) -> int:
+    """Where ``key``'s record starts in ``packed``, -1 if it has none."""
+    if key not in packed:  # a C search first: a key new to the bucket costs no walk
+        return -1
+    at, end, size = 0, len(packed), len(key)
+    while at < end:
+        klen = packed[at] << 8 | packed[at + 1]
+        if klen == size and packed.startswith(key, at + 2):
+            return at
+        at += 2 + klen + DIGEST_BYTES
+    return -1
+
+
 class HashTree:
-    """Node hashes of every level plus the (key -> digest) dict of every leaf bucket."""
+    """Node hashes of every level plus the packed (key, digest) records of every leaf bucket."""
 
     def __init__(
         self,
@@ -112,7 +157,7 @@ class HashTree:
         self._levels: list[list[int]] = [
             [0] * self.shape.width(level) for level in range(self._depth + 1)
         ]
-        self._buckets: list[dict[bytes, bytes] | None] = [None] * self.shape.leaves
+        self._buckets: list[bytes | None] = [None] * self.shape.leaves
         self._count = 0
         self._touched: set[bytes] | None = None  # keys written during a build
         self._marked: dict[bytes, None] = {}  # changed keys not settled yet, in order
@@ -132,8 +177,12 @@ class HashTree:
 
     def get(self, key: bytes) -> bytes | None:
         self.settle()
-        items = self._buckets[self.bucket(key)]
-        return None if items is None else items.get(key)
+        packed = self._buckets[self.bucket(key)]
+        at = -1 if packed is None else _find(packed, key)
+        if packed is None or at < 0:
+            return None
+        start = at + 2 + len(key)
+        return packed[start : start + DIGEST_BYTES]
 
     def root(self) -> bytes:
         self.settle()
@@ -151,11 +200,27 @@ class HashTree:
         below = self._levels[level + 1][index * fanout : (index + 1) * fanout]
         return b"".join(h.to_bytes(HASH_BYTES, "big") for h in below)
 
+    def short_children(self, level: int, index: int, window: int) -> bytes:
+        """:meth:`children`, each hash cut to its ``window``-th 4 bytes."""
+        return short(self.children(level, index), window)
+
     def bucket_items(self, bucket: int) -> Mapping[bytes, bytes]:
-        """The (key -> digest) pairs of a leaf bucket: a live view, not to be modified."""
+        """The (key -> digest) pairs of a leaf bucket (a new dict)."""
         self.settle()
-        items = self._buckets[bucket]
-        return _EMPTY if items is None else items
+        packed = self._buckets[bucket]
+        return _EMPTY if packed is None else dict(records(packed))
+
+    def short_ids(self, bucket: int, window: int) -> list[tuple[bytes, bytes]]:
+        """(short item id, key) of the pairs of a leaf bucket: the ``window``-th 4 bytes of
+        each item hash."""
+        self.settle()
+        packed = self._buckets[bucket]
+        if packed is None:
+            return []
+        at = window * SHORT_BYTES
+        return [
+            (item_hash(key, digest)[at : at + SHORT_BYTES], key) for key, digest in records(packed)
+        ]
 
     def item_ids(self, bucket: int) -> dict[bytes, bytes]:
         """Item id (see ITEM_ID_BYTES) -> key, for the pairs of a leaf bucket."""
@@ -173,9 +238,9 @@ class HashTree:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         self.settle()
-        for items in self._buckets:
-            if items:
-                yield from items.items()
+        for packed in self._buckets:
+            if packed:
+                yield from records(packed)
 
     # -- Writing ------------------------------------------------------------------------------
 
@@ -192,12 +257,14 @@ class HashTree:
             self._touched.add(key)
         khash = key_hash(key)
         bucket = self._bucket_of(khash)
-        items = self._buckets[bucket]
-        if items is None or key not in items:
+        packed = self._buckets[bucket]
+        at = -1 if packed is None else _find(packed, key)
+        if packed is None or at < 0:
             return
-        old = items.pop(key)
-        if not items:
-            self._buckets[bucket] = None  # empty buckets cost nothing
+        start = at + 2 + len(key)
+        old = packed[start : start + DIGEST_BYTES]
+        rest = packed[:at] + packed[start + DIGEST_BYTES :]
+        self._buckets[bucket] = rest or None  # empty buckets cost nothing
         self._count -= 1
         self._xor(bucket, _item(khash, old))
 
@@ -236,20 +303,23 @@ class HashTree:
                 self._marked = dict.fromkeys(list(marked)[done:]) | self._marked
 
     def _put(self, key: bytes, digest: bytes) -> None:
+        if len(digest) != DIGEST_BYTES or len(key) > MAX_KEY_BYTES:
+            raise ValueError("a digest is 16 bytes, a key at most 65,535")
         khash = key_hash(key)
         bucket = self._bucket_of(khash)
-        items = self._buckets[bucket]
-        if items is None:
-            items = self._buckets[bucket] = {}
-        old = items.get(key)
-        if old == digest:
-            return
+        packed = self._buckets[bucket] or b""
+        at = _find(packed, key)
         delta = _item(khash, digest)
-        if old is None:
+        if at < 0:
             self._count += 1
+            self._buckets[bucket] = packed + len(key).to_bytes(2, "big") + key + digest
         else:
+            start = at + 2 + len(key)
+            old = packed[start : start + DIGEST_BYTES]
+            if old == digest:
+                return
             delta ^= _item(khash, old)
-        items[key] = digest
+            self._buckets[bucket] = packed[:start] + digest + packed[start + DIGEST_BYTES :]
         self._xor(bucket, delta)
 
     def _xor(self, bucket: int, delta: int) -> None:
