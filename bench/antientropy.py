@@ -2,6 +2,7 @@
 hash tree's cost at a million keys.
 
     python bench/antientropy.py [--keys 100000] [--diverge 10000] [--million 1000000] [--seed 1]
+        [--no-memory] [--tree-only]
 
 Stores are :class:`MemorySource` (dict, last writer wins), the network the in-memory
 :class:`~tests.harness.simnet.SimWorld` on trio's MockClock (1-2 ms per leg); protocol bytes
@@ -203,14 +204,31 @@ def hundred_thousand_runs(keys: int, large_diff: int, seed: int) -> list[Row]:
 
 def tree_memory(keys: int, seed: int) -> None:
     print(f"\nHash tree at {keys:,} keys (default shape {TreeShape().fanout}-way, depth 4)")
+    pairs = ((key_of(i), version_digest(1, "seed")) for i in range(keys))
+    tree = HashTree()
+    started = time.process_time()
+    tree.start_build()
+    tree.build(pairs)
+    tree.finish_build()
+    print(f"  build               {time.process_time() - started:>9.1f} s of CPU")
+    rng = random.Random(seed)
+    picks = [key_of(rng.randrange(keys)) for _ in range(100_000)]
+    digests = [version_digest(rng.randrange(1 << 40), "x") for _ in range(100_000)]
+    started = time.process_time()
+    for k, d in zip(picks, digests, strict=True):
+        tree.set(k, d)
+    per_set = (time.process_time() - started) / len(picks)
+    print(
+        f"  set()               {per_set * 1e6:>9.2f} us of CPU per write (100,000 random updates)"
+    )
+    del tree
     gc.collect()
+    # Memory: the same build again under tracemalloc (which slows it several times).
     tracemalloc.start()
     tree = HashTree()
-    started = time.perf_counter()
     tree.start_build()
     tree.build((key_of(i), version_digest(1, "seed")) for i in range(keys))
     tree.finish_build()
-    traced_build = time.perf_counter() - started
     memory, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     key_bytes = sum(len(key_of(i)) for i in range(0, keys, 97)) / len(range(0, keys, 97))
@@ -218,15 +236,6 @@ def tree_memory(keys: int, seed: int) -> None:
         f"  memory              {memory / 2**20:>9.0f} MiB = {memory / keys:.0f} B/key "
         f"(key content {key_bytes:.0f} B; the rest digests, containers and node hashes)"
     )
-    print(f"  build (traced)      {traced_build:>9.1f} s")
-    rng = random.Random(seed)
-    picks = [key_of(rng.randrange(keys)) for _ in range(100_000)]
-    digests = [version_digest(rng.randrange(1 << 40), "x") for _ in range(100_000)]
-    started = time.perf_counter()
-    for k, d in zip(picks, digests, strict=True):
-        tree.set(k, d)
-    per_set = (time.perf_counter() - started) / len(picks)
-    print(f"  set()               {per_set * 1e6:>9.2f} us per write (100,000 random updates)")
     del tree
     gc.collect()
 
@@ -258,9 +267,13 @@ def main() -> None:
     parser.add_argument("--diverge", type=int, default=10_000)
     parser.add_argument("--million", type=int, default=1_000_000, help="0 to skip")
     parser.add_argument("--no-memory", action="store_true", help="skip the tree's memory")
+    parser.add_argument("--tree-only", action="store_true", help="only the tree's memory")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.tree_only:
+        tree_memory(args.million, args.seed)
+        return
     rows = hundred_thousand_runs(args.keys, args.diverge, args.seed)
     if args.million:
         if not args.no_memory:
