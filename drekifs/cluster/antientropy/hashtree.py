@@ -21,6 +21,12 @@ to be kept in step. The cost is the key plus 18 bytes per key, and 33 bytes per 
 (bench/antientropy.py measures it at 1M keys: docs/decisions.md, issue 17). A write copies its
 bucket's string (a few keys: at 1M keys ~15 records, about a kilobyte).
 
+Beside the node hashes, a *sketch* of the items (an invertible Bloom lookup table,
+:class:`Sketch`): a few cells, each a count, an XOR of the (bucket, item id) of the items mapped
+to it and an XOR of a check of each; a write updates 3 cells per item it adds or removes. The
+difference of two peers' sketches lists the items that differ, when they are few (see
+:func:`peel`): anti-entropy then skips the descent of the tree.
+
 Building at start: :meth:`HashTree.start_build`, then :meth:`HashTree.build` over the store's
 (key, digest) pairs in chunks (or :meth:`HashTree.build_async`, which yields to trio between
 chunks), then :meth:`HashTree.finish_build`. Writes go through :meth:`HashTree.set` /
@@ -135,6 +141,87 @@ def _find(packed: bytes, key: bytes) -> int:
     return -1
 
 
+SKETCH_TABLES = 3  # cells an item is counted in, one per table
+SKETCH_SPAN = 3  # cells per table
+SKETCH_CELLS = SKETCH_TABLES * SKETCH_SPAN
+
+
+def element(bucket: int, item: int) -> int:
+    """An item in a sketch: its bucket and its item id's first 4 bytes (``item`` as an int)."""
+    return bucket << 32 | item >> 96
+
+
+def _cells(elem: int) -> tuple[int, int, int]:
+    """The cell of each table ``elem`` is counted in (from its item id's bytes: random)."""
+    return (
+        (elem & 0xFF) % SKETCH_SPAN,
+        SKETCH_SPAN + (elem >> 8 & 0xFF) % SKETCH_SPAN,
+        2 * SKETCH_SPAN + (elem >> 16 & 0xFF) % SKETCH_SPAN,
+    )
+
+
+class Sketch:
+    """An invertible Bloom lookup table of (bucket, item id) elements, updated in O(1): per
+    cell a count (sent mod 256) and the XOR of its elements. An element is ``element_bytes``
+    on the wire: the bucket's bytes (2 for 65,536 buckets) and 4 of the item id."""
+
+    def __init__(self, element_bytes: int) -> None:
+        self.element_bytes = element_bytes
+        self.counts = [0] * SKETCH_CELLS
+        self.elements = [0] * SKETCH_CELLS
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire."""
+        return SKETCH_CELLS * (1 + self.element_bytes)
+
+    def toggle(self, elem: int, sign: int) -> None:
+        """Add (``sign`` 1) or remove (-1) an element."""
+        counts, elements = self.counts, self.elements
+        for cell in _cells(elem):
+            counts[cell] += sign
+            elements[cell] ^= elem
+
+    def to_bytes(self) -> bytes:
+        width = self.element_bytes
+        return b"".join(
+            (c & 0xFF).to_bytes(1, "big") + e.to_bytes(width, "big")
+            for c, e in zip(self.counts, self.elements, strict=True)
+        )
+
+
+def peel(ours: Sketch, theirs: bytes) -> tuple[list[int], list[int]] | None:
+    """The elements only they hold and those only we hold, from their sketch (``ours.size``
+    bytes) minus ours; None when the difference is too large to list (no cell left holds a
+    single element, and not all are empty). A cell holds a single element when its count is
+    1 or -1 and that element maps to it; a mix that passes for one ends in cells not all empty
+    (or, with odds of 2**-32, in a list that the caller's check of the roots refuses)."""
+    width = 1 + ours.element_bytes
+    counts, elements = [], []
+    for cell in range(SKETCH_CELLS):
+        raw = theirs[cell * width : (cell + 1) * width]
+        diff = (raw[0] - ours.counts[cell]) & 0xFF
+        counts.append(diff - 256 if diff >= 128 else diff)
+        elements.append(int.from_bytes(raw[1:], "big") ^ ours.elements[cell])
+    only_theirs: list[int] = []
+    only_ours: list[int] = []
+    for _ in range(4 * SKETCH_CELLS):  # each round takes one element out, or stops
+        for cell in range(SKETCH_CELLS):
+            elem = elements[cell]
+            if counts[cell] in (1, -1) and cell in _cells(elem):
+                break
+        else:
+            break
+        sign = counts[cell]
+        (only_theirs if sign == 1 else only_ours).append(elem)
+        for c in _cells(elem):
+            counts[c] -= sign
+            elements[c] ^= elem
+    if any(counts) or any(elements):
+        return None
+    return only_theirs, only_ours
+
+
 class HashTree:
     """Node hashes of every level plus the packed (key, digest) records of every leaf bucket."""
 
@@ -158,6 +245,7 @@ class HashTree:
             [0] * self.shape.width(level) for level in range(self._depth + 1)
         ]
         self._buckets: list[bytes | None] = [None] * self.shape.leaves
+        self._sketch = Sketch((self._total_bits + 7) // 8 + SHORT_BYTES)
         self._count = 0
         self._touched: set[bytes] | None = None  # keys written during a build
         self._marked: dict[bytes, None] = {}  # changed keys not settled yet, in order
@@ -199,6 +287,21 @@ class HashTree:
         fanout = self.shape.fanout
         below = self._levels[level + 1][index * fanout : (index + 1) * fanout]
         return b"".join(h.to_bytes(HASH_BYTES, "big") for h in below)
+
+    def sketch(self) -> Sketch:
+        """The items' sketch (live: not to be modified)."""
+        self.settle()
+        return self._sketch
+
+    def key_of(self, elem: int) -> bytes | None:
+        """The key of the item a sketch element names, None if none here (or gone)."""
+        bucket, item = elem >> 32, (elem & 0xFFFFFFFF).to_bytes(SHORT_BYTES, "big")
+        if bucket >= self.shape.leaves:
+            return None
+        for short_id, key in self.short_ids(bucket, 0):
+            if short_id == item:
+                return key
+        return None
 
     def short_children(self, level: int, index: int, window: int) -> bytes:
         """:meth:`children`, each hash cut to its ``window``-th 4 bytes."""
@@ -266,7 +369,9 @@ class HashTree:
         rest = packed[:at] + packed[start + DIGEST_BYTES :]
         self._buckets[bucket] = rest or None  # empty buckets cost nothing
         self._count -= 1
-        self._xor(bucket, _item(khash, old))
+        gone = _item(khash, old)
+        self._sketch.toggle(element(bucket, gone), -1)
+        self._xor(bucket, gone)
 
     def update(self, key: bytes, digest: bytes | None) -> None:
         """:meth:`set`, or :meth:`remove` when ``digest`` is None; nothing when unchanged."""
@@ -309,7 +414,7 @@ class HashTree:
         bucket = self._bucket_of(khash)
         packed = self._buckets[bucket] or b""
         at = _find(packed, key)
-        delta = _item(khash, digest)
+        new = delta = _item(khash, digest)
         if at < 0:
             self._count += 1
             self._buckets[bucket] = packed + len(key).to_bytes(2, "big") + key + digest
@@ -318,8 +423,11 @@ class HashTree:
             old = packed[start : start + DIGEST_BYTES]
             if old == digest:
                 return
-            delta ^= _item(khash, old)
+            gone = _item(khash, old)
+            delta ^= gone
+            self._sketch.toggle(element(bucket, gone), -1)
             self._buckets[bucket] = packed[:start] + digest + packed[start + DIGEST_BYTES :]
+        self._sketch.toggle(element(bucket, new), 1)
         self._xor(bucket, delta)
 
     def _xor(self, bucket: int, delta: int) -> None:

@@ -1,28 +1,29 @@
 """Anti-entropy: compare hash trees with one random peer, repair both sides.
 
-One exchange, driven by the initiator (the responder keeps no state between calls). Hashes
-travel as 4-byte windows of the 16-byte ones (hashtree.SHORT_BYTES), another window for each
-exchange, so a chance equality (2**-32) lasts one exchange; each request carries our hashes
-of one level and its reply the peer's of the next, so one round trip descends two levels:
+One exchange, driven by the initiator (the responder keeps no state between calls):
 
-1. ``ae2.start``: our root and our level-1 hashes; the peer answers "in sync" when the roots
-   agree (one round trip), else a bitmap of the differing level-1 nodes and its level-2 hashes
-   under them.
-2. ``ae2.down`` (depth 4: once): our level-3 hashes under the level-2 nodes that differ; the
-   peer answers the bitmap of differing level-3 nodes and its leaf hashes under them.
+1. ``ae2.start``: our root and our sketch of the items (hashtree.Sketch, 60 bytes). The peer
+   answers "in sync" when the roots agree (one round trip). When the sketches' difference peels
+   (a few items differ) and accounts for the roots' difference, it answers with its entries we
+   lack and the elements of ours it lacks: we merge, push those (``ae.merge``), and the
+   exchange is over in two round trips. Otherwise it answers with its level-1 hashes.
+2. ``ae2.down``: the descent, two levels a round trip: our hashes of one level under the nodes
+   that differ; the peer answers a bitmap of the children that differ and its hashes one level
+   further down (at depth 4: twice, the second answer naming the differing leaf buckets).
 3. ``ae2.leaves``: our short item ids (4 bytes naming a (key, digest) pair) of the differing
    leaf buckets; the peer answers its entries whose ids we lack (pull, merged here), and a
    bitmap of our ids it lacks.
 4. ``ae.merge`` (push): our entries the peer lacks, except those whose pair the pull replaced
    here (the peer's version won).
 
-Bytes grow with the difference: per differing node 64 bytes (16 children x 4) and two bits, 4
-bytes per pair of a differing bucket, and the differing entries (the winner's side only, for
-a key newer here: its id goes, the peer's entry comes back and loses, ours goes). Every message
-is bounded (config.reply_bytes / request_bytes) and checked (:mod:`.wire`). A peer that does
-not know ``ae2.*`` (ENOSYS) gets the first protocol (``ae.root`` / ``ae.nodes`` / ``ae.leaves``
-/ ``ae.export``: full hashes, one level per round trip, then a separate export), which is still
-served.
+Hashes travel as 4-byte windows of the 16-byte ones (hashtree.SHORT_BYTES), another window each
+exchange, so a chance equality (2**-32) lasts one exchange. Bytes grow with the difference: per
+differing node 64 bytes (16 children x 4) and two bits, 4 bytes per pair of a differing bucket,
+and the differing entries (the winner's side only, for a key newer here: its id goes, the
+peer's entry comes back and loses, ours goes). Every message is bounded (config.reply_bytes /
+request_bytes) and checked (:mod:`.wire`). A peer that does not know ``ae2.*`` (ENOSYS) gets
+the first protocol (``ae.root`` / ``ae.nodes`` / ``ae.leaves`` / ``ae.export``: full hashes,
+one level per round trip, then a separate export), which is still served.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ class AntiEntropy:
             "shape": shape.to_wire(),
             "root": tree.root(),
             "w": window,
-            "hashes": tree.short_children(0, 0, window),
+            "sketch": tree.sketch().to_bytes(),
         }
         try:
             reply = await call(START, start)
@@ -257,48 +258,71 @@ class AntiEntropy:
             self.counters["first_protocol"] += 1  # an older peer
             await self._exchange_v1(call, result, push)
             return
-        if wire.field(reply, "bits") is None:
+        if isinstance(reply, dict) and "entries" in reply:
+            if await self._listed_by_sketch(call, reply, result, push):
+                return
+            # Not a list of ours (a mix of items that passed for one): descend instead.
+            self.counters["sketch_refused"] += 1
+            reply = await call(START, {**start, "sketch": None})
+        hashes = wire.field(reply, "hashes")
+        if hashes is None:
             result.in_sync = True
             return
-        # Descend: ``nodes`` (at ``level``) are ours to send the children of.
-        level, nodes = 0, [0]
-        while True:
-            if level > 0:
-                reply = None
-            differing, below = await self._descend(call, window, level, nodes, reply)
-            if level + 1 == shape.depth:
-                leaves = differing
-                break
-            assert below is not None
-            nodes = self._differing_short(level + 1, differing, below, window)
-            level += 2
-            if level == shape.depth or not nodes:
-                leaves = nodes
-                break
-        if not leaves:
+        # Too many differences for the sketch: descend, two levels a round trip, from the
+        # level-1 nodes that differ (``nodes`` at ``level``: ours to send the children of).
+        theirs = wire.short_hashes(hashes, shape.fanout)
+        level, nodes = 1, self._differing_short(0, [0], theirs, window)
+        while level < shape.depth and nodes:
+            differing, below = await self._descend(call, window, level, nodes)
+            if below is None:
+                level, nodes = level + 1, differing
+            else:
+                level, nodes = level + 2, self._differing_short(level + 1, differing, below, window)
+        if not nodes:
             return  # the difference was written away meanwhile
-        result.buckets = len(leaves)
-        lacking = await self._reconcile(call, window, leaves, result)
+        result.buckets = len(nodes)
+        lacking = await self._reconcile(call, window, nodes, result)
         if push:
             await self._push(call, lacking, result)
 
+    async def _listed_by_sketch(
+        self, call: Callable, reply: Any, result: SyncResult, push: bool
+    ) -> bool:
+        """The peer peeled the difference from our sketch: its entries we lack are here, and
+        the elements of ours it lacks; merge, and push those the pull did not replace. False
+        (after the merge) when an element names no item here: the peel was wrong."""
+        tree = self.tree
+        entries = wire.entries(wire.field(reply, "entries"), self.config)
+        width = tree.sketch().element_bytes
+        want = wire.elements(wire.field(reply, "want"), width, self.config)
+        listed = [tree.key_of(e) for e in want]
+        result.pulled += len(entries)
+        result.changed_here += self._merge(entries)
+        if None in listed:
+            return False
+        result.buckets = len({e >> 32 for e in want} | {tree.bucket(k) for k, _ in entries})
+        self.counters["sketch_listed"] += 1
+        if push:
+            # An element whose item is gone here (the peer's version won) names no key now.
+            keys = [k for k in map(tree.key_of, want) if k is not None]
+            await self._push(call, keys, result)
+        return True
+
     async def _descend(
-        self, call: Callable, window: int, level: int, nodes: list[int], first: Any
+        self, call: Callable, window: int, level: int, nodes: list[int]
     ) -> tuple[list[int], bytes | None]:
         """Send our short hashes of the children of ``nodes`` (at ``level``), paged; the
         children that differ, and the peer's short hashes of their own children (None when
-        those children are leaves). ``first``: the reply to ``ae2.start`` (level 0)."""
+        those children are leaves)."""
         tree, fanout = self.tree, self.tree.shape.fanout
         last = level + 1 == tree.shape.depth
         differing: list[int] = []
         below: list[bytes] = []
         for at in range(0, len(nodes), self._max_down):
             chunk = nodes[at : at + self._max_down]
-            reply = first
-            if reply is None:
-                hashes = b"".join(tree.short_children(level, n, window) for n in chunk)
-                args = {"w": window, "level": level, "nodes": chunk, "hashes": hashes}
-                reply = await call(DOWN, args)
+            hashes = b"".join(tree.short_children(level, n, window) for n in chunk)
+            args = {"w": window, "level": level, "nodes": chunk, "hashes": hashes}
+            reply = await call(DOWN, args)
             bits = wire.set_bits(wire.field(reply, "bits"), len(chunk) * fanout)
             children = [chunk[i // fanout] * fanout + i % fanout for i in bits]
             differing.extend(children)
@@ -569,14 +593,48 @@ class AntiEntropy:
         self.net.register(method, handler)
 
     def _on_start(self, args: Any) -> dict[str, Any]:
-        if wire.field(args, "shape") != self.tree.shape.to_wire():
+        tree = self.tree
+        if wire.field(args, "shape") != tree.shape.to_wire():
             raise Malformed("the hash tree shapes differ")
         theirs = wire.tree_hash(wire.field(args, "root"))
         window = wire.window(wire.field(args, "w"))
-        hashes = wire.short_hashes(wire.field(args, "hashes"), self.tree.shape.fanout)
-        if self.tree.root() == theirs:
-            return {"bits": None}
-        return self._compare(0, [0], hashes, window)
+        sketch = wire.field(args, "sketch")  # None: descend (our list was refused)
+        if sketch is not None:
+            sketch = wire.sketch(sketch, tree.sketch().size)
+        ours = tree.root()
+        if ours == theirs:
+            return {"hashes": None}
+        listed = None if sketch is None else self._list_by_sketch(ours, theirs, sketch)
+        if listed is not None:
+            return listed
+        return {"hashes": tree.short_children(0, 0, window)}
+
+    def _list_by_sketch(self, ours: bytes, theirs: bytes, sketch: bytes) -> dict | None:
+        """Our entries the initiator lacks and the elements of its we lack, when the sketches'
+        difference peels, agrees with the roots' (their first 4 bytes differ by the XOR of the
+        listed items' ids: a sketch out of step with its tree is not trusted) and every
+        element of ours names an item here; None to descend instead."""
+        tree = self.tree
+        peeled = hashtree.peel(tree.sketch(), sketch)
+        if peeled is None or not (peeled[0] or peeled[1]):
+            return None
+        only_theirs, only_ours = peeled
+        account = int.from_bytes(ours[:SHORT_BYTES], "big") ^ int.from_bytes(
+            theirs[:SHORT_BYTES], "big"
+        )
+        for elem in only_theirs + only_ours:
+            account ^= elem & 0xFFFFFFFF
+        if account:
+            return None
+        keys = [tree.key_of(e) for e in only_ours]
+        if None in keys:
+            return None  # not an item of ours: a mix of items passed for one
+        page, taken = self._export_page(keys, 0, self.config.reply_bytes)
+        if taken < len(keys):
+            return None  # more than one reply holds: the descent pages it
+        self.counters["sketch_peeled"] += 1
+        width = tree.sketch().element_bytes
+        return {"entries": page, "want": b"".join(e.to_bytes(width, "big") for e in only_theirs)}
 
     def _on_down(self, args: Any) -> dict[str, Any]:
         shape = self.tree.shape
