@@ -289,6 +289,7 @@ def million_runs(keys: int, seed: int) -> list[Row]:
             common = dict(keys=keys, base=base, values=values, seed=seed, rng=rng)
             rows.append(divergence_run(a, b, n, **common))
             base += n
+        rows.append(single_updates(a, b, 100, keys=keys, values=values, seed=seed))
         del a, b
         gc.collect()
     return rows
