@@ -730,6 +730,7 @@ BAD_REPLIES_V2 = [
     {"ae2.start": {"hashes": b"short"}},
     {"ae2.start": {"entries": "x", "want": b""}},
     {"ae2.start": {"entries": [], "want": b"12"}},  # not whole elements (5 bytes here)
+    {"ae2.start": {"entries": [], "want": bytes(5 * 37)}},  # more than a peel lists
     {"ae2.start": {"entries": [[b"mine", [-1, "x", b""]]], "want": b""}},  # refused
     {"ae2.start": {"entries": [], "want": "WANT"}, "ae.merge": {"changed": 5}},
     {"ae2.start": "ONE", "ae2.down": {"bits": b"\x00\x00", "hashes": None}},  # too long

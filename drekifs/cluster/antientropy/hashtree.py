@@ -144,6 +144,7 @@ def _find(packed: bytes, key: bytes) -> int:
 SKETCH_TABLES = 3  # cells an item is counted in, one per table
 SKETCH_SPAN = 3  # cells per table
 SKETCH_CELLS = SKETCH_TABLES * SKETCH_SPAN
+MAX_PEELED = 4 * SKETCH_CELLS  # elements one peel lists, at most
 
 
 def element(bucket: int, item: int) -> int:
@@ -205,7 +206,7 @@ def peel(ours: Sketch, theirs: bytes) -> tuple[list[int], list[int]] | None:
         elements.append(int.from_bytes(raw[1:], "big") ^ ours.elements[cell])
     only_theirs: list[int] = []
     only_ours: list[int] = []
-    for _ in range(4 * SKETCH_CELLS):  # each round takes one element out, or stops
+    for _ in range(MAX_PEELED):  # each round takes one element out, or stops
         for cell in range(SKETCH_CELLS):
             elem = elements[cell]
             if counts[cell] in (1, -1) and cell in _cells(elem):

@@ -295,6 +295,8 @@ class AntiEntropy:
         entries = wire.entries(wire.field(reply, "entries"), self.config)
         width = tree.sketch().element_bytes
         want = wire.elements(wire.field(reply, "want"), width, self.config)
+        if len(want) > hashtree.MAX_PEELED:
+            raise Malformed("more elements than a sketch lists")
         listed = [tree.key_of(e) for e in want]
         result.pulled += len(entries)
         result.changed_here += self._merge(entries)
