@@ -6,9 +6,10 @@ starts, frames.py), so a sender needs the instance before it can send. To an add
 instance it does not know, the transport sends a HELLO and queues the message (``wait``); the
 WELCOME that answers names the instance and releases the queue (``welcomed``). A peer that
 restarted answers DATA sealed for its previous life with a RETRY echoing the DATA's id:
-``retried`` finds where that DATA went and forgets the outdated instance, and a new HELLO
-follows. A HELLO also tells its receiver the instance of its sender (``heard``), so the answers
-a new peer provokes need no HELLO of their own.
+``retried`` finds where that DATA went and forgets the outdated instance; a new HELLO follows,
+and the message goes again once it is answered, so a restart loses no datagram. A HELLO also
+tells its receiver the instance of its sender (``heard``), so the answers a new peer provokes
+need no HELLO of their own.
 
 Bindings are by the address the sender used, never by the address an answer came from: a
 WELCOME or RETRY counts only when it echoes an id this transport sent (a HELLO's, a DATA's) and
@@ -31,7 +32,7 @@ QUEUE = 8  # messages kept per waiting address; older ones are dropped first
 QUEUED_FOR = 5.0  # seconds a queued message stays worth sending (a probe's answer is late by then)
 HELLO_EVERY = 0.25  # seconds before a HELLO unanswered is sent again (when there is news)
 HELLOS_KEPT = 8  # ids of HELLOs to one address whose WELCOME still counts (a slow peer's)
-SENT_KEPT = 4096  # ids of DATA sent that a RETRY may echo
+SENT_KEPT = 1024  # DATA sent that a RETRY may echo (it comes within a round trip)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Receivers:
         self._known: dict[PeerAddr, tuple[bytes, int]] = {}  # -> (instance, sent_ms it came)
         self._waiting: dict[PeerAddr, _Waiting] = {}
         self._hellos: dict[int, PeerAddr] = {}  # HELLO id -> where it went
-        self._sent: dict[int, tuple[PeerAddr, bytes]] = {}  # DATA id -> (where, instance)
+        # DATA id -> (where, the instance it was sealed for, its message)
+        self._sent: dict[int, tuple[PeerAddr, bytes, bytes]] = {}
         # The order they were sent in: a dict's own first key is slow to find once many at its
         # front were deleted (it walks past their slots).
         self._sent_order: deque[int] = deque()
@@ -68,13 +70,14 @@ class Receivers:
         entry = self._known.get(addr)
         return None if entry is None else entry[0]
 
-    def sent(self, ident: int, addr: PeerAddr, instance: bytes) -> None:
-        """A DATA went to ``addr`` sealed for ``instance``: a RETRY echoing it may follow."""
+    def sent(self, ident: int, addr: PeerAddr, instance: bytes, body: bytes) -> None:
+        """A DATA of ``body`` went to ``addr`` sealed for ``instance``: a RETRY echoing it may
+        follow, and then ``body`` goes again, to the new instance."""
         order = self._sent_order
         if len(order) >= SENT_KEPT:
             self._sent.pop(order.popleft(), None)
         order.append(ident)
-        self._sent[ident] = (addr, instance)
+        self._sent[ident] = (addr, instance, body)
 
     def wait(self, addr: PeerAddr, body: bytes | None, hello_id: int) -> bool:
         """Queue ``body`` (if any) for ``addr``, whose instance is not known; True when a HELLO
@@ -120,18 +123,19 @@ class Receivers:
         self._learn(addr, instance, sent_ms)
         return self._release(addr)
 
-    def retried(self, echo: int) -> PeerAddr | None:
+    def retried(self, echo: int) -> tuple[PeerAddr, bytes] | None:
         """A RETRY says the DATA ``echo`` found another instance there: the address it went to,
-        whose instance is forgotten (unless learnt anew since); None if we sent no such DATA."""
+        whose instance is forgotten (unless learnt anew since), and its message, to send again;
+        None if we sent no such DATA (or too long ago)."""
         entry = self._sent.pop(echo, None)
         if entry is None:
             return None
-        addr, instance = entry
+        addr, instance, body = entry
         known = self._known.get(addr)
         if known is not None and known[0] == instance:
             del self._known[addr]
             self.counters["udp.receiver-restarted"] += 1
-        return addr
+        return addr, body
 
     # -- the tables -----------------------------------------------------------------------------
 

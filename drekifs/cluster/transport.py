@@ -151,6 +151,9 @@ class Transport:
             )
         if self._udp is None and self._state == "new":
             raise RuntimeError("the transport is not serving yet: start serve() first")
+        self._send_body(to, body)
+
+    def _send_body(self, to: PeerAddr, body: bytes) -> None:
         instance = self._receivers.instance(to)
         if instance is None:  # its instance first: the message waits for the WELCOME
             self._hello(to, body)
@@ -160,7 +163,7 @@ class Transport:
     def _send_data(self, to: PeerAddr, instance: bytes, body: bytes) -> None:
         ident = _new_id()
         if self._seal_and_send(frames.DATA, instance, to, ident, body):
-            self._receivers.sent(ident, to, instance)
+            self._receivers.sent(ident, to, instance, body)
             self.counters["udp.sent"] += 1
 
     def _hello(self, to: PeerAddr, body: bytes | None) -> None:
@@ -308,7 +311,8 @@ class Transport:
                 self._control(
                     frames.RETRY, frames.NO_INSTANCE, source, _new_id(), frames.pack_retry(ident)
                 )
-                raise Malformed(frames.MISDIRECTED)
+                self._misdirected(source)
+                return
             msg = frames.unpack_message(body)
         except Malformed as e:
             self._ep.drop("udp", e.reason, source)
@@ -331,7 +335,8 @@ class Transport:
         not for this instance."""
         if kind == frames.WELCOME:
             if to != self.instance:
-                raise Malformed(frames.MISDIRECTED)
+                self._misdirected(source)
+                return
             echo, instance = frames.unpack_welcome(body)
             welcomed = self._receivers.welcomed(echo, instance, sent_ms)
             if welcomed is not None:
@@ -348,9 +353,15 @@ class Transport:
             for message in self._receivers.heard(source, instance, sent_ms):
                 self._send_data(source, instance, message)
         else:  # RETRY
-            addr = self._receivers.retried(frames.unpack_retry(body))
-            if addr is not None:
-                self._hello(addr, None)
+            retried = self._receivers.retried(frames.unpack_retry(body))
+            if retried is not None:
+                self._send_body(*retried)  # after a HELLO, unless its instance is known anew
+
+    def _misdirected(self, source: PeerAddr) -> None:
+        """Counted, but not logged as a warning: every sender of a peer that restarts sends
+        one or two such datagrams before it learns the new instance."""
+        self.counters[f"udp.dropped.{frames.MISDIRECTED}"] += 1
+        log.debug("udp from %s dropped: %s", addr_text(source), frames.MISDIRECTED)
 
 
 _CONTROL_SENT = {
