@@ -20,7 +20,7 @@ the address it is sent to. Every table is bounded; when full, the oldest entry g
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,14 +51,14 @@ class Receivers:
     ) -> None:
         self.counters = counters
         self._mono = monotonic
-        self._known: dict[PeerAddr, tuple[bytes, int]] = {}  # -> (instance, sent_ms it came)
-        self._waiting: dict[PeerAddr, _Waiting] = {}
+        # Ordered, so that the oldest goes first when full, in O(1) (a dict's first key is slow
+        # to find once many at its front were deleted: it walks past their slots).
+        self._known: OrderedDict[PeerAddr, tuple[bytes, int]] = OrderedDict()  # (instance, ms)
+        self._waiting: OrderedDict[PeerAddr, _Waiting] = OrderedDict()
         self._hellos: dict[int, PeerAddr] = {}  # HELLO id -> where it went
         # DATA id -> (where, the instance it was sealed for, its message)
         self._sent: dict[int, tuple[PeerAddr, bytes, bytes]] = {}
-        # The order they were sent in: a dict's own first key is slow to find once many at its
-        # front were deleted (it walks past their slots).
-        self._sent_order: deque[int] = deque()
+        self._sent_order: deque[int] = deque()  # their ids, oldest first
 
     def known(self) -> int:
         return len(self._known)
@@ -86,7 +86,7 @@ class Receivers:
         waiting = self._waiting.get(addr)
         if waiting is None:
             if len(self._waiting) >= WAITING:
-                evicted = self._drop_waiting(next(iter(self._waiting)))
+                evicted = self._drop_waiting(next(iter(self._waiting)))  # the oldest
                 self.counters["udp.queue-dropped"] += len(evicted.queue) if evicted else 0
             waiting = self._waiting[addr] = _Waiting(now - HELLO_EVERY)
         if body is not None:
@@ -142,7 +142,7 @@ class Receivers:
     def _learn(self, addr: PeerAddr, instance: bytes, sent_ms: int) -> None:
         known = self._known
         if addr not in known and len(known) >= KNOWN:
-            del known[next(iter(known))]
+            known.popitem(last=False)
         known[addr] = (instance, sent_ms)
 
     def _release(self, addr: PeerAddr) -> list[bytes]:
