@@ -14,9 +14,9 @@ from drekifs.cluster import frames, receivers
 from drekifs.cluster.keyring import KeyRing
 from drekifs.cluster.net import SEAL_OVERHEAD
 from drekifs.cluster.receivers import Receivers
-from drekifs.cluster.transport import DATAGRAM_OVERHEAD
+from drekifs.cluster.transport import DATAGRAM_OVERHEAD, Transport
 
-from .test_transport import Wiretap, eventually, free_port, replay, start
+from .test_transport import FAST, WORLD, Wiretap, eventually, free_port, replay, start
 
 
 def inbox(t: Any) -> list[Any]:
@@ -80,6 +80,36 @@ async def test_a_hello_teaches_its_receiver_who_sent_it(nursery) -> None:
     b.send_datagram(a.addr, "ack")  # b learnt a's instance from a's HELLO: no HELLO of its own
     await eventually(lambda: got_a == ["ack"], "the ack")
     assert a.counters["udp.hello.sent"] == 1 and b.counters["udp.hello.sent"] == 0
+
+
+async def test_a_peer_on_every_address_is_reached_under_each_one(nursery) -> None:
+    # Instances are learnt under the address the sender used, whatever address answers.
+    ring = KeyRing.generate()
+    a = await start(nursery, ring)
+    b = Transport(WORLD, ring, ("0.0.0.0", 0), limits=FAST)
+    await nursery.start(b.serve)
+    got_b = inbox(b)
+    port = b.addr[1]
+    for alias in ("127.0.0.1", "127.0.0.2"):
+        a.send_datagram((alias, port), alias)
+    await eventually(lambda: sorted(got_b) == ["127.0.0.1", "127.0.0.2"], "both datagrams")
+    assert a.stats()["datagram_receivers"] == {"known": 2, "waiting": 0}
+    assert b.counters["udp.dropped.misdirected"] == 0
+
+
+async def test_a_hello_replayed_is_answered_once(nursery) -> None:
+    ring = KeyRing.generate()
+    a, b = await start(nursery, ring), await start(nursery, ring)
+    inbox(b)
+    tap = Wiretap(b.addr)
+    await nursery.start(tap.run)
+    a.send_datagram(tap.addr, "hi")
+    await eventually(lambda: b.counters["udp.received"] == 1, "the datagram")
+    hello = tap.captured[0]
+    assert hello[0] == frames.HELLO
+    await replay(hello, b.addr, times=2)
+    await eventually(lambda: b.counters["udp.dropped.replay"] == 2, "the replays")
+    assert b.counters["udp.welcome.sent"] == 1
 
 
 async def test_messages_wait_for_the_welcome_and_a_silent_address_holds_few(nursery) -> None:
