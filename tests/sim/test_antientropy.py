@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from drekifs.cluster.antientropy import (
@@ -810,6 +810,11 @@ async def test_a_peer_of_the_first_protocol_still_converges(
 @given(
     st.lists(st.tuples(st.booleans(), st.integers(0, 80), st.integers(1, 9)), max_size=120),
     st.sampled_from([PAGED, AntiEntropyConfig(reply_bytes=120, request_bytes=40, max_items=3)]),
+)
+# Four keys on one side peel to a list longer than max_items: the responder descends instead.
+@example(
+    [(True, k, 1) for k in range(4)],
+    AntiEntropyConfig(reply_bytes=120, request_bytes=40, max_items=3),
 )
 @settings(max_examples=30, deadline=None)
 def test_big_buckets_are_listed_in_id_ranges(writes: list, config: Any) -> None:

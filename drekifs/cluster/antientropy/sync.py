@@ -621,6 +621,8 @@ class AntiEntropy:
         if peeled is None or not (peeled[0] or peeled[1]):
             return None
         only_theirs, only_ours = peeled
+        if len(only_theirs) > self.config.max_items:
+            return None  # a list the initiator may not take: the descent pages it
         account = int.from_bytes(ours[:SHORT_BYTES], "big") ^ int.from_bytes(
             theirs[:SHORT_BYTES], "big"
         )
