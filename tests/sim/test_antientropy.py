@@ -25,6 +25,7 @@ from drekifs.cluster.antientropy import (
     hashtree,
     version_digest,
 )
+from drekifs.cluster.antientropy.sync import MERGE_SLICE
 from drekifs.cluster.net import PeerUnreachable, RemoteError
 
 from ..harness.memsource import MemorySource
@@ -527,6 +528,50 @@ async def test_bytes_grow_with_the_difference(autojump_clock: trio.testing.MockC
             assert result.pulled + result.pushed == 1
             assert result.bytes_sent + result.bytes_received < 550 + 200
         assert a.counters["sketch_listed"] == 2
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts task steps: two calls made in the same step had no checkpoint between them."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_a_large_page_is_merged_in_slices(autojump_clock: trio.testing.MockClock) -> None:
+    """A page of thousands of tiny entries held a daemon's loop for seconds, its SWIM acks
+    with it: merged MERGE_SLICE at a time, with a checkpoint in between, both when pulling
+    and when a peer pushes."""
+    async with SimWorld(seed=7) as world:
+        a, b = peers(world, 2, shape=TreeShape())
+        for k in range(3000):
+            store(b if k % 3 else a).put(b"k%05d" % k, 1, "x", b"v")
+        steps = TaskSteps()
+        slices: list[tuple[int, int]] = []  # (entries merged in one call, task step)
+
+        def watch(source: MemorySource) -> None:
+            merge = source.merge
+
+            def sliced(entries: list) -> int:
+                slices.append((len(entries), steps.steps))
+                return merge(entries)
+
+            source.merge = sliced  # type: ignore[method-assign]
+
+        watch(store(a))
+        watch(store(b))
+        trio.lowlevel.add_instrument(steps)
+        try:
+            result = await a.sync(addr(1))
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert result.pulled == 2000 and result.pushed == 1000
+        assert_converged(a, b)
+        assert MERGE_SLICE <= 1024  # ~35 ms of merging at 34 us an entry
+        assert max(n for n, _ in slices) <= MERGE_SLICE and len(slices) >= 3000 // MERGE_SLICE
+        assert len({step for _, step in slices}) == len(slices)  # a checkpoint between any two
 
 
 async def test_paging_moves_everything(autojump_clock: trio.testing.MockClock) -> None:

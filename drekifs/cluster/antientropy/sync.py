@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import inspect
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 
 ROOT, NODES, LEAVES, EXPORT, MERGE = "ae.root", "ae.nodes", "ae.leaves", "ae.export", "ae.merge"
 START, DOWN, LISTING = "ae2.start", "ae2.down", "ae2.leaves"
+# Work done between two checkpoints, so the daemon's other tasks (SWIM's acks, FUSE) wait
+# milliseconds, not the seconds a page of tiny entries takes (docs/decisions.md, "A busy peer").
+MERGE_SLICE = 256  # entries merged into the store: ~9 ms at 34 us an entry
+EXPORT_SLICE = 1024  # entries read for a page: ~6 ms at 6 us an entry
+LISTING_SLICE = 256  # buckets listed
 
 
 @dataclass(slots=True)
@@ -299,7 +305,7 @@ class AntiEntropy:
             raise Malformed("more elements than a sketch lists")
         listed = [tree.key_of(e) for e in want]
         result.pulled += len(entries)
-        result.changed_here += self._merge(entries)
+        result.changed_here += await self._merge(entries)
         if None in listed:
             return False
         result.buckets = len({e >> 32 for e in want} | {tree.bucket(k) for k, _ in entries})
@@ -405,7 +411,7 @@ class AntiEntropy:
             if any(tree.bucket(k) not in asked for k, _ in entries):
                 raise Malformed("an entry not asked for")
             result.pulled += len(entries)
-            result.changed_here += self._merge(entries)
+            result.changed_here += await self._merge(entries)
         # A pair the pull replaced here (the peer's version won) need not go back.
         return [k for k, i in _current(tree, lacking, listed, window)]
 
@@ -528,13 +534,13 @@ class AntiEntropy:
             if len(entries) > done or any(tree.bucket(k) not in asked for k, _ in entries):
                 raise Malformed("an entry not asked for")
             result.pulled += len(entries)
-            result.changed_here += self._merge(entries)
+            result.changed_here += await self._merge(entries)
             start += done
 
     async def _push(self, call: Callable, keys: list[bytes], result: SyncResult) -> None:
         start = 0
         while start < len(keys):
-            page, start = self._export_page(keys, start, self.config.request_bytes)
+            page, start = await self._export_page(keys, start, self.config.request_bytes)
             if not page:
                 continue
             reply = await call(MERGE, {"entries": page})
@@ -545,12 +551,16 @@ class AntiEntropy:
 
     # -- Both sides ---------------------------------------------------------------------------
 
-    def _export_page(self, keys: list[bytes], start: int, budget: int) -> tuple[list[list], int]:
+    async def _export_page(
+        self, keys: list[bytes], start: int, budget: int
+    ) -> tuple[list[list], int]:
         """Our entries for keys[start:], as many as fit in ``budget`` bytes (at least one);
         and where the next page starts."""
         out: list[list] = []
         size, at, batch = 0, start, self.config.export_batch
         while at < len(keys) and len(out) < self.config.max_items:
+            if at > start and (at - start) % EXPORT_SLICE < batch:
+                await trio.lowlevel.checkpoint()  # a 2 MiB page is ~10^5 tiny entries
             chunk = keys[at : at + batch]
             exported = dict(self.source.export(chunk))
             for k in chunk:
@@ -564,16 +574,20 @@ class AntiEntropy:
                 at += 1
         return out, at
 
-    def _merge(self, entries: list[tuple[bytes, Any]]) -> int:
+    async def _merge(self, entries: list[tuple[bytes, Any]]) -> int:
         """Merge a peer's entries into the store (which keeps the tree up to date, as every
-        write does)."""
-        if not entries:
-            return 0
-        try:
-            changed = self.source.merge(entries)
-        except (ValueError, TypeError) as e:
-            raise Malformed(f"entries refused by the store: {e}") from None
-        self.counters["keys_repaired"] += changed
+        write does), MERGE_SLICE at a time: a page of tiny entries merged at once held the
+        daemon's loop for seconds, and its SWIM acks with it (docs/decisions.md)."""
+        changed = 0
+        for at in range(0, len(entries), MERGE_SLICE):
+            if at:
+                await trio.lowlevel.checkpoint()
+            try:
+                n = self.source.merge(entries[at : at + MERGE_SLICE])
+            except (ValueError, TypeError) as e:
+                raise Malformed(f"entries refused by the store: {e}") from None
+            self.counters["keys_repaired"] += n
+            changed += n
         return changed
 
     # -- Serving ------------------------------------------------------------------------------
@@ -586,6 +600,8 @@ class AntiEntropy:
                 raise RemoteError(errno.EAGAIN, "hash tree still being built")
             try:
                 reply = fn(args)
+                if inspect.isawaitable(reply):
+                    reply = await reply
             except Malformed as e:
                 self.counters["bad_requests"] += 1
                 raise RemoteError(errno.EINVAL, f"{method}: {e}") from None
@@ -594,7 +610,7 @@ class AntiEntropy:
 
         self.net.register(method, handler)
 
-    def _on_start(self, args: Any) -> dict[str, Any]:
+    async def _on_start(self, args: Any) -> dict[str, Any]:
         tree = self.tree
         if wire.field(args, "shape") != tree.shape.to_wire():
             raise Malformed("the hash tree shapes differ")
@@ -606,12 +622,12 @@ class AntiEntropy:
         ours = tree.root()
         if ours == theirs:
             return {"hashes": None}
-        listed = None if sketch is None else self._list_by_sketch(ours, theirs, sketch)
+        listed = None if sketch is None else await self._list_by_sketch(ours, theirs, sketch)
         if listed is not None:
             return listed
         return {"hashes": tree.short_children(0, 0, window)}
 
-    def _list_by_sketch(self, ours: bytes, theirs: bytes, sketch: bytes) -> dict | None:
+    async def _list_by_sketch(self, ours: bytes, theirs: bytes, sketch: bytes) -> dict | None:
         """Our entries the initiator lacks and the elements of its we lack, when the sketches'
         difference peels, agrees with the roots' (their first 4 bytes differ by the XOR of the
         listed items' ids: a sketch out of step with its tree is not trusted) and every
@@ -633,7 +649,7 @@ class AntiEntropy:
         keys = [tree.key_of(e) for e in only_ours]
         if None in keys:
             return None  # not an item of ours: a mix of items passed for one
-        page, taken = self._export_page(keys, 0, self.config.reply_bytes)
+        page, taken = await self._export_page(keys, 0, self.config.reply_bytes)
         if taken < len(keys):
             return None  # more than one reply holds: the descent pages it
         self.counters["sketch_peeled"] += 1
@@ -660,7 +676,7 @@ class AntiEntropy:
         below = b"".join(tree.short_children(level + 1, c, window) for _, c in found)
         return {"bits": bits, "hashes": below}
 
-    def _on_listing(self, args: Any) -> dict[str, Any]:
+    async def _on_listing(self, args: Any) -> dict[str, Any]:
         config, tree = self.config, self.tree
         window = wire.window(wire.field(args, "w"))
         buckets = wire.int_list(wire.field(args, "buckets"), tree.shape.leaves, config, "buckets")
@@ -677,6 +693,8 @@ class AntiEntropy:
         lack: list[list[tuple[int, bytes]]] = []  # per bucket: (position in ids, id)
         at, last = 0, len(buckets) - 1
         for i, (bucket, count) in enumerate(zip(buckets, counts, strict=True)):
+            if i % LISTING_SLICE == LISTING_SLICE - 1:
+                await trio.lowlevel.checkpoint()
             end = at + count * SHORT_BYTES
             theirs = [ids[j : j + SHORT_BYTES] for j in range(at, end, SHORT_BYTES)]
             if theirs != sorted(theirs):
@@ -694,7 +712,7 @@ class AntiEntropy:
             first = at // SHORT_BYTES
             lack.append([(first + n, item) for n, item in enumerate(theirs) if item not in have])
             at = end
-        page, taken = self._export_page([k for _, _, k in missing], 0, config.reply_bytes)
+        page, taken = await self._export_page([k for _, _, k in missing], 0, config.reply_bytes)
         if taken >= len(missing):
             positions = [p for per in lack for p, _ in per]
             return {"entries": page, "lack": wire.bitmap(positions, sum(counts)), "next": None}
@@ -729,7 +747,7 @@ class AntiEntropy:
             raise Malformed("too many nodes")
         return {"hashes": b"".join(self.tree.children(level, n) for n in nodes)}
 
-    def _on_leaves(self, args: Any) -> dict[str, Any]:
+    async def _on_leaves(self, args: Any) -> dict[str, Any]:
         config, tree = self.config, self.tree
         buckets = wire.int_list(wire.field(args, "buckets"), tree.shape.leaves, config, "buckets")
         after = wire.field(args, "after")
@@ -740,6 +758,8 @@ class AntiEntropy:
         ids: list[bytes] = []
         counts: list[int] = []
         for i, bucket in enumerate(buckets):
+            if i % LISTING_SLICE == LISTING_SLICE - 1:
+                await trio.lowlevel.checkpoint()
             counts.append(0)
             for item in sorted(tree.item_ids(bucket)):
                 if i == 0 and after is not None and item <= after:
@@ -756,7 +776,7 @@ class AntiEntropy:
                 counts[-1] += 1
         return {"ids": b"".join(ids), "counts": counts, "next": None}
 
-    def _on_export(self, args: Any) -> dict[str, Any]:
+    async def _on_export(self, args: Any) -> dict[str, Any]:
         config, tree = self.config, self.tree
         buckets = wire.int_list(wire.field(args, "buckets"), tree.shape.leaves, config, "buckets")
         ids = wire.ids(wire.field(args, "ids"), len(buckets))
@@ -770,16 +790,16 @@ class AntiEntropy:
             if key is not None:  # None: written or collected since the listing
                 keys.append(key)
             done.append(len(keys))
-        page, taken = self._export_page(keys, 0, config.reply_bytes)
+        page, taken = await self._export_page(keys, 0, config.reply_bytes)
         # Items answered: all up to the first one whose key did not make it into the page.
         answered = bisect.bisect_right(done, taken) if taken < len(keys) else len(buckets)
         return {"entries": page, "done": max(1, answered) if buckets else 0}
 
-    def _on_merge(self, args: Any) -> dict[str, Any]:
+    async def _on_merge(self, args: Any) -> dict[str, Any]:
         entries = wire.entries(wire.field(args, "entries"), self.config)
         if sum(len(k) for k, _ in entries) > self.config.request_bytes:
             raise Malformed("entries: too many bytes")
-        return {"changed": self._merge(entries)}
+        return {"changed": await self._merge(entries)}
 
     # -- Reporting ----------------------------------------------------------------------------
 
