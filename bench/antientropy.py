@@ -2,6 +2,7 @@
 hash tree's cost at a million keys.
 
     python bench/antientropy.py [--keys 100000] [--diverge 10000] [--million 1000000] [--seed 1]
+        [--no-memory] [--tree-only]
 
 Stores are :class:`MemorySource` (dict, last writer wins), the network the in-memory
 :class:`~tests.harness.simnet.SimWorld` on trio's MockClock (1-2 ms per leg); protocol bytes
@@ -50,9 +51,18 @@ def entry_bytes(source: MemorySource, key: bytes) -> int:
     return 0 if entry is None else len(msgpack.packb([key, list(entry)]))
 
 
-def diverge(a: MemorySource, b: MemorySource, n: int, base: int, rng: random.Random) -> list[bytes]:
+def diverge(
+    a: MemorySource,
+    b: MemorySource,
+    n: int,
+    base: int,
+    rng: random.Random,
+    value: Callable[[], bytes] | None = None,
+) -> list[bytes]:
     """Make ``n`` keys differ: 30% newer on each side, 10% concurrent, 10% new on each side
-    (as many as n allows), 5% deleted (a tombstone) on each side. Returns the keys."""
+    (as many as n allows), 5% deleted (a tombstone) on each side; a single key is new on A.
+    Values from ``value`` (100-1000 random bytes by default). Returns the keys."""
+    value = value or (lambda: rng.randbytes(rng.randrange(100, 1001)))
     picks = rng.sample(range(base), n)
     plan = (
         ["a"] * (3 * n // 10)
@@ -65,13 +75,13 @@ def diverge(a: MemorySource, b: MemorySource, n: int, base: int, rng: random.Ran
     plan += ["new-a"] * (n - len(plan))
     keys = []
     for i, (what, pick) in enumerate(zip(plan, picks, strict=True)):
-        value = rng.randbytes(rng.randrange(100, 1001))
+        v = value()
         key = key_of(base + i) if what.startswith("new") else key_of(pick)
         keys.append(key)
         if what in ("a", "new-a", "both"):
-            a.put(key, 2, "peer-a", value)
+            a.put(key, 2, "peer-a", v)
         if what in ("b", "new-b", "both"):
-            b.put(key, 2, "peer-b", value)
+            b.put(key, 2, "peer-b", v)
         if what == "del-a":
             a.put(key, 3, "peer-a", None)
         if what == "del-b":
@@ -127,11 +137,29 @@ def report(label: str, result: SyncResult, wall: float, differing: int, winners:
     )
 
 
-def divergence_run(keys: int, n: int, seed: int) -> None:
-    rng = random.Random(seed)
+Row = tuple[str, int, int, float, int]  # case, protocol bytes, differing bytes, ratio, trips
+TINY = (8, 33)  # tiny values: 8-32 bytes
+LARGE = (100, 1001)  # the default: 100-1000 bytes, ~550 on average
+
+
+def divergence_run(
+    a: MemorySource,
+    b: MemorySource,
+    n: int,
+    *,
+    keys: int,
+    base: int,
+    values: tuple[int, int],
+    seed: int,
+    rng: random.Random,
+) -> Row:
+    """Make ``n`` keys differ (new ones from key number ``base`` on), sync, check, report."""
+    low, high = values
     started = time.perf_counter()
-    a, b = two_stores(keys, rng, lambda: rng.randbytes(rng.randrange(100, 1001)))
-    changed = diverge(a, b, n, keys, rng) if n else []
+    # One key: a value of the mean size, so that the ratio does not hang on one random draw.
+    mean = (low + high) // 2
+    size = (lambda: mean) if n == 1 else (lambda: rng.randrange(low, high))
+    changed = diverge(a, b, n, base, rng, lambda: rng.randbytes(size())) if n else []
     differing = sum(entry_bytes(a, k) + entry_bytes(b, k) for k in changed)
     expected = {}
     for k in changed:
@@ -140,59 +168,131 @@ def divergence_run(keys: int, n: int, seed: int) -> None:
     winners = sum(len(msgpack.packb([k, list(e)])) for k, e in expected.items())
     setup = time.perf_counter() - started
     first, second, wall = sync_once(a, b, seed)
-    converged = a.entries == b.entries and a.tree.root() == b.tree.root()
-    label = f"{n:,} differing keys of {keys:,} (setup {setup:.1f} s)"
-    report(label, first, wall, differing, winners)
+    converged = a.tree.root() == b.tree.root() and all(
+        a.entries.get(k) == b.entries.get(k) == e for k, e in expected.items()
+    )
+    size = f"{low}-{high - 1} B values"
+    label = f"{n:,} differing keys of {keys:,}, {size} (setup {setup:.1f} s)"
+    report(label, first, wall, differing, winners or 1)
     print(
         f"  converged: {converged}; second sync in sync: {second.in_sync} "
         f"({second.bytes_sent + second.bytes_received} bytes, {second.round_trips} round trip)"
     )
     assert converged and second.in_sync
-    assert all(a.entries[k] == e for k, e in expected.items())
+    total = first.bytes_sent + first.bytes_received
+    ratio = total / differing if differing else 0.0
+    return (f"{n:,} of {keys:,}, {size}", total, differing, ratio, first.round_trips)
 
 
-def million_run(keys: int, seed: int) -> None:
-    print(f"\nHash tree at {keys:,} keys (default shape {TreeShape().fanout}-way, depth 4)")
-    gc.collect()
-    tracemalloc.start()
-    tree = HashTree()
-    started = time.perf_counter()
-    tree.start_build()
-    tree.build((key_of(i), version_digest(1, "seed")) for i in range(keys))
-    tree.finish_build()
-    traced_build = time.perf_counter() - started
-    memory, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    key_bytes = sum(len(k) for k, _ in tree.items()) / len(tree)
+def single_updates(
+    a: MemorySource, b: MemorySource, tries: int, *, keys: int, values: tuple[int, int], seed: int
+) -> Row:
+    """``tries`` times, one key of the ``keys`` written anew on one side (a value of the mean
+    size), one sync: the median and worst ratio, and how often the sketch listed it (both
+    sides' versions differ: two items, which the sketch does not always peel)."""
+    rng = random.Random(seed)
+    mean = (values[0] + values[1]) // 2
+    runs = []  # (ratio, protocol bytes, differing bytes, round trips)
+    for t in range(tries):
+        key = key_of(rng.randrange(keys))
+        (a if t % 2 else b).put(key, 10 + t, "writer", rng.randbytes(mean))
+        differing = entry_bytes(a, key) + entry_bytes(b, key)
+        first, second, _ = sync_once(a, b, seed + t)
+        assert a.entries[key] == b.entries[key] and second.in_sync
+        total = first.bytes_sent + first.bytes_received
+        runs.append((total / differing, total, differing, first.round_trips))
+    runs.sort()
+    by_sketch = sum(trips <= 2 for *_, trips in runs)
+    median, worst = runs[len(runs) // 2], runs[-1]
+    size = f"{values[0]}-{values[1] - 1} B values"
     print(
-        f"  memory              {memory / 2**20:>9.0f} MiB = {memory / keys:.0f} B/key "
-        f"(keys {key_bytes:.0f} B + digest + dicts + node hashes)"
+        f"\n1 key updated on one side, {tries} times, of {keys:,}, {size}: ratio median "
+        f"{median[0]:.2f}, worst {worst[0]:.2f}; listed by the sketch {by_sketch} of {tries} times"
     )
-    print(f"  build (traced)      {traced_build:>9.1f} s")
+    label = (
+        f"1 updated of {keys:,}, {size} (median of {tries}; worst {worst[0]:.2f}, "
+        f"by the sketch {by_sketch} of {tries})"
+    )
+    return (label, median[1], median[2], median[0], median[3])
+
+
+def hundred_thousand_runs(keys: int, large_diff: int, seed: int) -> list[Row]:
+    """Divergences over ``keys`` keys: large values, then a store of tiny values only."""
+    rng = random.Random(seed)
+    rows = []
+    for values, cases in ((LARGE, (0, 1, 10, large_diff)), (TINY, (1, 10))):
+        started = time.perf_counter()
+        a, b = two_stores(keys, rng, lambda v=values: rng.randbytes(rng.randrange(*v)))
+        took = time.perf_counter() - started
+        print(f"\ntwo stores of {keys:,} keys, {values[0]}-{values[1] - 1} B values: {took:.1f} s")
+        base = keys
+        for n in cases:
+            common = dict(keys=keys, base=base, values=values, seed=seed, rng=rng)
+            rows.append(divergence_run(a, b, n, **common))
+            base += max(n, 1)
+        rows.append(single_updates(a, b, 100, keys=keys, values=values, seed=seed))
+        del a, b
+    return rows
+
+
+def tree_memory(keys: int, seed: int) -> None:
+    print(f"\nHash tree at {keys:,} keys (default shape {TreeShape().fanout}-way, depth 4)")
+    pairs = ((key_of(i), version_digest(1, "seed")) for i in range(keys))
+    tree = HashTree()
+    started = time.process_time()
+    tree.start_build()
+    tree.build(pairs)
+    tree.finish_build()
+    print(f"  build               {time.process_time() - started:>9.1f} s of CPU")
     rng = random.Random(seed)
     picks = [key_of(rng.randrange(keys)) for _ in range(100_000)]
     digests = [version_digest(rng.randrange(1 << 40), "x") for _ in range(100_000)]
-    started = time.perf_counter()
+    started = time.process_time()
     for k, d in zip(picks, digests, strict=True):
         tree.set(k, d)
-    per_set = (time.perf_counter() - started) / len(picks)
-    print(f"  set()               {per_set * 1e6:>9.2f} us per write (100,000 random updates)")
+    per_set = (time.process_time() - started) / len(picks)
+    print(
+        f"  set()               {per_set * 1e6:>9.2f} us of CPU per write (100,000 random updates)"
+    )
+    del tree
+    gc.collect()
+    # Memory: the same build again under tracemalloc (which slows it several times).
+    tracemalloc.start()
+    tree = HashTree()
+    tree.start_build()
+    tree.build((key_of(i), version_digest(1, "seed")) for i in range(keys))
+    tree.finish_build()
+    memory, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    key_bytes = sum(len(key_of(i)) for i in range(0, keys, 97)) / len(range(0, keys, 97))
+    print(
+        f"  memory              {memory / 2**20:>9.0f} MiB = {memory / keys:.0f} B/key "
+        f"(key content {key_bytes:.0f} B; the rest digests, containers and node hashes)"
+    )
     del tree
     gc.collect()
 
-    # A 10-key divergence on a million keys: values small and shared (memory), so the
-    # protocol bytes are nearly all hashes and bucket listings.
-    value = b"v" * 200
-    started = time.perf_counter()
-    a, b = two_stores(keys, rng, lambda: value)
-    changed = diverge(a, b, 10, keys, rng)
-    differing = sum(entry_bytes(a, k) + entry_bytes(b, k) for k in changed)
-    setup = time.perf_counter() - started
-    first, second, wall = sync_once(a, b, seed)
-    report(
-        f"10 differing keys of {keys:,} (setup {setup:.1f} s)", first, wall, differing, differing
-    )
-    assert a.entries == b.entries and second.in_sync
+
+def million_runs(keys: int, seed: int) -> list[Row]:
+    """Divergences over a million keys: base values of one size and shared (memory), so the
+    protocol bytes are nearly all hashes, bucket listings and the differing entries."""
+    rng = random.Random(seed)
+    rows = []
+    for values, cases in ((LARGE, (1, 10)), (TINY, (1, 10))):
+        value = b"v" * ((values[0] + values[1]) // 2)
+        started = time.perf_counter()
+        a, b = two_stores(keys, rng, lambda v=value: v)
+        took = time.perf_counter() - started
+        print(f"\ntwo stores of {keys:,} keys of {len(value)} B: {took:.1f} s")
+        base = keys
+        for n in cases:
+            common = dict(keys=keys, base=base, values=values, seed=seed, rng=rng)
+            rows.append(divergence_run(a, b, n, **common))
+            base += n
+        rows.append(single_updates(a, b, 100, keys=keys, values=values, seed=seed))
+        del a, b
+        gc.collect()
+    return rows
 
 
 def main() -> None:
@@ -200,14 +300,24 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--diverge", type=int, default=10_000)
     parser.add_argument("--million", type=int, default=1_000_000, help="0 to skip")
+    parser.add_argument("--no-memory", action="store_true", help="skip the tree's memory")
+    parser.add_argument("--tree-only", action="store_true", help="only the tree's memory")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     started = time.perf_counter()
-    divergence_run(args.keys, args.diverge, args.seed)
-    divergence_run(args.keys, 10, args.seed)
-    divergence_run(args.keys, 0, args.seed)
+    if args.tree_only:
+        tree_memory(args.million, args.seed)
+        return
+    rows = hundred_thousand_runs(args.keys, args.diverge, args.seed)
     if args.million:
-        million_run(args.million, args.seed)
+        if not args.no_memory:
+            tree_memory(args.million, args.seed)
+        rows += million_runs(args.million, args.seed)
+    print("\n| case | protocol bytes | differing bytes | ratio | round trips |")
+    print("|---|---|---|---|---|")
+    for case, total, differing, ratio, trips in rows:
+        shown = f"{ratio:.2f}" if differing else "—"
+        print(f"| {case} | {total:,} | {differing:,} | {shown} | {trips} |")
     print(f"\nbench wall time {time.perf_counter() - started:.0f} s")
 
 

@@ -27,9 +27,26 @@ The client sends its proof as soon as it has the server's hello, and its request
 without waiting for an answer. The proof is small so that a server buffers no more than that for
 a client that has not shown it holds a key: only then may frames be as large as ``max_frame``.
 
-**UDP.** A datagram is ``KeyRing.seal(msgpack([sent_ms, id, msg]), world | 0x00 | b"drekifs udp
-v1")``, at most ``net.MAX_DATAGRAM`` bytes: ``sent_ms`` the sender's wall clock in milliseconds,
-``id`` 64 random bits; the receiver's :class:`~drekifs.cluster.replay.ReplayGuard` judges them.
+**UDP.** A datagram names the transport it is for: every transport draws a random 8-byte
+*instance* when it starts (a new one each life, so nothing sealed for an earlier life opens in
+this one), and senders learn it with a HELLO before they send anything else::
+
+    datagram = kind (1) | to (8) | KeyRing.seal(stamp | body, aad)
+    aad      = world | 0x00 | b"drekifs udp v2" | kind | to
+    stamp    = sent_ms (8, big-endian) | id (8)
+
+    DATA     to = the receiver's instance   body = msgpack(msg)
+    HELLO    to = 0 (not known yet)         body = the sender's instance (8)
+    WELCOME  to = the HELLO's sender        body = the HELLO's id (8) | the receiver's instance (8)
+    RETRY    to = 0                         body = the id (8) of a DATA that was not for us
+
+``sent_ms`` is the sender's wall clock in milliseconds, ``id`` 64 random bits; the receiver's
+:class:`~drekifs.cluster.replay.ReplayGuard` judges them. A DATA whose ``to`` is not this
+transport's instance (sealed for another peer, or for this one before it restarted) is dropped
+before its message is decoded, and answered with a RETRY that echoes its id, so that a sender
+with an outdated instance learns the new one at once (cluster/receivers.py). At most
+``net.MAX_DATAGRAM`` bytes in all. Version 1 (no ``kind``, no ``to``, first byte 0x01) is not
+read any more: its datagrams are dropped as junk (docs/decisions.md, issue 17).
 
 Decoding raises only :class:`Malformed`, whose ``reason`` names the counter the transport bumps.
 """
@@ -55,7 +72,19 @@ KEY_ID = slice(1, 5)  # where a sealed message names its key: version (1) | key 
 AUTH_FRAME_MAX = 128  # a proof sealed weighs OVERHEAD + 2 bytes
 REQUEST_TAG = b"drekifs tcp request v1"
 REPLY_TAG = b"drekifs tcp reply v1"
-DATAGRAM_TAG = b"drekifs udp v1"
+DATAGRAM_TAG = b"drekifs udp v2"
+
+# Datagram kinds (the first byte): never 0x01, the key ring's version, which began version 1's.
+DATA = 0x21
+HELLO = 0x22
+WELCOME = 0x23
+RETRY = 0x24
+DATAGRAM_KINDS = frozenset((DATA, HELLO, WELCOME, RETRY))
+INSTANCE_BYTES = 8
+NO_INSTANCE = bytes(INSTANCE_BYTES)
+DATAGRAM_HEAD = 1 + INSTANCE_BYTES  # kind | to, in clear (and bound in as associated data)
+STAMP = struct.Struct(">QQ")  # sent_ms, id
+ECHO = struct.Struct(">Q")
 
 # Room taken in a payload by everything but the packed method/args/result: an array header and
 # up to three 9-byte ints or a bool. Used to refuse an oversized message before sealing it.
@@ -70,6 +99,7 @@ BAD_AUTH = "bad-auth"  # does not open: tampered, another world, another connect
 NOT_MSGPACK = "not-msgpack"
 SHAPE = "shape"  # msgpack, but not a request/reply/datagram
 REPLAY = "replay"  # out of sequence within a connection
+MISDIRECTED = "misdirected"  # a datagram sealed for another transport, or an earlier life of ours
 
 
 class Malformed(Exception):
@@ -146,6 +176,7 @@ class Session:
 
 
 def datagram_aad(world: bytes) -> bytes:
+    """The associated data every datagram's starts with; its head (kind | to) follows."""
     return world + b"\0" + DATAGRAM_TAG
 
 
@@ -284,13 +315,61 @@ def unpack_reply(plaintext: bytes) -> tuple[int, int, bool, Any]:
     return m[0], m[1], False, (e[0], e[1])
 
 
-def pack_datagram(sent_ms: int, ident: int, msg: bytes) -> bytes:
-    """``msg`` already packed."""
-    return _ARRAY3 + _packb(sent_ms) + _packb(ident) + msg
+# -- datagrams -------------------------------------------------------------------------------
 
 
-def unpack_datagram(plaintext: bytes) -> tuple[int, int, Any]:
-    m = _unpack(plaintext)
-    if type(m) is not list or len(m) != 3 or not _is_int(m[0]) or not _is_int(m[1]):
+def datagram_head(kind: int, to: bytes) -> bytes:
+    return bytes((kind,)) + to
+
+
+def split_datagram(data: bytes) -> tuple[int, bytes, bytes]:
+    """``(kind, head, sealed)``; Malformed(JUNK) when it cannot be one of ours."""
+    if len(data) < DATAGRAM_HEAD + OVERHEAD or data[0] not in DATAGRAM_KINDS:
+        raise Malformed(JUNK)
+    return data[0], data[:DATAGRAM_HEAD], data[DATAGRAM_HEAD:]
+
+
+def pack_datagram(sent_ms: int, ident: int, body: bytes) -> bytes:
+    """The plaintext: the stamp, then ``body`` (a packed message, or a control body)."""
+    return STAMP.pack(sent_ms, ident) + body
+
+
+def unpack_stamp(plaintext: bytes) -> tuple[int, int]:
+    """``(sent_ms, id)``; the body is ``plaintext[STAMP.size:]``."""
+    if len(plaintext) < STAMP.size:
         raise Malformed(SHAPE)
-    return m[0], m[1], m[2]
+    return STAMP.unpack_from(plaintext)
+
+
+def unpack_message(body: bytes) -> Any:
+    """A DATA's message."""
+    return _unpack(body)
+
+
+def unpack_instance(body: bytes) -> bytes:
+    """A HELLO's body: its sender's instance."""
+    if len(body) != INSTANCE_BYTES or body == NO_INSTANCE:
+        raise Malformed(SHAPE)
+    return body
+
+
+def pack_welcome(echo: int, instance: bytes) -> bytes:
+    return ECHO.pack(echo) + instance
+
+
+def unpack_welcome(body: bytes) -> tuple[int, bytes]:
+    """A WELCOME's body: ``(the HELLO's id, the instance of who answers)``."""
+    if len(body) != ECHO.size + INSTANCE_BYTES:
+        raise Malformed(SHAPE)
+    return ECHO.unpack_from(body)[0], unpack_instance(body[ECHO.size :])
+
+
+def pack_retry(echo: int) -> bytes:
+    return ECHO.pack(echo)
+
+
+def unpack_retry(body: bytes) -> int:
+    """A RETRY's body: the id of the DATA that was not for its receiver."""
+    if len(body) != ECHO.size:
+        raise Malformed(SHAPE)
+    return ECHO.unpack(body)[0]

@@ -29,8 +29,9 @@ DatagramHandler = Callable[[PeerAddr, Any], None]
 CallHandler = Callable[[PeerAddr, Any], Awaitable[Any]]
 
 MAX_DATAGRAM = 1400  # bytes on the wire, sealed: what a probe may weigh
-# What the transport adds to a datagram, at most: keyring.OVERHEAD (45) and the replay header.
-SEAL_OVERHEAD = 64
+# What the transport adds to a datagram: kind and receiver (9), keyring.OVERHEAD (45) and the
+# stamp (16): transport.DATAGRAM_OVERHEAD, which a test holds equal.
+SEAL_OVERHEAD = 70
 
 
 class PeerUnreachable(Exception):
@@ -51,8 +52,9 @@ class Network(Protocol):
     addr: PeerAddr  # this peer's own address
 
     def send_datagram(self, to: PeerAddr, msg: Any) -> None:
-        """Best effort, never blocks, may be lost, reordered or delayed. A message that would
-        not fit in MAX_DATAGRAM once sealed raises ValueError (a bug of the caller)."""
+        """Best effort, never blocks, may be lost, reordered or delayed (the transport holds the
+        first to a peer for a round trip, while it learns the peer's instance). A message that
+        would not fit in MAX_DATAGRAM once sealed raises ValueError (a bug of the caller)."""
 
     def on_datagram(self, handler: DatagramHandler) -> None:
         """Every datagram that arrives (authenticated, decoded) goes to ``handler``, which must

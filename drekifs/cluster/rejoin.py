@@ -26,6 +26,12 @@ from .antientropy import SyncResult
 from .net import PeerAddr
 
 RETURN_EXCHANGES = 6  # the simulation: 3 left a 12 s tail (seed 1, 5% loss); 4-8 converge at once
+PUSH_TO_RETURNING = False
+"""An exchange with a returning member only pulls. Both sides of a heal see the other come back,
+so each pulls the other's writes; a restarted member catches up by itself (pull and push). With
+push, every peer that saw a member with an empty store come back pushed it the whole store at
+once: 4 peers x 100,000 entries into one daemon, which missed its SWIM acks for seconds and was
+declared dead (bench/busy_peer.py; docs/decisions.md, "A busy peer")."""
 EXCHANGE_TIMEOUT = 30.0  # seconds one exchange with a returning member may take
 
 Exchange = Callable[[str, PeerAddr], Awaitable[bool]]

@@ -22,7 +22,9 @@ Counters (``stats()["counters"]``)::
                  handshake-timeout,send-timeout}
     udp.sent  udp.send-failed  udp.received  udp.unhandled  udp.handler-error  udp.receive-error
     udp.dropped.{junk,oversized,foreign-key,bad-auth,not-msgpack,shape,stale,replay,
-                 replay-cache-full}
+                 replay-cache-full,misdirected}
+    udp.{hello,welcome,retry}.sent  udp.queued  udp.queue-dropped  udp.queue-expired
+    udp.receiver-restarted                        datagrams' receivers (receivers.py)
     keyring.reloaded
 """
 
@@ -46,6 +48,7 @@ from .frames import Keys, Malformed
 from .keyring import OVERHEAD, KeyRing
 from .limits import Limits
 from .net import MAX_DATAGRAM, CallHandler, DatagramHandler, PeerAddr, PeerUnreachable, addr_text
+from .receivers import Receivers
 from .replay import ReplayGuard
 from .rpcclient import Caller
 from .rpcserver import Server
@@ -55,6 +58,19 @@ log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn; see limits.max_handshakes
 BIND_ATTEMPTS = 20  # with port 0: ports tried to find one free for both TCP and UDP
 UDP_RECEIVE_BYTES = 1 << 16  # more than any datagram, so an oversized one shows as such
+# What sealing adds to a datagram's message: kind and receiver, the key ring's, the stamp.
+DATAGRAM_OVERHEAD = frames.DATAGRAM_HEAD + OVERHEAD + frames.STAMP.size
+
+
+def _new_id() -> int:
+    return int.from_bytes(os.urandom(8), "big")
+
+
+def _new_instance() -> bytes:
+    while True:  # never the "not known" value
+        instance = os.urandom(frames.INSTANCE_BYTES)
+        if instance != frames.NO_INSTANCE:
+            return instance
 
 
 class Transport:
@@ -64,6 +80,10 @@ class Transport:
     ``max_frame`` bounds a sealed TCP frame either way: a larger request is refused when sent
     (ValueError), a larger reply answered EMSGSIZE, and a larger frame received drops the
     connection. ``wall_clock`` stamps and judges datagrams (replaceable to test clock skew).
+
+    ``instance`` is drawn anew for each transport, so for each life of a peer: datagrams are
+    sealed for their receiver's instance (frames.py), and one captured for another peer, or for
+    this one before it restarted, does not reach the handler.
     """
 
     def __init__(
@@ -91,6 +111,8 @@ class Transport:
         self._replay = ReplayGuard(
             self.limits.replay_window, self.limits.replay_cache, wall_clock=wall_clock
         )
+        self.instance = _new_instance()
+        self._receivers = Receivers(self.counters)
         self._on_datagram: DatagramHandler | None = None
         self._state = "new"  # -> "serving" -> "closed"
         self._nursery: trio.Nursery | None = None
@@ -123,24 +145,51 @@ class Transport:
         return await self._caller.call(to, method, packed_method, packed_args, timeout)
 
     def send_datagram(self, to: PeerAddr, msg: Any) -> None:
-        plaintext = frames.pack_datagram(
-            int(self._wall() * 1000), int.from_bytes(os.urandom(8), "big"), frames.pack(msg)
-        )
-        if len(plaintext) + OVERHEAD > MAX_DATAGRAM:
+        body = frames.pack(msg)
+        if len(body) + DATAGRAM_OVERHEAD > MAX_DATAGRAM:
             raise ValueError(
-                f"a datagram of {len(plaintext) + OVERHEAD} bytes sealed, over {MAX_DATAGRAM}"
+                f"a datagram of {len(body) + DATAGRAM_OVERHEAD} bytes sealed, over {MAX_DATAGRAM}"
             )
-        if self._udp is None:
-            if self._state == "new":
-                raise RuntimeError("the transport is not serving yet: start serve() first")
-            self.counters["udp.send-failed"] += 1  # closed: as lost as any other datagram
-            return
+        if self._udp is None and self._state == "new":
+            raise RuntimeError("the transport is not serving yet: start serve() first")
+        self._send_body(to, body)
+
+    def _send_body(self, to: PeerAddr, body: bytes) -> None:
+        instance = self._receivers.instance(to)
+        if instance is None:  # its instance first: the message waits for the WELCOME
+            self._hello(to, body)
+        else:
+            self._send_data(to, instance, body)
+
+    def _send_data(self, to: PeerAddr, instance: bytes, body: bytes) -> None:
+        ident = _new_id()
+        if self._seal_and_send(frames.DATA, instance, to, ident, body):
+            self._receivers.sent(ident, to, instance, body)
+            self.counters["udp.sent"] += 1
+
+    def _hello(self, to: PeerAddr, body: bytes | None) -> None:
+        ident = _new_id()
+        if self._receivers.wait(to, body, ident):
+            self._control(frames.HELLO, frames.NO_INSTANCE, to, ident, self.instance)
+
+    def _control(self, kind: int, instance: bytes, to: PeerAddr, ident: int, body: bytes) -> None:
+        if self._seal_and_send(kind, instance, to, ident, body):
+            self.counters[_CONTROL_SENT[kind]] += 1
+
+    def _seal_and_send(
+        self, kind: int, instance: bytes, to: PeerAddr, ident: int, body: bytes
+    ) -> bool:
+        if self._udp is None:  # closed: as lost as any other datagram
+            self.counters["udp.send-failed"] += 1
+            return False
+        plaintext = frames.pack_datagram(int(self._wall() * 1000), ident, body)
+        head = frames.datagram_head(kind, instance)
         try:
-            self._udp.sendto(self._ep.keys.seal(plaintext, self._udp_aad), to)
+            self._udp.sendto(head + self._ep.keys.seal(plaintext, self._udp_aad + head), to)
         except OSError:  # best effort: a full buffer, no route...
             self.counters["udp.send-failed"] += 1
-        else:
-            self.counters["udp.sent"] += 1
+            return False
+        return True
 
     # -- running ------------------------------------------------------------------------------
 
@@ -189,7 +238,12 @@ class Transport:
             "keys": self._ep.keys.ring.ids(),
             "connections": {"in": self._server.connections(), "out": self._caller.connections()},
             "calls_pending": self._caller.pending(),
+            "instance": self.instance.hex(),
             "datagram_ids_remembered": len(self._replay),
+            "datagram_receivers": {
+                "known": self._receivers.known(),
+                "waiting": self._receivers.waiting(),
+            },
             "counters": dict(sorted(self.counters.items())),
         }
 
@@ -239,12 +293,27 @@ class Transport:
         try:
             if len(data) > MAX_DATAGRAM:
                 raise Malformed(frames.OVERSIZED)
-            plaintext = self._ep.keys.open(data, self._udp_aad)
-            sent_ms, ident, msg = frames.unpack_datagram(plaintext)
-            # Only now, authenticated: so forged datagrams never fill the replay memory.
+            kind, head, sealed = frames.split_datagram(data)
+            plaintext = self._ep.keys.open(sealed, self._udp_aad + head)
+            sent_ms, ident = frames.unpack_stamp(plaintext)
+            # Only now, authenticated: so forged datagrams never fill the replay memory. Every
+            # kind is checked, so each datagram captured provokes one answer at most.
             stale = self._replay.check(sent_ms, ident)
             if stale is not None:
                 raise Malformed(stale)
+            body = plaintext[frames.STAMP.size :]
+            if kind != frames.DATA:
+                self._control_received(kind, head[1:], source, sent_ms, ident, body)
+                return
+            if head[1:] != self.instance:
+                # Sealed for another peer, or for an earlier life of this one: never decoded.
+                # The RETRY lets a sender that knew our previous instance learn the new one.
+                self._control(
+                    frames.RETRY, frames.NO_INSTANCE, source, _new_id(), frames.pack_retry(ident)
+                )
+                self._misdirected(source)
+                return
+            msg = frames.unpack_message(body)
         except Malformed as e:
             self._ep.drop("udp", e.reason, source)
             return
@@ -258,3 +327,45 @@ class Transport:
         except Exception:
             self.counters["udp.handler-error"] += 1
             log.exception("the datagram handler failed on a datagram from %s", addr_text(source))
+
+    def _control_received(
+        self, kind: int, to: bytes, source: PeerAddr, sent_ms: int, ident: int, body: bytes
+    ) -> None:
+        """A HELLO, WELCOME or RETRY, authentic and fresh; Malformed when not well formed or
+        not for this instance."""
+        if kind == frames.WELCOME:
+            if to != self.instance:
+                self._misdirected(source)
+                return
+            echo, instance = frames.unpack_welcome(body)
+            welcomed = self._receivers.welcomed(echo, instance, sent_ms)
+            if welcomed is not None:
+                addr, queued = welcomed
+                for message in queued:
+                    self._send_data(addr, instance, message)
+            return
+        if to != frames.NO_INSTANCE:
+            raise Malformed(frames.SHAPE)
+        if kind == frames.HELLO:
+            instance = frames.unpack_instance(body)
+            welcome = frames.pack_welcome(ident, self.instance)
+            self._control(frames.WELCOME, instance, source, _new_id(), welcome)
+            for message in self._receivers.heard(source, instance, sent_ms):
+                self._send_data(source, instance, message)
+        else:  # RETRY
+            retried = self._receivers.retried(frames.unpack_retry(body))
+            if retried is not None:
+                self._send_body(*retried)  # after a HELLO, unless its instance is known anew
+
+    def _misdirected(self, source: PeerAddr) -> None:
+        """Counted, but not logged as a warning: every sender of a peer that restarts sends
+        one or two such datagrams before it learns the new instance."""
+        self.counters[f"udp.dropped.{frames.MISDIRECTED}"] += 1
+        log.debug("udp from %s dropped: %s", addr_text(source), frames.MISDIRECTED)
+
+
+_CONTROL_SENT = {
+    frames.HELLO: "udp.hello.sent",
+    frames.WELCOME: "udp.welcome.sent",
+    frames.RETRY: "udp.retry.sent",
+}

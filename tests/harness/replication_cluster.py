@@ -35,6 +35,7 @@ from drekifs.cluster.net import PeerAddr, PeerUnreachable, RemoteError
 from drekifs.cluster.plumtree import Broadcast, PlumtreeConfig
 from drekifs.cluster.rejoin import (
     EXCHANGE_TIMEOUT,
+    PUSH_TO_RETURNING,
     RETURN_EXCHANGES,
     brought_news,
     came_back,
@@ -336,7 +337,7 @@ class ReplicationCluster:
         async def exchange(name: str, addr: PeerAddr) -> bool:
             self.rejoins += 1
             with trio.move_on_after(EXCHANGE_TIMEOUT):
-                result = await _quietly(peer.antientropy.sync(addr))
+                result = await _quietly(peer.antientropy.sync(addr, push=PUSH_TO_RETURNING))
                 return result is not None and brought_news(result)
             return False
 

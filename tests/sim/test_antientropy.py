@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from drekifs.cluster.antientropy import (
@@ -25,12 +25,14 @@ from drekifs.cluster.antientropy import (
     hashtree,
     version_digest,
 )
+from drekifs.cluster.antientropy.sync import MERGE_SLICE
 from drekifs.cluster.net import PeerUnreachable, RemoteError
 
 from ..harness.memsource import MemorySource
 from ..harness.simnet import SimWorld
 
 SMALL = TreeShape(fanout_bits=2, depth=3)  # 64 buckets: several keys share one
+SKETCH = HashTree(SMALL).sketch().to_bytes()  # an empty tree's
 CONFIG = AntiEntropyConfig(interval=10.0)
 # Tiny messages: every listing, export and push is paged.
 PAGED = AntiEntropyConfig(reply_bytes=300, request_bytes=300, max_items=5, export_batch=2)
@@ -129,6 +131,7 @@ def test_incremental_tree_equals_a_fresh_build(operations: list) -> None:
     for key, digest in sorted(state.items(), reverse=True):  # another order
         fresh.set(key, digest)
     assert tree.root() == fresh.root()
+    assert tree.sketch().to_bytes() == fresh.sketch().to_bytes()
     assert len(tree) == len(state)
     assert dict(tree.items()) == state
     for level in range(SMALL.depth + 1):
@@ -136,6 +139,142 @@ def test_incremental_tree_equals_a_fresh_build(operations: list) -> None:
             assert tree.node(level, i) == fresh.node(level, i)
     if not state:
         assert tree.root() == bytes(16)
+
+
+# Keys that are prefixes and substrings of each other, of their length bytes and of digests:
+# the packed records of one bucket must never mistake one for another.
+tricky_keys = st.sampled_from(
+    [b"", b"a", b"aa", b"aaa", b"\x00", b"\x00\x01a", b"\x00\x02aa", b"a\x00\x01", b"d" * 3]
+) | st.binary(max_size=4)
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), tricky_keys, st.sampled_from([b"a" * 16, b"d" * 16, bytes(16)])),
+        max_size=40,
+    )
+)
+@settings(max_examples=80, deadline=None)
+def test_packed_buckets_behave_as_a_dict(operations: list) -> None:
+    """Two buckets only (most keys share one): set, remove, get, items and short ids agree
+    with a dict, and the node hashes with a tree built from the dict."""
+    shape = TreeShape(fanout_bits=1, depth=1)
+    tree = HashTree(shape)
+    state: dict[bytes, bytes] = {}
+    for is_set, key, digest in operations:
+        if is_set:
+            tree.set(key, digest)
+            state[key] = digest
+        else:
+            tree.remove(key)
+            state.pop(key, None)
+        assert tree.get(key) == state.get(key)
+    assert dict(tree.items()) == state and len(tree) == len(state)
+    for key in {k for _, k, _ in operations}:
+        assert tree.get(key) == state.get(key)
+    for bucket in range(shape.leaves):
+        for window in range(hashtree.WINDOWS):
+            pairs = tree.short_ids(bucket, window)
+            assert len(pairs) == len(tree.bucket_items(bucket))
+            for item, key in pairs:
+                full = hashtree.item_hash(key, state[key])
+                assert item == full[window * 4 : window * 4 + 4]
+                assert tree.item_id(key) == full[: hashtree.ITEM_ID_BYTES]
+    fresh = HashTree(shape)
+    for key, digest in state.items():
+        fresh.set(key, digest)
+    assert [tree.node(1, i) for i in range(2)] == [fresh.node(1, i) for i in range(2)]
+    with pytest.raises(ValueError):
+        tree.set(b"k", b"short digest")
+
+
+def _element(n: int) -> int:
+    """A sketch element as items make them: a bucket and 4 bytes of a hash."""
+    item = int.from_bytes(hashtree.key_hash(b"%d" % n), "big")
+    return hashtree.element(n % 65536, item)
+
+
+@given(
+    st.sets(st.integers(), max_size=30),
+    st.sets(st.integers(), max_size=4),
+    st.sets(st.integers(), max_size=4),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_sketch_difference_peels_exactly_or_not_at_all(
+    common: set[int], only_ours: set[int], only_theirs: set[int]
+) -> None:
+    """Peeling their sketch minus ours gives exactly the elements each side alone holds, or
+    None (too many to list), or, rarely from 3 elements on (a mix of elements in a cell
+    passed for a single one), a list naming an element that neither side alone holds: the
+    exchange refuses that list, as it names no item (the next test)."""
+    only_ours, only_theirs = only_ours - common, only_theirs - common - only_ours
+    ours, theirs = hashtree.Sketch(6), hashtree.Sketch(6)
+    for sketch, elements in ((ours, common | only_ours), (theirs, common | only_theirs)):
+        for n in elements:
+            sketch.toggle(_element(n), 1)
+    peeled = hashtree.peel(ours, theirs.to_bytes())
+    if peeled is not None:
+        expected = ({_element(n) for n in only_theirs}, {_element(n) for n in only_ours})
+        got = (set(peeled[0]), set(peeled[1]))
+        if got[0] <= expected[0] and got[1] <= expected[1]:
+            assert got == expected  # true elements only: then all of them
+        else:
+            assert len(only_ours | only_theirs) >= 3
+    if len(only_ours | only_theirs) <= 1:
+        assert peeled is not None  # one element always peels
+    assert hashtree.peel(ours, ours.to_bytes()) == ([], [])
+
+
+async def test_a_list_naming_no_item_of_ours_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A list whose element names no item here (a mix of items peeled as one, which the
+    peer's check could not see): its entries are merged, nothing is pushed, and the exchange
+    starts over without the sketch."""
+    async with SimWorld(seed=15) as world:
+        source, a = lone_peer(world, TWO_LEVELS)
+        starts: list[Any] = []
+
+        async def start(_src: Any, args: Any) -> Any:
+            starts.append(args["sketch"])
+            if len(starts) == 1:  # an element of bucket 0 that is not ours
+                return {"entries": [[b"theirs", [1, "b", b"x"]]], "want": bytes(5)}
+            return {"hashes": None}
+
+        world.network(addr(1)).register("ae2.start", start)
+        result = await a.sync(addr(1))
+        assert starts[0] is not None and starts[1] is None
+        assert a.counters["sketch_refused"] == 1 and a.counters["sketch_listed"] == 0
+        assert result.pulled == 1 and result.pushed == 0 and result.in_sync
+        assert source.entries[b"theirs"] == (1, "b", b"x")
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 400), st.integers(2, 9)), max_size=3)
+)
+@settings(max_examples=40, deadline=None)
+def test_small_differences_converge_through_the_sketch(writes: list) -> None:
+    """Up to 3 keys of 301 differ (or are new: keys over 300): one sync converges, by the
+    sketch's list when it peels (one or two round trips), by the descent when it does not."""
+
+    async def main() -> None:
+        async with SimWorld(seed=14) as world:
+            a, b = peers(world, 2, shape=TreeShape())
+            for k in range(301):
+                for ae in (a, b):
+                    store(ae).put(b"k%d" % k, 1, "x", b"v")
+            for side, k, hlc in writes:
+                store(a if side == "a" else b).put(b"k%d" % k, hlc, side, b"w%d" % hlc)
+            expected = lww(store(a), store(b))
+            result = await a.sync(addr(1))
+            assert_converged(a, b)
+            assert store(a).entries == expected
+            if a.counters["sketch_listed"]:
+                assert result.round_trips <= 2
+            if len(writes) == 1 and writes[0][1] > 300:
+                assert a.counters["sketch_listed"] == 1  # one new item: it always peels
+
+    simulate(main)
 
 
 def test_a_write_touches_one_path_only() -> None:
@@ -371,11 +510,68 @@ async def test_bytes_grow_with_the_difference(autojump_clock: trio.testing.MockC
         result = await a.sync(addr(1))
         assert_converged(a, b)
         total = result.bytes_sent + result.bytes_received
-        # 10 entries pulled, the 5 that won here pushed; hashes of 10 paths, 10 small buckets.
+        # 10 entries pulled, the 5 that won here pushed; 4-byte hashes of 10 paths (64 bytes a
+        # node), 10 small buckets (4 bytes a pair). The first protocol's 16-byte hashes, one
+        # level a round trip, took 7 round trips and ~16 KB.
         assert result.pulled == 10 and result.pushed == 5
-        assert total < 15 * 600 + 10_000
-        assert result.round_trips == 7  # root, 3 levels of nodes, leaves, export, merge
+        assert total < 15 * 600 + 2500
+        # 20 differing items are too many for the sketch: start, down x2, leaves, merge.
+        assert result.round_trips == 5 and a.counters["sketch_listed"] == 0
         assert result.changed_here == 5 and result.changed_there == 5
+        # One key new here: the sketch lists it, the push follows (2 round trips, ~170 bytes
+        # beside the entry); one key new there: its entry comes with the start's reply.
+        for writer, pushed, trips in ((a, 1, 2), (b, 0, 1)):
+            store(writer).put(b"loc.example\0/dir/new-%d" % trips, 1, "a", value)
+            result = await a.sync(addr(1))
+            assert_converged(a, b)
+            assert result.round_trips == trips and result.pushed == pushed
+            assert result.pulled + result.pushed == 1
+            assert result.bytes_sent + result.bytes_received < 550 + 200
+        assert a.counters["sketch_listed"] == 2
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts task steps: two calls made in the same step had no checkpoint between them."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_a_large_page_is_merged_in_slices(autojump_clock: trio.testing.MockClock) -> None:
+    """A page of thousands of tiny entries held a daemon's loop for seconds, its SWIM acks
+    with it: merged MERGE_SLICE at a time, with a checkpoint in between, both when pulling
+    and when a peer pushes."""
+    async with SimWorld(seed=7) as world:
+        a, b = peers(world, 2, shape=TreeShape())
+        for k in range(3000):
+            store(b if k % 3 else a).put(b"k%05d" % k, 1, "x", b"v")
+        steps = TaskSteps()
+        slices: list[tuple[int, int]] = []  # (entries merged in one call, task step)
+
+        def watch(source: MemorySource) -> None:
+            merge = source.merge
+
+            def sliced(entries: list) -> int:
+                slices.append((len(entries), steps.steps))
+                return merge(entries)
+
+            source.merge = sliced  # type: ignore[method-assign]
+
+        watch(store(a))
+        watch(store(b))
+        trio.lowlevel.add_instrument(steps)
+        try:
+            result = await a.sync(addr(1))
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert result.pulled == 2000 and result.pushed == 1000
+        assert_converged(a, b)
+        assert MERGE_SLICE <= 1024  # ~35 ms of merging at 34 us an entry
+        assert max(n for n, _ in slices) <= MERGE_SLICE and len(slices) >= 3000 // MERGE_SLICE
+        assert len({step for _, step in slices}) == len(slices)  # a checkpoint between any two
 
 
 async def test_paging_moves_everything(autojump_clock: trio.testing.MockClock) -> None:
@@ -460,6 +656,30 @@ async def test_malformed_requests_are_refused(autojump_clock: trio.testing.MockC
             ("ae.merge", {"entries": [[b"k", [1, 2, 3]]]}),  # the store refuses it
             ("ae.merge", {"entries": [[b"k", "junk"]]}),
             ("ae.merge", [1, 2]),
+            # The second protocol:
+            ("ae2.start", {"shape": [4, 4], "root": bytes(16), "w": 0, "sketch": SKETCH}),
+            ("ae2.start", {"shape": [2, 3], "root": bytes(16), "w": 4, "sketch": SKETCH}),
+            ("ae2.start", {"shape": [2, 3], "root": bytes(16), "w": 0, "sketch": bytes(15)}),
+            ("ae2.down", {"w": 0, "level": 0, "nodes": [0], "hashes": bytes(16)}),  # start's
+            ("ae2.down", {"w": 0, "level": 3, "nodes": [0], "hashes": bytes(16)}),  # leaves
+            ("ae2.down", {"w": 0, "level": 1, "nodes": [4], "hashes": bytes(16)}),
+            ("ae2.down", {"w": 0, "level": 2, "nodes": [0, 1], "hashes": bytes(16)}),
+            ("ae2.down", {"w": 0, "level": 2, "nodes": list(range(16)), "hashes": bytes(1024)}),
+            ("ae2.leaves", {"w": 0, "buckets": [64], "counts": [0], "ids": b""}),
+            ("ae2.leaves", {"w": 0, "buckets": [0], "counts": [1, 1], "ids": bytes(8)}),
+            ("ae2.leaves", {"w": 0, "buckets": [0], "counts": [2], "ids": bytes(4)}),
+            (  # ids out of order
+                "ae2.leaves",
+                {"w": 0, "buckets": [0], "counts": [2], "ids": b"zzzzaaaa", "after": None},
+            ),
+            (
+                "ae2.leaves",
+                {"w": 0, "buckets": [0], "counts": [0], "ids": b"", "after": b"x", "upto": None},
+            ),
+            (  # more ids than a request may carry
+                "ae2.leaves",
+                {"w": 0, "buckets": [0], "counts": [70_000], "ids": bytes(280_000)},
+            ),
         ]
         for method, args in junk:
             with pytest.raises(RemoteError) as info:
@@ -495,6 +715,15 @@ def junk_peer(world: SimWorld, replies: dict[str, Any]) -> None:
 
 
 SHALLOW = TreeShape(fanout_bits=2, depth=1)  # the root's children are the leaf buckets
+
+
+def lone_peer(world: SimWorld, shape: TreeShape = SHALLOW) -> tuple[MemorySource, AntiEntropy]:
+    """A peer at addr(0) holding one pair."""
+    source = MemorySource(HashTree(shape))
+    source.put(b"mine", 1, "a", b"v")
+    return source, AntiEntropy("a", world.network(addr(0)), source.tree, source, config=CONFIG)
+
+
 ROOT = {"root": b"\x01" * 16, "children": b"\x01" * 64}  # every bucket differs
 LISTING = {"ids": b"12345678", "counts": [1, 0, 0, 0], "next": None}
 BAD_REPLIES = [
@@ -536,18 +765,141 @@ BAD_REPLIES = [
 ]
 
 
-@pytest.mark.parametrize("replies", BAD_REPLIES)
+TWO_LEVELS = TreeShape(fanout_bits=2, depth=2)  # for the second protocol: start, down, leaves
+# Stand-ins the test fills in for the peer holding only b"mine": ONE, a start reply in which
+# only mine's level-1 node differs; MINE, a down reply in which only its bucket differs; WANT,
+# the sketch element of our pair (a fast-path reply asking for it).
+LISTED = {"entries": [], "lack": b"", "next": None}
+BAD_REPLIES_V2 = [
+    {"ae2.start": "nonsense"},
+    {"ae2.start": {"hashes": b"short"}},
+    {"ae2.start": {"entries": "x", "want": b""}},
+    {"ae2.start": {"entries": [], "want": b"12"}},  # not whole elements (5 bytes here)
+    {"ae2.start": {"entries": [], "want": bytes(5 * 37)}},  # more than a peel lists
+    {"ae2.start": {"entries": [[b"mine", [-1, "x", b""]]], "want": b""}},  # refused
+    {"ae2.start": {"entries": [], "want": "WANT"}, "ae.merge": {"changed": 5}},
+    {"ae2.start": "ONE", "ae2.down": {"bits": b"\x00\x00", "hashes": None}},  # too long
+    {"ae2.start": "ONE", "ae2.down": {"bits": b"\x08", "hashes": None}},  # a bit past 4
+    {"ae2.start": "ONE", "ae2.down": {"bits": b"\xf0", "hashes": bytes(16)}},  # below leaves
+    {"ae2.start": "ONE", "ae2.down": "MINE", "ae2.leaves": {**LISTED, "lack": b"\x00\x00"}},
+    {  # entries nobody asked for (only our pair's bucket is asked)
+        "ae2.start": "ONE",
+        "ae2.down": "MINE",
+        "ae2.leaves": {
+            "entries": [[b"k%d" % i, [1, "x", b""]] for i in range(8)],
+            "lack": b"\x00",
+            "next": None,
+        },
+    },
+    {  # a continuation that makes no progress
+        "ae2.start": "ONE",
+        "ae2.down": "MINE",
+        "ae2.leaves": {"entries": [[b"mine", [2, "x", b""]]], "lack": b"", "next": [0, None]},
+    },
+    {  # a continuation with no entries
+        "ae2.start": "ONE",
+        "ae2.down": "MINE",
+        "ae2.leaves": {"entries": [], "lack": b"", "next": [1, None]},
+    },
+    {  # the store refuses the entry
+        "ae2.start": "ONE",
+        "ae2.down": "MINE",
+        "ae2.leaves": {"entries": [[b"mine", [-1, "x", b""]]], "lack": b"\x00", "next": None},
+    },
+    {
+        "ae2.start": "ONE",
+        "ae2.down": "MINE",
+        "ae2.leaves": {**LISTED, "lack": b"\x80"},  # the peer lacks our pair: a push
+        "ae.merge": {"changed": 5},
+    },
+]
+
+
+def stand_ins(tree: HashTree, window: int) -> dict[str, Any]:
+    """ONE, MINE and WANT (see BAD_REPLIES_V2) for a tree holding b"mine" only."""
+    leaf = tree.bucket(b"mine")
+    fanout = tree.shape.fanout
+    hashes = bytearray(tree.short_children(0, 0, window))
+    at = leaf // fanout * hashtree.SHORT_BYTES
+    hashes[at : at + hashtree.SHORT_BYTES] = b"\x01\x01\x01\x01"  # this node differs
+    item = int.from_bytes(hashtree.item_hash(b"mine", tree.get(b"mine") or b""), "big")
+    return {
+        "ONE": {"hashes": bytes(hashes)},
+        "MINE": {"bits": bytes([0x80 >> leaf % fanout]), "hashes": None},
+        "WANT": hashtree.element(leaf, item).to_bytes(tree.sketch().element_bytes, "big"),
+    }
+
+
+async def test_a_peer_of_the_first_protocol_still_converges(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An older peer answers ae2.* with ENOSYS: the exchange falls back to the first protocol
+    (which this peer still serves, too)."""
+    async with SimWorld(seed=12) as world:
+        a, b = peers(world, 2)
+        for method in ("ae2.start", "ae2.down", "ae2.leaves"):
+
+            async def unknown(_src: Any, _args: Any, method: str = method) -> Any:
+                raise RemoteError(errno.ENOSYS, f"no method {method}")
+
+            b.net.register(method, unknown)
+        for k in range(60):
+            store(a if k % 3 else b).put(b"k%d" % k, k + 1, "x", b"v%d" % k)
+        result = await a.sync(addr(1))
+        assert_converged(a, b)
+        assert a.counters["first_protocol"] == 1
+        assert result.round_trips == 1 + 6  # refused start; root, nodes x2, leaves, export, merge
+        assert (await b.sync(addr(0))).in_sync  # an old initiator (b) meets a new responder
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 80), st.integers(1, 9)), max_size=120),
+    st.sampled_from([PAGED, AntiEntropyConfig(reply_bytes=120, request_bytes=40, max_items=3)]),
+)
+# Four keys on one side peel to a list longer than max_items: the responder descends instead.
+@example(
+    [(True, k, 1) for k in range(4)],
+    AntiEntropyConfig(reply_bytes=120, request_bytes=40, max_items=3),
+)
+@settings(max_examples=30, deadline=None)
+def test_big_buckets_are_listed_in_id_ranges(writes: list, config: Any) -> None:
+    """Four buckets of up to ~20 pairs, requests of 3-5 ids and replies of a few entries:
+    listings go in id ranges and entries in continuations, and one sync still converges."""
+    shape = TreeShape(fanout_bits=1, depth=2)
+
+    async def main() -> None:
+        async with SimWorld(seed=13) as world:
+            a, b = peers(world, 2, shape=shape, config=config)
+            for on_a, k, hlc in writes:
+                store(a if on_a else b).put(b"key%d" % k, hlc, "a" if on_a else "b", b"v" * hlc)
+            expected = lww(store(a), store(b))
+            await a.sync(addr(1))
+            assert_converged(a, b)
+            assert store(a).entries == expected
+            assert (await a.sync(addr(1))).in_sync
+
+    simulate(main)
+
+
+@pytest.mark.parametrize("replies", BAD_REPLIES + BAD_REPLIES_V2)
 async def test_malformed_replies_end_the_exchange(
     autojump_clock: trio.testing.MockClock, replies: dict
 ) -> None:
+    """Replies of both protocols (a peer that does not serve ae2.start gets the first)."""
+    second = "ae2.start" in replies
     async with SimWorld(seed=10) as world:
-        source = MemorySource(HashTree(SHALLOW))
-        source.put(b"mine", 1, "a", b"v")
-        a = AntiEntropy("a", world.network(addr(0)), source.tree, source, config=CONFIG)
+        source, a = lone_peer(world, TWO_LEVELS if second else SHALLOW)
+        window = (a.counters["syncs"] + 1) % hashtree.WINDOWS  # the first exchange's
+        fill = stand_ins(source.tree, window)
+        replies = {m: fill.get(r, r) if isinstance(r, str) else r for m, r in replies.items()}
+        if isinstance(replies.get("ae2.start"), dict) and "want" in replies["ae2.start"]:
+            want = replies["ae2.start"]["want"]
+            replies["ae2.start"] = {**replies["ae2.start"], "want": fill.get(want, want)}
         junk_peer(world, replies)
         with pytest.raises(Malformed):
             await a.sync(addr(1))
         assert source.entries == {b"mine": (1, "a", b"v")}
+        assert a.counters["first_protocol"] == int(not second)
         # The loop counts it and goes on.
         a.set_peers({"b": addr(1)})
         with trio.move_on_after(CONFIG.interval * 3.5):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from drekifs.cluster.antientropy import HashTree, TreeShape
+from drekifs.cluster.antientropy import AntiEntropy, HashTree, SyncResult, TreeShape
 from drekifs.cluster.rejoin import RETURN_EXCHANGES, came_back, exchange_with_returning
 from drekifs.cluster.replication import Replication, message_id
 from drekifs.stores.keys import entry_key
@@ -127,6 +127,20 @@ def test_without_exchanges_on_rejoin_periodic_anti_entropy_converges() -> None:
     assert_sound(out)
     assert out.converged_after > ReplConfig().detect + 1
     assert out.rejoins_due > 0 and out.rejoins == 0  # members came back; none was asked
+
+
+def test_without_anti_entropy_the_sides_never_converge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mutation check of the runs above: anti-entropy switched off (every exchange ends at
+    once, as if in sync), the writes made while partitioned or down never cross, and the
+    same run does not converge."""
+
+    async def off(self: AntiEntropy, addr: Any, result: SyncResult, push: bool) -> None:
+        result.in_sync = True
+
+    monkeypatch.setattr(AntiEntropy, "_exchange", off)
+    out = simulate(1, small())
+    assert out.converged_after is None
+    assert out.arrivals.get(ANTIENTROPY, 0) == 0
 
 
 async def test_returning_members_are_tried_until_one_exchange_brings_news() -> None:

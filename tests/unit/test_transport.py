@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from drekifs.cluster import frames
 from drekifs.cluster.endpoint import next_frame
 from drekifs.cluster.frames import FrameDecoder, Keys, Malformed, Session
-from drekifs.cluster.keyring import OVERHEAD, KeyRing, key_id
+from drekifs.cluster.keyring import KeyRing, key_id
 from drekifs.cluster.limits import Limits
 from drekifs.cluster.net import MAX_DATAGRAM, PeerAddr, PeerUnreachable, RemoteError
 from drekifs.cluster.replay import ReplayGuard
-from drekifs.cluster.transport import Transport
+from drekifs.cluster.transport import DATAGRAM_OVERHEAD, Transport
 
 WORLD = "inf.random.sh"
 LOCAL = "127.0.0.1"
@@ -397,8 +397,8 @@ async def test_datagrams_both_ways_and_the_size_limit(nursery) -> None:
 
 
 def _sealed_size(msg: Any) -> int:
-    """What a datagram of ``msg`` weighs on the wire (time and id at their largest)."""
-    return len(frames.pack_datagram(2**63, 2**63, frames.pack(msg))) + OVERHEAD
+    """What a datagram of ``msg`` weighs on the wire."""
+    return len(frames.pack(msg)) + DATAGRAM_OVERHEAD
 
 
 async def test_a_datagram_handler_that_raises_is_counted(nursery) -> None:
@@ -414,18 +414,54 @@ async def test_a_datagram_handler_that_raises_is_counted(nursery) -> None:
     await eventually(lambda: b.counters["udp.handler-error"] == 2, "both to be handled")
 
 
+class Wiretap:
+    """A UDP relay in front of ``target`` that keeps a copy of what it passes on: a sender
+    sends to ``addr``, the relay forwards to ``target`` and the answers back to that sender.
+    What a peer on the path (or a capture) sees of the conversation."""
+
+    def __init__(self, target: PeerAddr) -> None:
+        self.target = target
+        self.addr: PeerAddr = (LOCAL, 0)
+        self.captured: list[bytes] = []  # what the sender sent, in order
+
+    async def run(self, task_status: trio.TaskStatus[PeerAddr] = trio.TASK_STATUS_IGNORED):
+        with trio.socket.socket(type=socket.SOCK_DGRAM) as s:
+            await s.bind((LOCAL, 0))
+            self.addr = s.getsockname()
+            task_status.started(self.addr)
+            sender: PeerAddr | None = None
+            while True:
+                data, source = await s.recvfrom(2048)
+                if source == self.target:
+                    if sender is not None:
+                        await s.sendto(data, sender)
+                else:
+                    sender = source
+                    self.captured.append(data)
+                    await s.sendto(data, self.target)
+
+    def data(self) -> list[bytes]:
+        """The DATA datagrams captured (no HELLO)."""
+        return [d for d in self.captured if d[0] == frames.DATA]
+
+
+async def replay(datagram: bytes, to: PeerAddr, times: int = 1) -> None:
+    with trio.socket.socket(type=socket.SOCK_DGRAM) as s:
+        for _ in range(times):
+            await s.sendto(datagram, to)
+
+
 async def test_a_replayed_datagram_is_dropped(nursery) -> None:
     ring = KeyRing.generate()
     a, b = await start(nursery, ring), await start(nursery, ring)
     got: list[Any] = []
     b.on_datagram(lambda src, msg: got.append(msg))
-    with trio.socket.socket(type=socket.SOCK_DGRAM) as spy:
-        await spy.bind((LOCAL, 0))
-        a.send_datagram(spy.getsockname(), "once")
-        sealed, _ = await spy.recvfrom(2048)
-        for _ in range(3):
-            await spy.sendto(sealed, b.addr)
-    await eventually(lambda: b.counters["udp.dropped.replay"] == 2, "the replays")
+    tap = Wiretap(b.addr)
+    await nursery.start(tap.run)
+    a.send_datagram(tap.addr, "once")
+    await eventually(lambda: got == ["once"], "the datagram")
+    await replay(tap.data()[0], b.addr, times=3)
+    await eventually(lambda: b.counters["udp.dropped.replay"] == 3, "the replays")
     assert got == ["once"]
 
 
@@ -589,10 +625,16 @@ async def test_junk_does_not_disturb_legitimate_traffic(nursery) -> None:
         attack.start_soon(legit_traffic)
         for payload in junk:
             attack.start_soon(_tcp_junk, b.addr, payload)
+        v2 = bytes([frames.DATA]) + b.instance
         with trio.socket.socket(type=socket.SOCK_DGRAM) as s:
             for i in range(1000):
                 n = rnd.randrange(1, 1501)
-                data = rnd.randbytes(n) if i % 2 else b"\1" + kid + rnd.randbytes(n)
+                data = [
+                    rnd.randbytes(n),
+                    b"\1" + kid + rnd.randbytes(n),  # version 1's format: not read any more
+                    v2 + b"\1" + kid + rnd.randbytes(n),
+                    v2 + b"\1" + rnd.randbytes(n),
+                ][i % 4]
                 await s.sendto(data, b.addr)
                 if i % 50 == 49:  # no faster than b reads, so none is lost in the buffer
                     await eventually(lambda i=i: drops(b, "udp") == i + 1, "udp drops")
@@ -937,6 +979,15 @@ def test_the_frame_decoder_never_raises(chunks: list[bytes], max_frame: int) -> 
 
 
 KEYS = Keys.of(KeyRing((b"k" * 32,)))
+DECODERS = (
+    frames.unpack_request,
+    frames.unpack_reply,
+    frames.unpack_stamp,
+    frames.unpack_message,
+    frames.unpack_instance,
+    frames.unpack_welcome,
+    frames.unpack_retry,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -944,7 +995,7 @@ KEYS = Keys.of(KeyRing((b"k" * 32,)))
 def test_payload_decoders_raise_nothing_but_malformed(data: bytes, sealed: bool) -> None:
     if sealed:  # past the authentication: the msgpack and shape checks
         data = KEYS.seal(data, b"aad")
-    for decode in (frames.unpack_request, frames.unpack_reply, frames.unpack_datagram):
+    for decode in DECODERS:
         with contextlib.suppress(Malformed):
             decode(KEYS.open(data, b"aad"))
 
@@ -961,7 +1012,7 @@ def test_payload_decoders_raise_nothing_but_malformed(data: bytes, sealed: bool)
 )
 def test_any_msgpack_value_is_malformed_or_a_well_shaped_message(value: Any) -> None:
     packed = frames.pack(value)
-    for decode in (frames.unpack_request, frames.unpack_reply, frames.unpack_datagram):
+    for decode in DECODERS:
         try:
             decode(packed)
         except Malformed as e:
@@ -989,7 +1040,14 @@ def test_payloads_round_trip() -> None:
         False,
         (errno.ENOENT, "gone"),
     )
-    assert frames.unpack_datagram(frames.pack_datagram(1, 2, frames.pack([1]))) == (1, 2, [1])
+    plain = frames.pack_datagram(1, 2**64 - 1, frames.pack([1]))
+    assert frames.unpack_stamp(plain) == (1, 2**64 - 1)
+    assert frames.unpack_message(plain[frames.STAMP.size :]) == [1]
+    instance = b"\x07" * frames.INSTANCE_BYTES
+    assert frames.unpack_welcome(frames.pack_welcome(5, instance)) == (5, instance)
+    assert frames.unpack_retry(frames.pack_retry(9)) == 9
+    with pytest.raises(Malformed, match="shape"):
+        frames.unpack_instance(frames.NO_INSTANCE)
     with pytest.raises(Malformed, match="not-msgpack"):
         frames.unpack_request(b"\xc1")
     with pytest.raises(Malformed, match="not-msgpack"):

@@ -13,11 +13,19 @@ path. XOR is safe here because a key occurs once per tree (no item can cancel a 
 hashes are keyed by the whole key and digest; an empty subtree hashes to zero. Equal sets give
 equal hashes whatever the order of writes, so two peers compare nodes directly.
 
-Keys per bucket are kept in memory (one dict per non-empty bucket: key -> digest): listing a
-differing bucket is then a dict read, not a range scan of the store (keys in a bucket are
-scattered all over the store's key order), and no store index has to be kept in step. The cost
-is the keys themselves plus about 100 bytes per key (see bench/antientropy.py for a 1M-key
-measurement); the store holds every global entry on every peer anyway.
+Keys per bucket are kept in memory, packed: one ``bytes`` per non-empty bucket holding its
+records back to back, ``[key length: 2 bytes][key][digest: 16 bytes]`` (no dict, no object per
+key). Listing a differing bucket is then a walk of one short string, not a range scan of the
+store (keys in a bucket are scattered all over the store's key order), and no store index has
+to be kept in step. The cost is the key plus 18 bytes per key, and 33 bytes per non-empty bucket
+(bench/antientropy.py measures it at 1M keys: docs/decisions.md, issue 17). A write copies its
+bucket's string (a few keys: at 1M keys ~15 records, about a kilobyte).
+
+Beside the node hashes, a *sketch* of the items (an invertible Bloom lookup table,
+:class:`Sketch`): a few cells, each a count, an XOR of the (bucket, item id) of the items mapped
+to it and an XOR of a check of each; a write updates 3 cells per item it adds or removes. The
+difference of two peers' sketches lists the items that differ, when they are few (see
+:func:`peel`): anti-entropy then skips the descent of the tree.
 
 Building at start: :meth:`HashTree.start_build`, then :meth:`HashTree.build` over the store's
 (key, digest) pairs in chunks (or :meth:`HashTree.build_async`, which yields to trio between
@@ -42,6 +50,13 @@ from dataclasses import dataclass
 import trio
 
 HASH_BYTES = 16
+DIGEST_BYTES = 16  # a version digest (stores/version.py)
+SHORT_BYTES = 4
+"""Node hashes and item ids in the second protocol are 4-byte windows of the full 16 bytes;
+the initiator takes another window (of HASH_BYTES // SHORT_BYTES) each exchange, so two hashes
+equal by chance in one window (odds 2**-32) are told apart in the next exchange."""
+WINDOWS = HASH_BYTES // SHORT_BYTES
+MAX_KEY_BYTES = 0xFFFF  # a record's key length takes two bytes
 ITEM_ID_BYTES = 8
 """A (key, digest) pair is named by the first 8 bytes of its item hash in bucket listings: two
 pairs of one bucket (a handful of keys) collide with odds of about 2**-60."""
@@ -90,8 +105,126 @@ def _item(khash: bytes, digest: bytes) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
+def item_hash(key: bytes, digest: bytes) -> bytes:
+    """The 16-byte item hash of a (key, digest) pair."""
+    return _item(key_hash(key), digest).to_bytes(HASH_BYTES, "big")
+
+
+def short(hashes: bytes, window: int) -> bytes:
+    """The ``window``-th 4-byte slice of each 16-byte hash in ``hashes`` (concatenated)."""
+    at = window * SHORT_BYTES
+    return b"".join(
+        hashes[i + at : i + at + SHORT_BYTES] for i in range(0, len(hashes), HASH_BYTES)
+    )
+
+
+def records(packed: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, digest) pairs of a bucket's packed records."""
+    at, end = 0, len(packed)
+    while at < end:
+        klen = packed[at] << 8 | packed[at + 1]
+        key_end = at + 2 + klen
+        yield packed[at + 2 : key_end], packed[key_end : key_end + DIGEST_BYTES]
+        at = key_end + DIGEST_BYTES
+
+
+def _find(packed: bytes, key: bytes) -> int:
+    """Where ``key``'s record starts in ``packed``, -1 if it has none."""
+    if key not in packed:  # a C search first: a key new to the bucket costs no walk
+        return -1
+    at, end, size = 0, len(packed), len(key)
+    while at < end:
+        klen = packed[at] << 8 | packed[at + 1]
+        if klen == size and packed.startswith(key, at + 2):
+            return at
+        at += 2 + klen + DIGEST_BYTES
+    return -1
+
+
+SKETCH_TABLES = 3  # cells an item is counted in, one per table
+SKETCH_SPAN = 3  # cells per table
+SKETCH_CELLS = SKETCH_TABLES * SKETCH_SPAN
+MAX_PEELED = 4 * SKETCH_CELLS  # elements one peel lists, at most
+
+
+def element(bucket: int, item: int) -> int:
+    """An item in a sketch: its bucket and its item id's first 4 bytes (``item`` as an int)."""
+    return bucket << 32 | item >> 96
+
+
+def _cells(elem: int) -> tuple[int, int, int]:
+    """The cell of each table ``elem`` is counted in (from its item id's bytes: random)."""
+    return (
+        (elem & 0xFF) % SKETCH_SPAN,
+        SKETCH_SPAN + (elem >> 8 & 0xFF) % SKETCH_SPAN,
+        2 * SKETCH_SPAN + (elem >> 16 & 0xFF) % SKETCH_SPAN,
+    )
+
+
+class Sketch:
+    """An invertible Bloom lookup table of (bucket, item id) elements, updated in O(1): per
+    cell a count (sent mod 256) and the XOR of its elements. An element is ``element_bytes``
+    on the wire: the bucket's bytes (2 for 65,536 buckets) and 4 of the item id."""
+
+    def __init__(self, element_bytes: int) -> None:
+        self.element_bytes = element_bytes
+        self.counts = [0] * SKETCH_CELLS
+        self.elements = [0] * SKETCH_CELLS
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire."""
+        return SKETCH_CELLS * (1 + self.element_bytes)
+
+    def toggle(self, elem: int, sign: int) -> None:
+        """Add (``sign`` 1) or remove (-1) an element."""
+        counts, elements = self.counts, self.elements
+        for cell in _cells(elem):
+            counts[cell] += sign
+            elements[cell] ^= elem
+
+    def to_bytes(self) -> bytes:
+        width = self.element_bytes
+        return b"".join(
+            (c & 0xFF).to_bytes(1, "big") + e.to_bytes(width, "big")
+            for c, e in zip(self.counts, self.elements, strict=True)
+        )
+
+
+def peel(ours: Sketch, theirs: bytes) -> tuple[list[int], list[int]] | None:
+    """The elements only they hold and those only we hold, from their sketch (``ours.size``
+    bytes) minus ours; None when the difference is too large to list (no cell left holds a
+    single element, and not all are empty). A cell holds a single element when its count is
+    1 or -1 and that element maps to it; a mix that passes for one ends in cells not all empty
+    (or, with odds of 2**-32, in a list that the caller's check of the roots refuses)."""
+    width = 1 + ours.element_bytes
+    counts, elements = [], []
+    for cell in range(SKETCH_CELLS):
+        raw = theirs[cell * width : (cell + 1) * width]
+        diff = (raw[0] - ours.counts[cell]) & 0xFF
+        counts.append(diff - 256 if diff >= 128 else diff)
+        elements.append(int.from_bytes(raw[1:], "big") ^ ours.elements[cell])
+    only_theirs: list[int] = []
+    only_ours: list[int] = []
+    for _ in range(MAX_PEELED):  # each round takes one element out, or stops
+        for cell in range(SKETCH_CELLS):
+            elem = elements[cell]
+            if counts[cell] in (1, -1) and cell in _cells(elem):
+                break
+        else:
+            break
+        sign = counts[cell]
+        (only_theirs if sign == 1 else only_ours).append(elem)
+        for c in _cells(elem):
+            counts[c] -= sign
+            elements[c] ^= elem
+    if any(counts) or any(elements):
+        return None
+    return only_theirs, only_ours
+
+
 class HashTree:
-    """Node hashes of every level plus the (key -> digest) dict of every leaf bucket."""
+    """Node hashes of every level plus the packed (key, digest) records of every leaf bucket."""
 
     def __init__(
         self,
@@ -112,7 +245,8 @@ class HashTree:
         self._levels: list[list[int]] = [
             [0] * self.shape.width(level) for level in range(self._depth + 1)
         ]
-        self._buckets: list[dict[bytes, bytes] | None] = [None] * self.shape.leaves
+        self._buckets: list[bytes | None] = [None] * self.shape.leaves
+        self._sketch = Sketch((self._total_bits + 7) // 8 + SHORT_BYTES)
         self._count = 0
         self._touched: set[bytes] | None = None  # keys written during a build
         self._marked: dict[bytes, None] = {}  # changed keys not settled yet, in order
@@ -132,8 +266,12 @@ class HashTree:
 
     def get(self, key: bytes) -> bytes | None:
         self.settle()
-        items = self._buckets[self.bucket(key)]
-        return None if items is None else items.get(key)
+        packed = self._buckets[self.bucket(key)]
+        at = -1 if packed is None else _find(packed, key)
+        if packed is None or at < 0:
+            return None
+        start = at + 2 + len(key)
+        return packed[start : start + DIGEST_BYTES]
 
     def root(self) -> bytes:
         self.settle()
@@ -151,11 +289,42 @@ class HashTree:
         below = self._levels[level + 1][index * fanout : (index + 1) * fanout]
         return b"".join(h.to_bytes(HASH_BYTES, "big") for h in below)
 
-    def bucket_items(self, bucket: int) -> Mapping[bytes, bytes]:
-        """The (key -> digest) pairs of a leaf bucket: a live view, not to be modified."""
+    def sketch(self) -> Sketch:
+        """The items' sketch (live: not to be modified)."""
         self.settle()
-        items = self._buckets[bucket]
-        return _EMPTY if items is None else items
+        return self._sketch
+
+    def key_of(self, elem: int) -> bytes | None:
+        """The key of the item a sketch element names, None if none here (or gone)."""
+        bucket, item = elem >> 32, (elem & 0xFFFFFFFF).to_bytes(SHORT_BYTES, "big")
+        if bucket >= self.shape.leaves:
+            return None
+        for short_id, key in self.short_ids(bucket, 0):
+            if short_id == item:
+                return key
+        return None
+
+    def short_children(self, level: int, index: int, window: int) -> bytes:
+        """:meth:`children`, each hash cut to its ``window``-th 4 bytes."""
+        return short(self.children(level, index), window)
+
+    def bucket_items(self, bucket: int) -> Mapping[bytes, bytes]:
+        """The (key -> digest) pairs of a leaf bucket (a new dict)."""
+        self.settle()
+        packed = self._buckets[bucket]
+        return _EMPTY if packed is None else dict(records(packed))
+
+    def short_ids(self, bucket: int, window: int) -> list[tuple[bytes, bytes]]:
+        """(short item id, key) of the pairs of a leaf bucket: the ``window``-th 4 bytes of
+        each item hash."""
+        self.settle()
+        packed = self._buckets[bucket]
+        if packed is None:
+            return []
+        at = window * SHORT_BYTES
+        return [
+            (item_hash(key, digest)[at : at + SHORT_BYTES], key) for key, digest in records(packed)
+        ]
 
     def item_ids(self, bucket: int) -> dict[bytes, bytes]:
         """Item id (see ITEM_ID_BYTES) -> key, for the pairs of a leaf bucket."""
@@ -173,9 +342,9 @@ class HashTree:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         self.settle()
-        for items in self._buckets:
-            if items:
-                yield from items.items()
+        for packed in self._buckets:
+            if packed:
+                yield from records(packed)
 
     # -- Writing ------------------------------------------------------------------------------
 
@@ -192,14 +361,18 @@ class HashTree:
             self._touched.add(key)
         khash = key_hash(key)
         bucket = self._bucket_of(khash)
-        items = self._buckets[bucket]
-        if items is None or key not in items:
+        packed = self._buckets[bucket]
+        at = -1 if packed is None else _find(packed, key)
+        if packed is None or at < 0:
             return
-        old = items.pop(key)
-        if not items:
-            self._buckets[bucket] = None  # empty buckets cost nothing
+        start = at + 2 + len(key)
+        old = packed[start : start + DIGEST_BYTES]
+        rest = packed[:at] + packed[start + DIGEST_BYTES :]
+        self._buckets[bucket] = rest or None  # empty buckets cost nothing
         self._count -= 1
-        self._xor(bucket, _item(khash, old))
+        gone = _item(khash, old)
+        self._sketch.toggle(element(bucket, gone), -1)
+        self._xor(bucket, gone)
 
     def update(self, key: bytes, digest: bytes | None) -> None:
         """:meth:`set`, or :meth:`remove` when ``digest`` is None; nothing when unchanged."""
@@ -236,20 +409,26 @@ class HashTree:
                 self._marked = dict.fromkeys(list(marked)[done:]) | self._marked
 
     def _put(self, key: bytes, digest: bytes) -> None:
+        if len(digest) != DIGEST_BYTES or len(key) > MAX_KEY_BYTES:
+            raise ValueError("a digest is 16 bytes, a key at most 65,535")
         khash = key_hash(key)
         bucket = self._bucket_of(khash)
-        items = self._buckets[bucket]
-        if items is None:
-            items = self._buckets[bucket] = {}
-        old = items.get(key)
-        if old == digest:
-            return
-        delta = _item(khash, digest)
-        if old is None:
+        packed = self._buckets[bucket] or b""
+        at = _find(packed, key)
+        new = delta = _item(khash, digest)
+        if at < 0:
             self._count += 1
+            self._buckets[bucket] = packed + len(key).to_bytes(2, "big") + key + digest
         else:
-            delta ^= _item(khash, old)
-        items[key] = digest
+            start = at + 2 + len(key)
+            old = packed[start : start + DIGEST_BYTES]
+            if old == digest:
+                return
+            gone = _item(khash, old)
+            delta ^= gone
+            self._sketch.toggle(element(bucket, gone), -1)
+            self._buckets[bucket] = packed[:start] + digest + packed[start + DIGEST_BYTES :]
+        self._sketch.toggle(element(bucket, new), 1)
         self._xor(bucket, delta)
 
     def _xor(self, bucket: int, delta: int) -> None:
