@@ -39,7 +39,7 @@ SUB_REGIONS = 9  # each holds NODES_PER_REGION nodes: 10 + 10 * 9 = 100 regions
 NODES_PER_REGION = 10  # 100 regions * 10 = 1000 nodes
 # What the daemon serves in .dreki/ (app wiring, _status_files): the walk must find exactly these.
 STATUS_FILES = (
-    *("cluster", "control", "members", "members.json", "pid", "replication", "requests"),
+    *("cluster", "control", "loop", "members", "members.json", "pid", "replication", "requests"),
     *("stores", "world", "world-errors", "world.json"),
 )
 

@@ -42,6 +42,7 @@ from ..world.watch import SourceConfig, WorldWatcher
 from . import control, service
 from .mounts import prepare_mountpoint
 from .service import MountError, Ready
+from .stalls import StallWatch
 
 log = logging.getLogger("drekifs")
 
@@ -72,6 +73,7 @@ class Daemon:
     def __init__(self, config: MountConfig) -> None:
         self.config = config
         self.started_ns = time.time_ns()
+        self.stalls = StallWatch()  # the loop held up: counted, and logged with its stack
         self.ops = None
         self.node = None
         self.stores: dict[str, LmdbStore] = {}
@@ -139,6 +141,7 @@ class Daemon:
                 nursery.start_soon(watcher.run)
                 nursery.start_soon(ops.invalidator.run)
                 nursery.start_soon(logs.summarize)  # counts of repeated failures' log lines
+                nursery.start_soon(self.stalls.run)
                 nursery.start_soon(self._on_signals, nursery)
                 nursery.start_soon(self._log_level_signals)
                 nursery.start_soon(self._announce_ready, ready)
@@ -285,6 +288,7 @@ class Daemon:
         files.add("world.json", per_world("world.json", render_json))
         files.add("world-errors", errors, volatile=True)
         files.add("requests", lambda: counters_text(self.ops.counts), volatile=True)
+        files.add("loop", self.stalls.text, volatile=True)
         files.add("stores", lambda: stores_text(self.stores.values()), volatile=True)
         alone = "this peer runs alone (no key ring)\n"
         peer = self.peer
