@@ -256,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         where = ", ".join(f"{o} {st}" for o, st in seen) or "never"
         first = f"; first at {watch.not_alive[0][0]:.1f} s" if seen else ""
         print(f"\na seen other than alive: {len(watch.not_alive)} samples ({where}{first})")
+        print("stalls of each daemon's loop over 250 ms (.dreki/loop), whole run:")
+        for n in NODES:
+            loop = dict(
+                line.split() for line in (mounts[n] / ".dreki" / "loop").read_text().splitlines()
+            )
+            print(f"  {n}: {loop['stalls']} stalls, longest {loop['longest_stall_ms']} ms")
         refuted = after["a"].get("swim.refutations", 0)
         print(f"a refuted {refuted} suspicions of itself")
         ok = not watch.not_alive and refuted == 0

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 PERIOD = 0.05  # seconds between two beats of the loop
 THRESHOLD = 0.25  # a beat this late is a stall: half of SWIM's probe timeout
 LOG_EVERY = 60.0  # seconds between two log lines of stalls (the rest are counted)
+STACK_LINES = 16  # innermost frames logged
 
 
 class StallWatch:
@@ -91,7 +92,8 @@ class StallWatch:
             self._unlogged += 1
             return
         frame = sys._current_frames().get(self._loop_thread)
-        where = "".join(traceback.format_stack(frame, limit=12)) if frame else "(no stack)\n"
+        innermost = traceback.extract_stack(frame)[-STACK_LINES:] if frame else []
+        where = "".join(traceback.format_list(innermost)) or "(no stack)\n"
         more = f" ({self._unlogged} more since the last line)" if self._unlogged else ""
         self._logged_at, self._unlogged = now, 0
         log.warning(

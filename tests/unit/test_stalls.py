@@ -30,4 +30,5 @@ async def test_a_held_loop_is_counted_and_logged(caplog: pytest.LogCaptureFixtur
     assert watch.stalls == 1
     assert 0.25 < watch.longest < 2.0
     assert "hold_the_loop" in caplog.text  # the stack of the loop's thread, taken mid-stall
+    assert "time.sleep" in caplog.text  # its innermost frames
     assert "stalls 1\n" in watch.text()
