@@ -4,6 +4,7 @@ determinism). All protocol tests run on trio's MockClock."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import random
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ from drekifs.cluster.antientropy import (
     hashtree,
     version_digest,
 )
-from drekifs.cluster.antientropy.sync import MERGE_SLICE
+from drekifs.cluster.antientropy.sync import LISTING_SLICE, MERGE_SLICE
 from drekifs.cluster.net import PeerUnreachable, RemoteError
 
 from ..harness.memsource import MemorySource
@@ -543,7 +544,7 @@ class TaskSteps(trio.abc.Instrument):
 async def test_a_large_page_is_merged_in_slices(autojump_clock: trio.testing.MockClock) -> None:
     """A page of thousands of tiny entries held a daemon's loop for seconds, its SWIM acks
     with it: merged MERGE_SLICE at a time, with a checkpoint in between, both when pulling
-    and when a peer pushes."""
+    and when a peer pushes; the buckets of a big difference are listed in slices too."""
     async with SimWorld(seed=7) as world:
         a, b = peers(world, 2, shape=TreeShape())
         for k in range(3000):
@@ -562,6 +563,15 @@ async def test_a_large_page_is_merged_in_slices(autojump_clock: trio.testing.Moc
 
         watch(store(a))
         watch(store(b))
+        listings: collections.Counter[int] = collections.Counter()  # task step -> buckets
+        for tree in (a.tree, b.tree):
+            short_ids = tree.short_ids
+
+            def counted(bucket: int, window: int, short_ids: Any = short_ids) -> Any:
+                listings[steps.steps] += 1
+                return short_ids(bucket, window)
+
+            tree.short_ids = counted  # type: ignore[method-assign]
         trio.lowlevel.add_instrument(steps)
         try:
             result = await a.sync(addr(1))
@@ -572,6 +582,8 @@ async def test_a_large_page_is_merged_in_slices(autojump_clock: trio.testing.Moc
         assert MERGE_SLICE <= 1024  # ~35 ms of merging at 34 us an entry
         assert max(n for n, _ in slices) <= MERGE_SLICE and len(slices) >= 3000 // MERGE_SLICE
         assert len({step for _, step in slices}) == len(slices)  # a checkpoint between any two
+        assert listings.total() > 2 * LISTING_SLICE
+        assert max(listings.values()) <= LISTING_SLICE
 
 
 async def test_paging_moves_everything(autojump_clock: trio.testing.MockClock) -> None:
