@@ -258,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\na seen other than alive: {len(watch.not_alive)} samples ({where}{first})")
         print("stalls of each daemon's loop over 250 ms (.dreki/loop), whole run:")
         for n in NODES:
-            loop = dict(
-                line.split() for line in (mounts[n] / ".dreki" / "loop").read_text().splitlines()
-            )
+            try:
+                lines = (mounts[n] / ".dreki" / "loop").read_text().splitlines()
+            except FileNotFoundError:  # a daemon from before .dreki/loop
+                print(f"  {n}: not counted")
+                continue
+            loop = dict(line.split() for line in lines)
             print(f"  {n}: {loop['stalls']} stalls, longest {loop['longest_stall_ms']} ms")
         refuted = after["a"].get("swim.refutations", 0)
         print(f"a refuted {refuted} suspicions of itself")
