@@ -259,6 +259,33 @@ async def test_suspected_member_refutes_before_it_dies(autojump_clock: Any) -> N
         assert_sound(cluster)
 
 
+async def test_suspicion_of_a_later_life_starts_over(autojump_clock: Any) -> None:
+    """A suspicion of incarnation 2 reaching a peer that suspects incarnation 1 means the member
+    refuted (the peer missed it): the old timer must not count it as a confirmation and kill
+    the later life on the old clock (slow peers died this way)."""
+    async with SimWorld(seed=15) as world:
+        cluster = SimCluster(world, 10, CONFIG)
+        cluster.start_converged(cluster.names)
+        await trio.sleep(1)
+        cluster.crash("node0004")  # nobody refutes: only the injected news moves it
+        peer = cluster.peers["node0000"]
+        liar = world.network(("10.9.9.9", 7946))
+        for accuser, incarnation in (("a", 1), ("b", 2)):
+            update = {"k": "s", "n": "node0004", "i": incarnation, "f": accuser}
+            liar.send_datagram(cluster.addrs["node0000"], {"t": "gossip", "u": [update]})
+            await trio.sleep(0.01)
+        info = {m.name: m for m in peer.members()}["node0004"]
+        assert (info.state, info.incarnation) == ("suspect", 2)
+        assert peer.counters["suspicions_superseded"] == 1
+        assert peer.counters["confirmations"] == 0
+        # Its timer restarted at the maximum: nobody confirmed the new life's suspicion yet.
+        low, high = CONFIG.suspicion_timeouts(10)
+        start = trio.current_time()
+        await cluster.wait_for(lambda: peer.state_of("node0004") == "dead", 30, step=0.05)
+        assert trio.current_time() - start >= low
+        assert_sound(cluster)
+
+
 async def test_partition_heals(autojump_clock: Any) -> None:
     async with SimWorld(seed=6, loss=0.01) as world:
         cluster = SimCluster(world, 20, CONFIG)

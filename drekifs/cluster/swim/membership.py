@@ -431,6 +431,17 @@ class Membership:
         if suspect.incarnation < member.incarnation:
             return  # about a life already refuted
         timer = self._suspicions.get(suspect.name)
+        if timer is not None and suspect.incarnation > timer.incarnation:
+            # A later life is suspected: the member refuted the running suspicion (we missed its
+            # alive message). Counting this as a confirmation would kill the later life on the
+            # earlier one's clock; start over on the new incarnation instead.
+            self._cancel_suspicion(suspect.name)
+            self.counters["suspicions_superseded"] += 1
+            member.incarnation = suspect.incarnation
+            self._start_suspicion(member, suspect.accuser)
+            self._enqueue(suspect.name, encode_update(suspect))
+            self._notify(member)
+            return
         if timer is not None:
             if timer.suspicion.confirm(suspect.accuser):
                 self.counters["confirmations"] += 1
