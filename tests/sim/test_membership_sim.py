@@ -96,9 +96,9 @@ def test_broadcast_queue_limits_replaces_and_fits() -> None:
 
 def test_config_timeouts() -> None:
     low, high = CONFIG.suspicion_timeouts(100)
-    assert (low, high) == (3.0, 18.0)
-    assert CONFIG.suspicion_timeouts(3)[0] == 1.5
-    assert CONFIG.retransmit_limit(100) == 12
+    assert (low, high) == (4.0, 24.0)
+    assert CONFIG.suspicion_timeouts(3)[0] == 2.0
+    assert CONFIG.retransmit_limit(100) == 15
     assert CONFIG.push_pull_period(1000) == 180.0
     assert CONFIG.suspicion_k(4) == 0 and CONFIG.suspicion_k(5) == 3
 
@@ -278,11 +278,11 @@ async def test_suspicion_of_a_later_life_starts_over(autojump_clock: Any) -> Non
         assert (info.state, info.incarnation) == ("suspect", 2)
         assert peer.counters["suspicions_superseded"] == 1
         assert peer.counters["confirmations"] == 0
-        # Its timer restarted at the maximum: nobody confirmed the new life's suspicion yet.
-        low, high = CONFIG.suspicion_timeouts(10)
+        # Its timer restarted: the new life dies no sooner than the minimum after its suspicion.
+        low = CONFIG.suspicion_timeouts(10)[0]
         start = trio.current_time()
         await cluster.wait_for(lambda: peer.state_of("node0004") == "dead", 30, step=0.05)
-        assert trio.current_time() - start >= low
+        assert trio.current_time() - start >= low - 0.011  # started 0.01 s before ``start``
         assert_sound(cluster)
 
 
@@ -333,7 +333,10 @@ async def test_lossy_network_makes_no_false_death(autojump_clock: Any) -> None:
         counters = totals(cluster)
         assert counters["probe_failures"] > 0  # the loss did bite
         assert not deaths(cluster)
-        assert cluster.converged()
+        # A suspicion may be open at any instant at 10% loss (one started at 89.5 s with the
+        # defaults of issue 17): every one is refuted within a second.
+        assert await cluster.wait_for(cluster.converged, 1.0, step=0.05) is not None
+        assert not deaths(cluster)
         assert_sound(cluster)
 
 

@@ -504,6 +504,9 @@ class Membership:
         assert self._nursery is not None
         n = self._live
         low, high = self.config.suspicion_timeouts(n)
+        # Lifeguard's local health, applied to the suspicion too: a peer that knows it is slow
+        # hears refutations late, by as much as it answers late, so it waits longer to judge.
+        low, high = self._awareness.scale(low), self._awareness.scale(high)
         suspicion = Suspicion(accuser, self.config.suspicion_k(n), low, high, self._now())
         timer = _SuspicionTimer(
             suspicion, member.incarnation, trio.CancelScope(deadline=suspicion.deadline)
