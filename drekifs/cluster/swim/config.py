@@ -32,13 +32,14 @@ class SwimConfig:
     indirect_checks: int = 3
     """Helpers asked to ping a member that missed its direct ping (SWIM's k)."""
     awareness_max_multiplier: int = 8
-    """Lifeguard: an unhealthy peer stretches its interval, probe and suspicion timeouts up to
-    8x (1: never)."""
+    """Lifeguard: an unhealthy peer stretches its interval and probe timeout up to 8x, and waits
+    up to 7 probe intervals longer before a suspicion ends (1: never)."""
 
     # -- Suspicion (Lifeguard) ----------------------------------------------------------------
     suspicion_mult: float = 2.0
     """Minimum suspicion timeout = suspicion_mult * max(1, log10(n)) * probe_interval (both
-    timeouts stretched by the local health multiplier, as the probe interval is)."""
+    timeouts lengthened by as much as the local health multiplier stretches the probe
+    interval)."""
     suspicion_max_timeout_mult: float = 6.0
     """Maximum suspicion timeout (no confirmation yet) = this * the minimum."""
     suspicion_confirmations: int = 3

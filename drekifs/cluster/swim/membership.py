@@ -505,8 +505,11 @@ class Membership:
         n = self._live
         low, high = self.config.suspicion_timeouts(n)
         # Lifeguard's local health, applied to the suspicion too: a peer that knows it is slow
-        # hears refutations late, by as much as it answers late, so it waits longer to judge.
-        low, high = self._awareness.scale(low), self._awareness.scale(high)
+        # hears refutations late, by as much as it answers late, so it waits as much longer as
+        # it stretches its probe interval (added, not multiplied: a peer cut from part of the
+        # cluster also loses health, and must still see that part dead in bounded time).
+        extra = self._awareness.scale(self.config.probe_interval) - self.config.probe_interval
+        low, high = low + extra, high + extra
         suspicion = Suspicion(accuser, self.config.suspicion_k(n), low, high, self._now())
         timer = _SuspicionTimer(
             suspicion, member.incarnation, trio.CancelScope(deadline=suspicion.deadline)
