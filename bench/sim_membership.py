@@ -1,8 +1,9 @@
-"""SWIM membership in simulation: failure detection, join spread, partitions and restarts.
+"""SWIM membership in simulation: failure detection, slow peers, join spread, partitions, restarts.
 
-    .venv/bin/python bench/sim_membership.py            # everything, a few minutes
-    .venv/bin/python bench/sim_membership.py --seeds 5 --join-seeds 1 --no-reference
+    .venv/bin/python bench/sim_membership.py            # everything, ten minutes or so
+    .venv/bin/python bench/sim_membership.py --seeds 5 --slow-seeds 5 --join-seeds 1
     .venv/bin/python bench/sim_membership.py --check    # exit 1 when a target is missed
+    .venv/bin/python bench/sim_membership.py --sweep    # the settings table of docs/decisions.md
 
 Every scenario runs drekifs.cluster.swim on tests/harness/simnet.py (in memory, trio's MockClock):
 times are simulated seconds, deterministic for a seed; wall times are what the simulation cost.
@@ -26,27 +27,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simclock import quantile, simulate
 
-from drekifs.cluster.swim import SwimConfig
-from tests.harness.simnet import SimWorld
-from tests.harness.swim_cluster import Observation, SimCluster
-
-MEMBERLIST_MEDIAN = 9.9  # s: memberlist (LAN profile), 100 peers, 1% loss, one crash
-MEMBERLIST_LAN = SwimConfig(  # memberlist's DefaultLANConfig, as near as these knobs go
-    suspicion_mult=4, suspicion_max_timeout_mult=6, suspicion_confirmations=2
+from drekifs.cluster.swim import Membership, SwimConfig
+from tests.harness.simnet import GilbertElliott, SimWorld
+from tests.harness.swim_cluster import (
+    LAN_LATENCY,
+    NoRefutation,
+    Observation,
+    SimCluster,
+    slow_peer_run,
 )
-TARGET_MEDIAN = 6.0
+
+# memberlist's DefaultLANConfig (config.go): probe 1 s / 0.5 s, 3 indirect checks, awareness 8,
+# gossip 3 peers every 200 ms, retransmit 4; SuspicionMult 4, SuspicionMaxTimeoutMult 6, and
+# (state.go) k = SuspicionMult - 2 = 2 confirmations; the same timeout formulas as ours.
+MEMBERLIST_LAN = SwimConfig(
+    suspicion_mult=4, suspicion_max_timeout_mult=6, suspicion_confirmations=2, retransmit_mult=4
+)
+TARGET_MEDIAN = 7.0
 TARGET_JOIN = 3.0
+
+# -- The network ---------------------------------------------------------------------------
+
+
+def lan(seed: int, loss: float, bursty: bool = False) -> SimWorld:
+    """A LAN: long-tailed delays, each peer's CPU per message; ``loss`` independent, or in
+    bursts of the same average (Gilbert-Elliott at both ends of each datagram)."""
+    if not bursty:
+        return SimWorld(seed=seed, loss=loss, latency=LAN_LATENCY)
+    per_end = loss / 2
+    bursts = GilbertElliott(mean_good=0.5 * 0.5 / per_end - 0.5, mean_bad=0.5, loss_bad=0.5)
+    return SimWorld(seed=seed, latency=LAN_LATENCY, bursts=bursts)
 
 
 # -- Crash detection -------------------------------------------------------------------------
 
 
-def crash_run(seed: int, config: SwimConfig, peers: int, loss: float) -> dict[str, Any]:
+def crash_run(
+    seed: int,
+    config: SwimConfig,
+    peers: int,
+    loss: float,
+    *,
+    bursty: bool = False,
+    membership: type[Membership] = Membership,
+    watch_after: float = 10.0,
+) -> dict[str, Any]:
     """One crash in a converged cluster: when each other peer marked it dead, false deaths."""
 
     async def main() -> dict[str, Any]:
-        async with SimWorld(seed=seed, loss=loss) as world:
-            cluster = SimCluster(world, peers, config)
+        async with lan(seed, loss, bursty) as world:
+            cluster = SimCluster(world, peers, config, membership=membership)
             cluster.start_converged(cluster.names)
             await trio.sleep(5)  # probe rounds and phases settle
             victim = random.Random(seed).choice(cluster.names)
@@ -66,7 +96,7 @@ def crash_run(seed: int, config: SwimConfig, peers: int, loss: float) -> dict[st
             false.extend(o for o in cluster.observations if o.state == "dead")
             cluster.crash(victim)
             await cluster.wait_for(lambda: len(detected) >= peers - 1, 60, step=0.5)
-            await trio.sleep(10)  # keep watching for false deaths after the detection
+            await trio.sleep(watch_after)  # keep watching for false deaths after the detection
             return {
                 "detected": list(detected.values()),
                 "missed": peers - 1 - len(detected),
@@ -79,13 +109,15 @@ def crash_run(seed: int, config: SwimConfig, peers: int, loss: float) -> dict[st
     return result
 
 
-def crash_scenario(label: str, config: SwimConfig, seeds: int, peers: int, loss: float) -> dict:
+def crash_scenario(
+    label: str, config: SwimConfig, seeds: int, peers: int, loss: float, **kw: Any
+) -> dict:
     times: list[float] = []
     false = missed = false_subjects = 0
     wall = 0.0
     per_seed: list[float] = []
     for seed in range(seeds):
-        r = crash_run(seed, config, peers, loss)
+        r = crash_run(seed, config, peers, loss, **kw)
         times += r["detected"]
         false += r["false"]
         false_subjects += r["false_subjects"]
@@ -105,6 +137,92 @@ def crash_scenario(label: str, config: SwimConfig, seeds: int, peers: int, loss:
         "wall": wall,
         "seeds": seeds,
     }
+
+
+# -- Slow peers --------------------------------------------------------------------------------
+
+
+def slow_scenario(
+    label: str,
+    config: SwimConfig,
+    seeds: int,
+    peers: int,
+    *,
+    slow: int = 5,
+    late: float = 2.0,
+    duration: float = 60.0,
+    loss: float = 0.0,
+    membership: type[Membership] = Membership,
+) -> dict[str, Any]:
+    """Lifeguard's test: ``slow`` of ``peers`` handle every message ``late`` s late; nobody
+    crashes, so every "dead" any peer reports is false."""
+    deaths = subjects = suspicions = refutations = 0
+    bad_runs = 0
+    wall = 0.0
+    for seed in range(seeds):
+
+        async def main(seed: int = seed) -> Any:
+            async with lan(seed, loss) as world:
+                cluster = SimCluster(world, peers, config, membership=membership)
+                return await slow_peer_run(cluster, slow, late, duration, seed)
+
+        r, w = simulate(main)
+        deaths += len(r.deaths)
+        subjects += len(r.dead_subjects)
+        bad_runs += bool(r.deaths)
+        suspicions += r.suspicions
+        refutations += r.refutations
+        wall += w
+    return {
+        "label": label,
+        "seeds": seeds,
+        "deaths": deaths,
+        "subjects": subjects,
+        "bad_runs": bad_runs,
+        "suspicions": suspicions / seeds,
+        "refutations": refutations / seeds,
+        "wall": wall,
+    }
+
+
+def print_slow(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"  {'':34} {'runs':>5} {'false deaths':>13} {'peers':>6} {'runs hit':>8} "
+        f"{'suspicions/run':>15} {'refutations/run':>16} {'wall':>7}"
+    )
+    for r in rows:
+        print(
+            f"  {r['label']:34} {r['seeds']:5d} {r['deaths']:13d} {r['subjects']:6d} "
+            f"{r['bad_runs']:8d} {r['suspicions']:15.0f} {r['refutations']:16.0f} "
+            f"{r['wall']:6.1f}s"
+        )
+
+
+SWEEP = [(1.5, 3), (2.0, 3), (2.5, 3), (3.0, 3), (4.0, 2)]  # (suspicion_mult, confirmations)
+
+
+def sweep(
+    settings: list[tuple[float, int]], seeds: int, slow_seeds: int, peers: int, loss: float
+) -> None:
+    """Detection vs false deaths over suspicion settings: the table in docs/decisions.md."""
+    print(
+        f"Settings sweep: {peers} peers; detection at {loss:.0%} loss ({seeds} crashes), slow "
+        f"peers (5 handle every message 2 s late, 60 s, {slow_seeds} runs)"
+    )
+    print(
+        f"  {'mult':>4} {'k':>2} {'min-max s':>10} {'median':>7} {'p99':>6} "
+        f"{'false (crash)':>13} {'false (slow)':>12} {'peers':>6} {'runs hit':>8}"
+    )
+    for mult, k in settings:
+        config = SwimConfig(suspicion_mult=mult, suspicion_confirmations=k)
+        low, high = config.suspicion_timeouts(peers)
+        c = crash_scenario("", config, seeds, peers, loss)
+        s = slow_scenario("", config, slow_seeds, peers)
+        print(
+            f"  {mult:4.1f} {k:2d} {low:4.0f}-{high:<5.0f} {c['median']:6.2f}s {c['p99']:5.2f}s "
+            f"{c['false']:13d} {s['deaths']:12d} {s['subjects']:6d} {s['bad_runs']:8d}",
+            flush=True,
+        )
 
 
 # -- Join spread -----------------------------------------------------------------------------
@@ -264,6 +382,17 @@ def main() -> int:
         help="crash runs with memberlist's LAN timing (default 10)",
     )
     parser.add_argument("--no-reference", action="store_true", help="skip those")
+    parser.add_argument(
+        "--slow-seeds", type=int, default=30, help="slow-peer runs of 60 s (default 30)"
+    )
+    parser.add_argument(
+        "--sweep",
+        nargs="*",
+        metavar="MULT:K",
+        help="only the table over suspicion settings (suspicion_mult:confirmations; default "
+        + " ".join(f"{m:g}:{k}" for m, k in SWEEP)
+        + ")",
+    )
     parser.add_argument("--peers", type=int, default=100)
     parser.add_argument("--loss", type=float, default=0.01)
     parser.add_argument("--join-peers", type=int, default=1000)
@@ -272,10 +401,15 @@ def main() -> int:
     args = parser.parse_args()
     config = SwimConfig()
     ok = True
+    if args.sweep is not None:
+        settings = [(float(m), int(k)) for m, k in (x.split(":") for x in args.sweep)]
+        sweep(settings or SWEEP, args.seeds, args.slow_seeds, args.peers, args.loss)
+        return 0
 
     print(
         f"SWIM membership, simulated: {args.peers} peers, {args.loss:.0%} datagram loss, "
-        f"delay 0.2-2 ms"
+        f"one-way delay lognormal (median {LAN_LATENCY.median * 1000:g} ms, sigma "
+        f"{LAN_LATENCY.sigma}), {SimWorld().handler_cost[0] * 1e6:.1f} us of CPU per message"
     )
     low, high = config.suspicion_timeouts(args.peers)
     print(
@@ -287,6 +421,11 @@ def main() -> int:
     print()
     print("1. One peer crashes: seconds until each other peer marks it dead")
     rows = [crash_scenario("drekifs", config, args.seeds, args.peers, args.loss)]
+    rows.append(
+        crash_scenario(
+            "drekifs, loss in bursts", config, args.seeds, args.peers, args.loss, bursty=True
+        )
+    )
     if not args.no_reference:
         rows.append(
             crash_scenario(
@@ -309,12 +448,37 @@ def main() -> int:
             f"{r['p99']:5.2f}s {r['max']:5.2f}s {lo:5.2f}-{hi:5.2f}s "
             f"{r['false']:13d} {r['missed']:7d} {r['wall']:6.1f}s"
         )
-    print(f"  {'memberlist (published)':30} {'':5} {'':8} {MEMBERLIST_MEDIAN:6.2f}s")
     met = rows[0]["median"] <= TARGET_MEDIAN and rows[0]["false"] == 0 and not rows[0]["missed"]
     ok &= met
     print(
         f"  target: median <= {TARGET_MEDIAN} s, no false death: {'[met]' if met else '[missed]'}"
     )
+    print()
+
+    print(
+        f"1b. Lifeguard's slow-peer test: 5 of {args.peers} peers handle every message 2 s late, "
+        "60 s, nobody crashes"
+    )
+    slow_rows = [slow_scenario("drekifs", config, args.slow_seeds, args.peers)]
+    if not args.no_reference:
+        slow_rows.append(
+            slow_scenario(
+                "memberlist timing, this sim", MEMBERLIST_LAN, args.reference_seeds, args.peers
+            )
+        )
+        slow_rows.append(
+            slow_scenario(
+                "drekifs, refutation off",
+                config,
+                min(3, args.slow_seeds),
+                args.peers,
+                membership=NoRefutation,
+            )
+        )
+    print_slow(slow_rows)
+    met = slow_rows[0]["deaths"] == 0
+    ok &= met
+    print(f"  target: no false death: {'[met]' if met else '[missed]'}")
     print()
 
     print(f"2. A peer joins {args.join_peers} (knowing 3 seeds): seconds until peers know it")

@@ -25,15 +25,27 @@ from ..world.resolve import SourceError
 from .config import ConfigError, default_path, load
 from .control import ControlError, call
 from .mounts import drekifs_mounts, unmount
-from .options import LOG_LEVELS, parse_duration, parse_server, parse_size, poll_us, store_name
+from .options import (
+    LOG_LEVELS,
+    indirect_checks,
+    parse_duration,
+    parse_server,
+    parse_size,
+    poll_us,
+    positive_number,
+    store_name,
+)
 from .service import MountError
 
 if TYPE_CHECKING:
+    from ..cluster.swim.config import SwimConfig
     from ..world.watch import SourceConfig
     from .daemon import MountConfig
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
+# SwimConfig's default, repeated: importing it here would load trio for every command.
+SUSPICION_MULT = 2.0
 EXIT_SOURCE = 3
 
 
@@ -213,6 +225,7 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
             )
         )
     return MountConfig(
+        swim=swim_config(args),
         mountpoint=Path(args.mountpoint),
         source=config,
         data_dir=Path(os.path.abspath(args.data_dir)),
@@ -229,6 +242,27 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         tombstone_grace=args.tombstone_grace,
         poll_us=args.poll_us,
     )
+
+
+def swim_config(args: argparse.Namespace) -> SwimConfig:
+    """The failure detector's settings of ``drekifs mount`` ARGS; a usage error if they do not
+    fit together."""
+    from .daemon import SwimConfig  # here, not at the top: as in mount_config
+
+    try:
+        return SwimConfig(
+            probe_interval=args.probe_interval,
+            probe_timeout=args.probe_timeout,
+            indirect_checks=args.indirect_checks,
+            suspicion_mult=args.suspicion_mult,
+        )
+    except ValueError as e:
+        raise SystemExit(
+            _usage(
+                f"--probe-interval {args.probe_interval:g}s, --probe-timeout "
+                f"{args.probe_timeout:g}s: {e}"
+            )
+        ) from None
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -568,6 +602,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="after answering a request, poll for the next one this many microseconds "
         "before sleeping: on a VM, waking a sleeping daemon costs each request tens of us "
         "(default 100; 0 sleeps at once)",
+    )
+    # The failure detector (cluster/swim/config.py has the same defaults; docs/decisions.md,
+    # "Failure detection under slow peers", the measurements behind them).
+    p.add_argument(
+        "--probe-interval",
+        metavar="SECONDS",
+        type=parse_duration,
+        default=1.0,
+        help="probe one member this often (default 1)",
+    )
+    p.add_argument(
+        "--probe-timeout",
+        metavar="SECONDS",
+        type=parse_duration,
+        default=0.5,
+        help="wait this long for a member's ack before asking others to ping it; under the "
+        "probe interval (default 0.5)",
+    )
+    p.add_argument(
+        "--indirect-checks",
+        metavar="N",
+        type=indirect_checks,
+        default=3,
+        help="members asked to ping a member that missed its ping (default 3)",
+    )
+    p.add_argument(
+        "--suspicion-mult",
+        metavar="X",
+        type=positive_number,
+        default=SUSPICION_MULT,
+        help="a suspected member is declared dead after X * log10(members) probe intervals "
+        f"once others confirm, 6 times that when nobody does (default {SUSPICION_MULT:g})",
     )
     p.add_argument(
         "--config",

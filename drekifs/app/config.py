@@ -17,7 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .options import LOG_LEVELS, parse_duration, parse_server, parse_size, poll_us, store_name
+from .options import (
+    LOG_LEVELS,
+    indirect_checks,
+    parse_duration,
+    parse_server,
+    parse_size,
+    poll_us,
+    positive_number,
+    store_name,
+)
 
 DEFAULT_PATH = Path("/etc/drekifs/drekifs.toml")
 ENV_VAR = "DREKIFS_CONFIG"
@@ -95,6 +104,8 @@ _size = _arg(parse_size, 'a size (like 1048576 or "1MiB")')
 _duration = _arg(parse_duration, 'a duration (seconds, or like "7d")', fractions=True)
 _poll_us = _arg(poll_us, "microseconds (an integer)")
 _store = _arg(store_name, "a store name")
+_positive = _arg(positive_number, "a number", fractions=True)
+_indirect = _arg(indirect_checks, "a count (an integer)")
 
 
 def _stores(value: Any, base: Path) -> list[str]:
@@ -139,6 +150,10 @@ KEYS: dict[str, tuple[str, Callable[[Any, Path], Any]]] = {
     "max-local-value": ("max_local_value", _size),
     "tombstone-grace": ("tombstone_grace", _duration),
     "poll-us": ("poll_us", _poll_us),
+    "probe-interval": ("probe_interval", _duration),
+    "probe-timeout": ("probe_timeout", _duration),
+    "indirect-checks": ("indirect_checks", _indirect),
+    "suspicion-mult": ("suspicion_mult", _positive),
     "mountpoint": ("mountpoint", _path),
 }
 

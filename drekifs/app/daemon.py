@@ -25,6 +25,7 @@ import trio
 from .. import __version__, datadir, logs
 from ..cluster.keyring import KeyRingError
 from ..cluster.peer import Peer
+from ..cluster.swim.config import SwimConfig
 from ..fs import requestloop
 from ..fs.inodes import StoreSlots
 from ..fs.namespace import MAX_PATHS, Namespace
@@ -64,6 +65,7 @@ class MountConfig:
     keyring: Path | None = None  # without one, this peer runs alone
     tombstone_grace: float = TOMBSTONE_GRACE
     poll_us: int = requestloop.POLL_US  # how long to poll /dev/fuse before sleeping
+    swim: SwimConfig = field(default_factory=SwimConfig)  # the failure detector's settings
 
 
 # -- the daemon ----------------------------------------------------------------------------------
@@ -228,6 +230,7 @@ class Daemon:
                 save_incarnation=lambda n: local.set_meta_int("incarnation", n),
                 on_members_changed=self._members_changed,
                 tombstone_grace=config.tombstone_grace,
+                swim=config.swim,
                 version=__version__,
             )
         except KeyRingError as e:

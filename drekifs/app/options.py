@@ -59,6 +59,30 @@ def poll_us(text: str) -> int:
     return int(t)
 
 
+def positive_number(text: str) -> float:
+    """A number above 0: ``4``, ``2.5``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number above 0")
+    return value
+
+
+MAX_INDIRECT_CHECKS = 16
+
+
+def indirect_checks(text: str) -> int:
+    """Helpers asked to ping a member that missed its ping: 0 to 16."""
+    t = text.strip()
+    if not t.isdigit() or int(t) > MAX_INDIRECT_CHECKS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a count of indirect checks (0 to {MAX_INDIRECT_CHECKS})"
+        )
+    return int(t)
+
+
 def store_name(text: str) -> str:
     """A local store of this node beside ``local``: a store name, not a built-in one."""
     if not is_valid_store_name(text) or text in ("global", "local"):

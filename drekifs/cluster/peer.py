@@ -95,6 +95,7 @@ class Peer:
         on_members_changed: Callable[[str, tuple[str, ...] | None], None] = lambda n, s: None,
         version: str = "",
         tombstone_grace: float = TOMBSTONE_GRACE,
+        swim: SwimConfig | None = None,
     ) -> None:
         self.world = world
         self.node = node
@@ -131,7 +132,7 @@ class Peer:
         self.membership = Membership(
             node,
             self._mux,
-            SwimConfig(),
+            swim or SwimConfig(),
             incarnation=incarnation,
             meta=meta,
             save_incarnation=save_incarnation,

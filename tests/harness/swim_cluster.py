@@ -3,12 +3,15 @@
 What the tests and the benchmark share: peers named ``node0000``... at ``10.x.y.z:7946``, each
 with its incarnation "saved" in a dict that survives crashes (the daemon keeps it in LMDB), and a
 log of every state change any peer observed. Peers see the whole world as their DNS seeds unless
-told otherwise.
+told otherwise. Also: the LAN the benchmarks and tests model (:data:`LAN_LATENCY`), Lifeguard's
+slow-peer test (:func:`slow_peer_run`), and mechanisms switched off (:class:`NoRefutation`)
+for the tests that show a check can fail.
 """
 
 from __future__ import annotations
 
 import gc
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -18,7 +21,17 @@ from drekifs.cluster.net import PeerAddr
 from drekifs.cluster.swim.config import SwimConfig
 from drekifs.cluster.swim.membership import Membership
 from drekifs.cluster.swim.state import MemberInfo
-from tests.harness.simnet import SimWorld, addr_of
+from tests.harness.simnet import LogNormal, SimWorld, addr_of
+
+# One-way delay on a LAN: 0.5 ms on median, a tail to a few ms (p99 1.6 ms, p99.99 3.2 ms).
+LAN_LATENCY = LogNormal(median=0.0005, sigma=0.5, floor=0.00005)
+
+
+class NoRefutation(Membership):
+    """A peer that never refutes an accusation (test-only: the mechanism switched off)."""
+
+    def _refute(self, accused: int) -> None:
+        self.counters["refutations_skipped"] += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +48,17 @@ class Observation:
 class SimCluster:
     """Membership peers on ``world``; ``size`` names exist from the start (the DNS world)."""
 
-    def __init__(self, world: SimWorld, size: int, config: SwimConfig) -> None:
+    def __init__(
+        self,
+        world: SimWorld,
+        size: int,
+        config: SwimConfig,
+        *,
+        membership: type[Membership] = Membership,
+    ) -> None:
         self.world = world
         self.config = config
+        self.membership = membership
         self.addrs: dict[str, PeerAddr] = {}
         self.peers: dict[str, Membership] = {}  # the running ones
         self.saved: dict[str, int] = {}  # name -> incarnation, as on each peer's disk
@@ -72,7 +93,7 @@ class SimCluster:
         ``preload`` already (see :meth:`Membership.preload`)."""
         addr = self.addrs[name]
         self._lives += 1
-        peer = Membership(
+        peer = self.membership(
             name,
             self.world.network(addr),
             config or self.config,
@@ -145,3 +166,37 @@ class SimCluster:
                 await trio.sleep(step)
             return trio.current_time() - start
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class SlowPeerResult:
+    """What a slow-peer run saw: every "dead" any peer reported (none is true: nobody
+    crashed), and how busy the failure detector was."""
+
+    slow: list[str]
+    deaths: list[Observation]
+    suspicions: int
+    refutations: int
+
+    @property
+    def dead_subjects(self) -> set[str]:
+        return {o.subject for o in self.deaths}
+
+
+async def slow_peer_run(
+    cluster: SimCluster, slow: int, late: float, duration: float, rng_seed: int
+) -> SlowPeerResult:
+    """Lifeguard's slow-peer test on a converged ``cluster``: ``slow`` random peers handle every
+    message ``late`` seconds late for ``duration`` simulated seconds; nobody crashes."""
+    cluster.start_converged(cluster.names)
+    chosen = sorted(random.Random(rng_seed).sample(cluster.names, slow))
+    for name in chosen:
+        cluster.world.set_slow(cluster.addrs[name], late)
+    await trio.sleep(duration)
+    counters = [p.counters for p in cluster.peers.values()]
+    return SlowPeerResult(
+        chosen,
+        [o for o in cluster.observations if o.state == "dead"],
+        sum(c["suspicions"] for c in counters),
+        sum(c["refutations"] for c in counters),
+    )

@@ -13,6 +13,7 @@ import drekifs.app.daemon
 from drekifs.app import cli, config
 from drekifs.app.daemon import MountConfig
 from drekifs.app.options import parse_server
+from drekifs.cluster.swim import SwimConfig
 from drekifs.fs import requestloop
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -65,6 +66,10 @@ max-global-value = "2MiB"
 max-local-value = 4096
 tombstone-grace = "12h"
 poll-us = 40
+probe-interval = "2s"
+probe-timeout = 0.8
+indirect-checks = 5
+suspicion-mult = 3.5
 mountpoint = "mnt"
 """
 
@@ -91,6 +96,8 @@ def test_every_key_reaches_the_mount_config(tmp_path: Path, mounted: list[MountC
     assert mc.max_local_value == 4096
     assert mc.tombstone_grace == 12 * 3600.0
     assert mc.poll_us == 40
+    assert (mc.swim.probe_interval, mc.swim.probe_timeout) == (2.0, 0.8)
+    assert (mc.swim.indirect_checks, mc.swim.suspicion_mult) == (5, 3.5)
 
 
 def test_flags_override_the_file(tmp_path: Path, mounted: list[MountConfig]) -> None:
@@ -99,7 +106,7 @@ def test_flags_override_the_file(tmp_path: Path, mounted: list[MountConfig]) -> 
     argv = ["--config", path, "--zone", zone, "--node", "db1", "--store", "other"]
     argv += ["-o", "rw", "--max-global-value", "1k", "--tombstone-grace", "90"]
     argv += ["--log-level", "ERROR", "--cache-timeout", "5", "--data-dir", tmp_path / "d"]
-    argv += ["--poll-us", "0"]
+    argv += ["--poll-us", "0", "--suspicion-mult", "2"]
     assert mount(*argv, tmp_path / "elsewhere") == 0
     (mc,) = mounted
     assert mc.mountpoint == tmp_path / "elsewhere"
@@ -112,6 +119,7 @@ def test_flags_override_the_file(tmp_path: Path, mounted: list[MountConfig]) -> 
     assert mc.max_local_value == 4096  # not given: from the file
     assert mc.tombstone_grace == 90.0
     assert mc.poll_us == 0  # 0 from the command line overrides the file's 40
+    assert mc.swim.suspicion_mult == 2.0 and mc.swim.probe_interval == 2.0
     assert mc.log_level == "ERROR"
     assert mc.cache_timeout == 5.0
     assert mc.data_dir == tmp_path / "d"
@@ -127,6 +135,7 @@ def test_built_in_defaults_without_a_file(tmp_path: Path, mounted: list[MountCon
     assert mc.max_global_value == 1 << 20 and mc.max_local_value == 64 << 20
     assert mc.tombstone_grace == 7 * 86400.0 and mc.keyring is None
     assert mc.poll_us == 100 == requestloop.POLL_US  # the command's default is the module's
+    assert mc.swim == SwimConfig()  # the failure detector's defaults are the module's
     assert mc.data_dir == cli.default_data_dir(None, cli.demo_zone(), None)
 
 
@@ -159,6 +168,16 @@ def test_no_mountpoint_anywhere_is_a_usage_error(
     assert mounted == []
 
 
+def test_probe_timeout_must_be_under_the_interval(
+    tmp_path: Path, mounted: list[MountConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        mount("--probe-interval", "1", "--probe-timeout", "1.5", tmp_path)
+    assert e.value.code == cli.EXIT_USAGE
+    assert "need 0 < probe_timeout < probe_interval" in capsys.readouterr().err
+    assert mounted == []
+
+
 @pytest.mark.parametrize(
     ("text", "line", "key", "reason"),
     [
@@ -185,6 +204,10 @@ def test_no_mountpoint_anywhere_is_a_usage_error(
         ('node = "a"\nnode_ = 1\ndata_dir = "x"\ndata-dir = "y"\n', 2, "node_", "unknown"),
         ('data_dir = "x"\ndata-dir = "y"\n', 2, "data-dir", "set twice"),
         ("options = []\n", 1, "options", "empty list"),
+        ("suspicion-mult = 0\n", 1, "suspicion-mult", "must be a number above 0"),
+        ('suspicion-mult = "nan"\n', 1, "suspicion-mult", "must be a number above 0"),
+        ("indirect-checks = 17\n", 1, "indirect-checks", "'17' is not a count of indirect"),
+        ('probe-interval = "-1"\n', 1, "probe-interval", "not negative"),
     ],
 )
 def test_bad_values_name_file_line_and_key(

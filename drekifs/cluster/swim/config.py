@@ -4,11 +4,12 @@ Timing in a nutshell (100 peers, defaults): every peer probes one member a secon
 member is first probed about 0.5 s after the crash on median; the probe gives up after one
 interval (direct ping 0.5 s, then indirect pings until the interval ends) and suspects it. The
 other probers confirm the suspicion at about one per second and, with 3 confirmations, the
-suspicion times out at its minimum, 1.5 * log10(100) * 1 s = 3 s; the dead message then spreads
-by gossip (200 ms rounds, 3 peers each) in well under a second. A lone false accuser — a live
-member that lost a few datagrams — waits the maximum (6x) and is refuted long before.
-memberlist's LAN profile (suspicion_mult 4, no shrinking below 4 * log10(n) probe intervals)
-needs about 10 s on median for the same crash.
+suspicion times out at its minimum, 2 * log10(100) * 1 s = 4 s; the dead message then spreads
+by gossip (200 ms rounds, 3 peers each) in well under a second: 6 s on median. A lone false
+accuser (a live member that lost a few datagrams) waits the maximum (6x) and is refuted long
+before. The minimum must outlast a slow peer's refutation: 1.5 let peers that answer 2 s late
+die (docs/decisions.md, "Failure detection under slow peers"). memberlist's LAN profile
+(suspicion_mult 4, 2 confirmations) needs about 10 s on median for the same crash.
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ class SwimConfig:
     indirect_checks: int = 3
     """Helpers asked to ping a member that missed its direct ping (SWIM's k)."""
     awareness_max_multiplier: int = 8
-    """Lifeguard: an unhealthy peer stretches its interval and timeouts up to 8x."""
+    """Lifeguard: an unhealthy peer stretches its interval and probe timeout up to 8x, and waits
+    up to 7 probe intervals longer before a suspicion ends (1: never)."""
 
     # -- Suspicion (Lifeguard) ----------------------------------------------------------------
-    suspicion_mult: float = 1.5
-    """Minimum suspicion timeout = suspicion_mult * max(1, log10(n)) * probe_interval."""
+    suspicion_mult: float = 2.0
+    """Minimum suspicion timeout = suspicion_mult * max(1, log10(n)) * probe_interval (both
+    timeouts lengthened by as much as the local health multiplier stretches the probe
+    interval)."""
     suspicion_max_timeout_mult: float = 6.0
     """Maximum suspicion timeout (no confirmation yet) = this * the minimum."""
     suspicion_confirmations: int = 3
@@ -43,8 +47,10 @@ class SwimConfig:
     has fewer than this + 2 members: nobody could confirm; the timeout is then half the maximum)."""
 
     # -- Dissemination ------------------------------------------------------------------------
-    retransmit_mult: int = 4
-    """Each update is piggybacked retransmit_mult * ceil(log10(n + 1)) times by every peer."""
+    retransmit_mult: int = 5
+    """Each update is piggybacked retransmit_mult * ceil(log10(n + 1)) times by every peer: a
+    peer misses it with a chance of about exp(-that). At 4 (memberlist's) one refutation in
+    ~200,000 (peer, refutation) pairs missed a peer, which then declared a slow peer dead."""
     gossip_interval: float = 0.2
     """A gossip round, when there is news to send."""
     gossip_nodes: int = 3

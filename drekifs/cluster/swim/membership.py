@@ -431,6 +431,17 @@ class Membership:
         if suspect.incarnation < member.incarnation:
             return  # about a life already refuted
         timer = self._suspicions.get(suspect.name)
+        if timer is not None and suspect.incarnation > timer.incarnation:
+            # A later life is suspected: the member refuted the running suspicion (we missed its
+            # alive message). Counting this as a confirmation would kill the later life on the
+            # earlier one's clock; start over on the new incarnation instead.
+            self._cancel_suspicion(suspect.name)
+            self.counters["suspicions_superseded"] += 1
+            member.incarnation = suspect.incarnation
+            self._start_suspicion(member, suspect.accuser)
+            self._enqueue(suspect.name, encode_update(suspect))
+            self._notify(member)
+            return
         if timer is not None:
             if timer.suspicion.confirm(suspect.accuser):
                 self.counters["confirmations"] += 1
@@ -493,6 +504,12 @@ class Membership:
         assert self._nursery is not None
         n = self._live
         low, high = self.config.suspicion_timeouts(n)
+        # Lifeguard's local health, applied to the suspicion too: a peer that knows it is slow
+        # hears refutations late, by as much as it answers late, so it waits as much longer as
+        # it stretches its probe interval (added, not multiplied: a peer cut from part of the
+        # cluster also loses health, and must still see that part dead in bounded time).
+        extra = self._awareness.scale(self.config.probe_interval) - self.config.probe_interval
+        low, high = low + extra, high + extra
         suspicion = Suspicion(accuser, self.config.suspicion_k(n), low, high, self._now())
         timer = _SuspicionTimer(
             suspicion, member.incarnation, trio.CancelScope(deadline=suspicion.deadline)
