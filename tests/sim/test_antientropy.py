@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -584,6 +585,42 @@ async def test_a_large_page_is_merged_in_slices(autojump_clock: trio.testing.Moc
         assert len({step for _, step in slices}) == len(slices)  # a checkpoint between any two
         assert listings.total() > 2 * LISTING_SLICE
         assert max(listings.values()) <= LISTING_SLICE
+
+
+class CountedListings(AntiEntropy):
+    """Counts the listing requests it serves at once; each takes 50 ms (simulated CPU)."""
+
+    active = most = 0
+
+    async def _on_listing(self, args: Any) -> dict[str, Any]:
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            await trio.sleep(0.05)
+            return await super()._on_listing(args)
+        finally:
+            self.active -= 1
+
+
+async def test_one_request_served_at_a_time(autojump_clock: trio.testing.MockClock) -> None:
+    """Peers that all exchange with one member at once (it came back) are served in turn, so
+    the member's loop never runs several big listings side by side."""
+    async with SimWorld(seed=8) as world:
+        source = MemorySource(HashTree(TreeShape()))
+        member = CountedListings("p0", world.network(addr(0)), source.tree, source, config=CONFIG)
+        others = []
+        for i in (1, 2, 3):
+            theirs = MemorySource(HashTree(TreeShape()))
+            net = world.network(addr(i))
+            others.append(AntiEntropy(f"p{i}", net, theirs.tree, theirs, config=CONFIG))
+        for k in range(2000):
+            for ae in others:
+                store(ae).put(b"k%05d" % k, 1, "x", b"v")
+        async with trio.open_nursery() as nursery:
+            for ae in others:
+                nursery.start_soon(functools.partial(ae.sync, addr(0), push=False))
+        assert member.most == 1
+        assert member.counters["served"] >= 3 * 2  # each exchange listed at least once
 
 
 async def test_paging_moves_everything(autojump_clock: trio.testing.MockClock) -> None:

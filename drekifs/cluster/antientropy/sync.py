@@ -158,6 +158,10 @@ class AntiEntropy:
         )
         # ae2.leaves: short ids in one request (4 bytes, and a count per bucket).
         self._max_ids = max(1, min(self.config.max_items, self.config.request_bytes // 8))
+        # One request served at a time: a member that comes back is exchanged with by every
+        # peer that sees it, and four listings of 100,000 ids served at once took the loop in
+        # steps too long for its acks (bench/busy_peer.py). The others wait their turn.
+        self._serving = trio.Semaphore(1)
         self._serve(ROOT, self._on_root, needs_tree=True)
         self._serve(NODES, self._on_nodes, needs_tree=True)
         self._serve(LEAVES, self._on_leaves, needs_tree=True)
@@ -603,9 +607,10 @@ class AntiEntropy:
             if needs_tree and not self.tree.ready:
                 raise RemoteError(errno.EAGAIN, "hash tree still being built")
             try:
-                reply = fn(args)
-                if inspect.isawaitable(reply):
-                    reply = await reply
+                async with self._serving:
+                    reply = fn(args)
+                    if inspect.isawaitable(reply):
+                        reply = await reply
             except Malformed as e:
                 self.counters["bad_requests"] += 1
                 raise RemoteError(errno.EINVAL, f"{method}: {e}") from None
