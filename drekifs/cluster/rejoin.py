@@ -26,12 +26,13 @@ from .antientropy import SyncResult
 from .net import PeerAddr
 
 RETURN_EXCHANGES = 6  # the simulation: 3 left a 12 s tail (seed 1, 5% loss); 4-8 converge at once
-PUSH_TO_RETURNING = False
-"""An exchange with a returning member only pulls. Both sides of a heal see the other come back,
-so each pulls the other's writes; a restarted member catches up by itself (pull and push). With
-push, every peer that saw a member with an empty store come back pushed it the whole store at
-once: 4 peers x 100,000 entries into one daemon, which missed its SWIM acks for seconds and was
-declared dead (bench/busy_peer.py; docs/decisions.md, "A busy peer")."""
+RETURN_PUSH_LIMIT = 1000
+"""An exchange with a returning member pushes it what it lacks only up to this many entries: the
+writes it missed around its return (a write made before this peer's view of the tree included it
+reached nobody there). A member that lacks more is catching up with one peer by itself: pushed
+by every peer at once, a member back with an empty store took the whole store four times into
+one daemon, which missed its SWIM acks for seconds and was declared dead (bench/busy_peer.py;
+docs/decisions.md, "A busy peer")."""
 EXCHANGE_TIMEOUT = 30.0  # seconds one exchange with a returning member may take
 
 Exchange = Callable[[str, PeerAddr], Awaitable[bool]]

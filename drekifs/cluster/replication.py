@@ -34,7 +34,7 @@ from .antientropy import AntiEntropy, HashTree
 from .net import Network, PeerAddr
 from .plumtree import Broadcast, PlumtreeConfig
 from .plumtree.messages import MAX_ID
-from .rejoin import EXCHANGE_TIMEOUT, PUSH_TO_RETURNING, brought_news
+from .rejoin import EXCHANGE_TIMEOUT, RETURN_PUSH_LIMIT, brought_news
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ class Replication:
         something here (see rejoin.py; failures are only logged)."""
         try:
             with trio.move_on_after(EXCHANGE_TIMEOUT):
-                result = await self.antientropy.sync(addr, push=PUSH_TO_RETURNING)
+                result = await self.antientropy.sync(addr, push_limit=RETURN_PUSH_LIMIT)
                 log.info("replication: exchanged with %s, back: %s", name, result)
                 return brought_news(result)
         except Exception as e:

@@ -35,8 +35,8 @@ from drekifs.cluster.net import PeerAddr, PeerUnreachable, RemoteError
 from drekifs.cluster.plumtree import Broadcast, PlumtreeConfig
 from drekifs.cluster.rejoin import (
     EXCHANGE_TIMEOUT,
-    PUSH_TO_RETURNING,
     RETURN_EXCHANGES,
+    RETURN_PUSH_LIMIT,
     brought_news,
     came_back,
     exchange_with_returning,
@@ -337,7 +337,7 @@ class ReplicationCluster:
         async def exchange(name: str, addr: PeerAddr) -> bool:
             self.rejoins += 1
             with trio.move_on_after(EXCHANGE_TIMEOUT):
-                result = await _quietly(peer.antientropy.sync(addr, push=PUSH_TO_RETURNING))
+                result = await _quietly(peer.antientropy.sync(addr, push_limit=RETURN_PUSH_LIMIT))
                 return result is not None and brought_news(result)
             return False
 

@@ -623,6 +623,24 @@ async def test_one_request_served_at_a_time(autojump_clock: trio.testing.MockClo
         assert member.counters["served"] >= 3 * 2  # each exchange listed at least once
 
 
+async def test_push_limit_leaves_a_big_difference_to_the_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A returning member that lacks much is catching up by itself: pushed only up to the
+    limit; the few writes it missed still go."""
+    async with SimWorld(seed=9) as world:
+        a, b = peers(world, 2, shape=TreeShape())
+        for k in range(3000):
+            store(a).put(b"k%05d" % k, 1, "x", b"v")
+        result = await a.sync(addr(1), push_limit=1000)
+        assert result.pushed == 0 and a.counters["push_left_to_peer"] == 1
+        await b.sync(addr(0))  # its own catch-up
+        store(a).put(b"late", 2, "x", b"w")
+        result = await a.sync(addr(1), push_limit=1000)
+        assert result.pushed == 1
+        assert_converged(a, b)
+
+
 async def test_paging_moves_everything(autojump_clock: trio.testing.MockClock) -> None:
     async with SimWorld(seed=5) as world:
         a, b = peers(world, 2, config=PAGED)

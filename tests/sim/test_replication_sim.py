@@ -134,7 +134,9 @@ def test_without_anti_entropy_the_sides_never_converge(monkeypatch: pytest.Monke
     once, as if in sync), the writes made while partitioned or down never cross, and the
     same run does not converge."""
 
-    async def off(self: AntiEntropy, addr: Any, result: SyncResult, push: bool) -> None:
+    async def off(
+        self: AntiEntropy, addr: Any, result: SyncResult, push: bool, push_limit: Any = None
+    ) -> None:
         result.in_sync = True
 
     monkeypatch.setattr(AntiEntropy, "_exchange", off)

@@ -230,16 +230,19 @@ class AntiEntropy:
                 break
         return total
 
-    async def sync(self, addr: PeerAddr, *, push: bool = True) -> SyncResult:
-        """One exchange with ``addr``: pull what differs and (``push``) push it back. Raises
-        PeerUnreachable, RemoteError, or Malformed (a reply of the wrong shape)."""
+    async def sync(
+        self, addr: PeerAddr, *, push: bool = True, push_limit: int | None = None
+    ) -> SyncResult:
+        """One exchange with ``addr``: pull what differs and (``push``) push it back, unless
+        the peer lacks more than ``push_limit`` entries (then it is left to pull them itself).
+        Raises PeerUnreachable, RemoteError, or Malformed (a reply of the wrong shape)."""
         if not self.tree.ready:
             raise RuntimeError("the hash tree is still being built")
         result = SyncResult(self._name(addr), exchanges=1)
         started = trio.current_time()
         self.counters["syncs"] += 1
         try:
-            await self._exchange(addr, result, push)
+            await self._exchange(addr, result, push, push_limit)
         finally:
             result.seconds = trio.current_time() - started
         self.counters["in_sync" if result.in_sync else "repairs"] += 1
@@ -248,7 +251,9 @@ class AntiEntropy:
             self.on_sync(result)
         return result
 
-    async def _exchange(self, addr: PeerAddr, result: SyncResult, push: bool) -> None:
+    async def _exchange(
+        self, addr: PeerAddr, result: SyncResult, push: bool, push_limit: int | None = None
+    ) -> None:
         tree, shape = self.tree, self.tree.shape
         call = self._caller(addr, result)
         # Each exchange another window: an equality by chance in one lasts one exchange. (Not
@@ -292,8 +297,10 @@ class AntiEntropy:
             return  # the difference was written away meanwhile
         result.buckets = len(nodes)
         lacking = await self._reconcile(call, window, nodes, result)
-        if push:
+        if push and (push_limit is None or len(lacking) <= push_limit):
             await self._push(call, lacking, result)
+        elif push:
+            self.counters["push_left_to_peer"] += 1
 
     async def _listed_by_sketch(
         self, call: Callable, reply: Any, result: SyncResult, push: bool
