@@ -267,6 +267,7 @@ def print_replication(mounts: dict[str, Path]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--peers", type=int, default=5, help="peers, 2 to 26 (a writes)")
     parser.add_argument("--rate", type=float, default=100.0, help="writes per second")
     parser.add_argument("--via", choices=["control", "mount"], default="control",
                         help="how observers poll (default: the control socket)")  # fmt: skip
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", metavar="DIR", help="copy the daemons' logs here")
     parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
     args = parser.parse_args(argv)
+    if not 2 <= args.peers <= 26:
+        parser.error("--peers: 2 to 26")
+    NODES[:] = [chr(ord("a") + i) for i in range(args.peers)]
 
     wall0 = time.perf_counter()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # finally blocks run on SIGTERM
