@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import inspect
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -573,9 +572,11 @@ class AntiEntropy:
         and where the next page starts."""
         out: list[list] = []
         size, at, batch = 0, start, self.config.export_batch
+        yielded = start
         while at < len(keys) and len(out) < self.config.max_items:
-            if at > start and (at - start) % EXPORT_SLICE < batch:
-                await trio.lowlevel.checkpoint()  # a 2 MiB page is ~10^5 tiny entries
+            if at - yielded >= EXPORT_SLICE:  # a 2 MiB page is ~10^5 tiny entries
+                await trio.lowlevel.checkpoint()
+                yielded = at
             chunk = keys[at : at + batch]
             exported = dict(self.source.export(chunk))
             for k in chunk:
@@ -607,7 +608,7 @@ class AntiEntropy:
 
     # -- Serving ------------------------------------------------------------------------------
 
-    def _serve(self, method: str, fn: Callable[[Any], Any], *, needs_tree: bool) -> None:
+    def _serve(self, method: str, fn: Callable[[Any], Awaitable[Any]], *, needs_tree: bool) -> None:
         async def handler(source: PeerAddr, args: Any) -> Any:
             self.counters["served"] += 1
             self.counters["bytes_received"] += packed_size([method, args])
@@ -615,9 +616,7 @@ class AntiEntropy:
                 raise RemoteError(errno.EAGAIN, "hash tree still being built")
             try:
                 async with self._serving:
-                    reply = fn(args)
-                    if inspect.isawaitable(reply):
-                        reply = await reply
+                    reply = await fn(args)
             except Malformed as e:
                 self.counters["bad_requests"] += 1
                 raise RemoteError(errno.EINVAL, f"{method}: {e}") from None
@@ -672,7 +671,7 @@ class AntiEntropy:
         width = tree.sketch().element_bytes
         return {"entries": page, "want": b"".join(e.to_bytes(width, "big") for e in only_theirs)}
 
-    def _on_down(self, args: Any) -> dict[str, Any]:
+    async def _on_down(self, args: Any) -> dict[str, Any]:
         shape = self.tree.shape
         window = wire.window(wire.field(args, "w"))
         level = wire.integer(wire.field(args, "level"), 1, shape.depth, "level")
@@ -748,14 +747,14 @@ class AntiEntropy:
             )
         return {"entries": page, "lack": wire.bitmap(positions, size), "next": [stop, cut]}
 
-    def _on_root(self, args: Any) -> dict[str, Any]:
+    async def _on_root(self, args: Any) -> dict[str, Any]:
         if wire.field(args, "shape") != self.tree.shape.to_wire():
             raise Malformed("the hash tree shapes differ")
         theirs = wire.tree_hash(wire.field(args, "root"))
         ours = self.tree.root()
         return {"root": ours, "children": None if ours == theirs else self.tree.children(0, 0)}
 
-    def _on_nodes(self, args: Any) -> dict[str, Any]:
+    async def _on_nodes(self, args: Any) -> dict[str, Any]:
         shape = self.tree.shape
         level = wire.integer(wire.field(args, "level"), 0, shape.depth, "level")
         nodes = wire.int_list(wire.field(args, "nodes"), shape.width(level), self.config, "nodes")
