@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from find_world import cpu_seconds
-from loopback import free_port, zone
+from loopback import free_port, keep_logs, zone
 from replication_latency import members_states, wait_until
 from simclock import quantile
 
@@ -279,12 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in list(mounted):
             subprocess.run([*DREKIFS, "umount", str(mounts[n])], env=env, capture_output=True,
                            timeout=120)  # fmt: skip
-        if args.keep_logs:
-            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
-            for n in NODES:
-                log = work / f"d{n}" / "drekifs.log"
-                if log.exists():
-                    shutil.copy(log, Path(args.keep_logs) / f"{n}.log")
+        keep_logs(work, NODES, args.keep_logs)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(src, ignore_errors=True)
 

@@ -3,7 +3,10 @@ zone that gives each node one (each node's SRV target is localhost, on its own p
 
 from __future__ import annotations
 
+import shutil
 import socket
+from collections.abc import Iterable
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -28,3 +31,14 @@ def zone(domain: str, ports: dict[str, int]) -> str:
         lines.append(f"_dreki.dc IN SRV 0 0 1337 {n}.{domain}.")
         lines.append(f"_node._dreki.{n} IN SRV 0 0 {port} localhost.")
     return "\n".join(lines) + "\n"
+
+
+def keep_logs(work: Path, nodes: Iterable[str], dest: str | None) -> None:
+    """Copy each node's daemon log (``work/d<node>/drekifs.log``) to ``dest/<node>.log``."""
+    if not dest:
+        return
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    for n in nodes:
+        log = work / f"d{n}" / "drekifs.log"
+        if log.exists():
+            shutil.copy(log, Path(dest) / f"{n}.log")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import msgpack
 from find_world import cpu_seconds
-from loopback import free_port, zone
+from loopback import free_port, keep_logs, zone
 from simclock import quantile
 
 HERE = Path(__file__).resolve().parent
@@ -363,12 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         for m in mounts.values():
             subprocess.run([*DREKIFS, "umount", str(m)], env=env, capture_output=True, timeout=60)
-        if args.keep_logs:
-            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
-            for name in NODES:
-                log = work / f"d{name}" / "drekifs.log"
-                if log.exists():
-                    shutil.copy(log, Path(args.keep_logs) / f"{name}.log")
+        keep_logs(work, NODES, args.keep_logs)
         shutil.rmtree(work, ignore_errors=True)
 
     print(
